@@ -1,0 +1,865 @@
+//! A CUDA driver emulator: a shared library exporting the driver entry points devmem uses,
+//! implemented on host memory with real virtual-memory semantics, so devmem's real backend code
+//! runs in CI without a GPU.
+//!
+//! * reserve = an inaccessible anonymous mapping; create = a memfd; map = a shared fixed
+//!   mapping of the memfd; set access = mprotect read-write; unmap = inaccessible again;
+//!   release = close. Device pointers are host addresses, so tests read and write through them.
+//! * Each device has a capacity (`DEVMEM_EMU_CAPACITY`, default 1 GiB, suffixes K/M/G), so
+//!   out-of-memory is real. `DEVMEM_EMU_DEVICES` (default 1), `DEVMEM_EMU_GRANULARITY`
+//!   (default 2 MiB), `DEVMEM_EMU_FABRIC=1` (the device claims fabric handles but creating them
+//!   is not permitted, as without IMEX), `DEVMEM_EMU_RDMA=1`, `DEVMEM_EMU_NO_VMM=1`.
+//! * Fault injection: `DEVMEM_EMU_FAIL="cuMemCreate:3:2,cuMemMap:1:999"` fails the 3rd call of
+//!   cuMemCreate with error 2 and the 1st cuMemMap with 999; or `cuemu_inject` at run time.
+//! * Counters of live handles, mappings, reservations and host buffers for leak checks
+//!   (`cuemu_counters`).
+//!
+//! Calls that need a context fail with `CUDA_ERROR_INVALID_CONTEXT` when the thread has none,
+//! and `cuMemGetInfo` reports the current context's device, as the real driver does.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![allow(non_snake_case)]
+#![allow(clippy::missing_safety_doc)]
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::{Mutex, MutexGuard};
+
+use cudarc::driver::sys::{
+    CUcontext, CUdevice, CUdeviceptr, CUmemAccessDesc, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
+    CUstream,
+};
+
+type R = c_uint;
+const SUCCESS: R = 0;
+const INVALID_VALUE: R = 1;
+const OUT_OF_MEMORY: R = 2;
+const NOT_INITIALIZED: R = 3;
+const INVALID_DEVICE: R = 101;
+const INVALID_CONTEXT: R = 201;
+const INVALID_HANDLE: R = 400;
+const NOT_PERMITTED: R = 800;
+const NOT_SUPPORTED: R = 801;
+
+const ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
+    (SUCCESS, c"CUDA_SUCCESS", c"no error"),
+    (
+        INVALID_VALUE,
+        c"CUDA_ERROR_INVALID_VALUE",
+        c"invalid argument",
+    ),
+    (OUT_OF_MEMORY, c"CUDA_ERROR_OUT_OF_MEMORY", c"out of memory"),
+    (
+        NOT_INITIALIZED,
+        c"CUDA_ERROR_NOT_INITIALIZED",
+        c"initialization error",
+    ),
+    (
+        INVALID_DEVICE,
+        c"CUDA_ERROR_INVALID_DEVICE",
+        c"invalid device ordinal",
+    ),
+    (
+        INVALID_CONTEXT,
+        c"CUDA_ERROR_INVALID_CONTEXT",
+        c"invalid device context",
+    ),
+    (
+        INVALID_HANDLE,
+        c"CUDA_ERROR_INVALID_HANDLE",
+        c"invalid resource handle",
+    ),
+    (
+        NOT_PERMITTED,
+        c"CUDA_ERROR_NOT_PERMITTED",
+        c"operation not permitted",
+    ),
+    (
+        NOT_SUPPORTED,
+        c"CUDA_ERROR_NOT_SUPPORTED",
+        c"operation not supported",
+    ),
+    (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
+];
+
+struct Config {
+    devices: i32,
+    capacity: usize,
+    granularity: usize,
+    fabric: bool,
+    rdma: bool,
+    vmm: bool,
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// Parses "123", "64K", "256M", "2G".
+fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, mult) = match text.chars().last()?.to_ascii_uppercase() {
+        'K' => (&text[..text.len() - 1], 1usize << 10),
+        'M' => (&text[..text.len() - 1], 1 << 20),
+        'G' => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    digits.trim().parse::<usize>().ok()?.checked_mul(mult)
+}
+
+impl Config {
+    fn from_env() -> Self {
+        let size = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| parse_size(&v))
+                .unwrap_or(default)
+        };
+        Self {
+            devices: std::env::var("DEVMEM_EMU_DEVICES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            capacity: size("DEVMEM_EMU_CAPACITY", 1 << 30),
+            granularity: size("DEVMEM_EMU_GRANULARITY", 2 << 20),
+            fabric: env_flag("DEVMEM_EMU_FABRIC"),
+            rdma: env_flag("DEVMEM_EMU_RDMA"),
+            vmm: !env_flag("DEVMEM_EMU_NO_VMM"),
+        }
+    }
+}
+
+struct Physical {
+    fd: c_int,
+    size: usize,
+    device: i32,
+}
+
+struct Mapping {
+    size: usize,
+    handle: u64,
+    accessible: bool,
+}
+
+struct Fault {
+    name: String,
+    /// Calls of `name` still to let through before failing.
+    skip: u64,
+    code: R,
+}
+
+struct Emu {
+    config: Config,
+    capacity: Vec<usize>,
+    used: Vec<usize>,
+    reservations: BTreeMap<u64, usize>,
+    handles: HashMap<u64, Physical>,
+    mappings: BTreeMap<u64, Mapping>,
+    host: HashMap<usize, usize>,
+    streams: u64,
+    next_handle: u64,
+    calls: HashMap<String, u64>,
+    faults: Vec<Fault>,
+}
+
+static EMU: Mutex<Option<Emu>> = Mutex::new(None);
+
+thread_local! {
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+fn parse_faults(spec: &str) -> Vec<Fault> {
+    spec.split(',')
+        .filter_map(|item| {
+            let mut parts = item.trim().split(':');
+            let name = parts.next()?.to_string();
+            let nth: u64 = parts.next()?.parse().ok()?;
+            let code: R = parts.next()?.parse().ok()?;
+            Some(Fault {
+                name,
+                skip: nth.checked_sub(1)?,
+                code,
+            })
+        })
+        .collect()
+}
+
+fn lock() -> MutexGuard<'static, Option<Emu>> {
+    EMU.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` on the emulator state, after counting the call and applying injected faults.
+fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
+    let mut guard = lock();
+    let emu = guard.get_or_insert_with(|| {
+        let config = Config::from_env();
+        let n = usize::try_from(config.devices).unwrap_or(0);
+        Emu {
+            capacity: vec![config.capacity; n],
+            used: vec![0; n],
+            config,
+            reservations: BTreeMap::new(),
+            handles: HashMap::new(),
+            mappings: BTreeMap::new(),
+            host: HashMap::new(),
+            streams: 0,
+            next_handle: 0x1000,
+            calls: HashMap::new(),
+            faults: std::env::var("DEVMEM_EMU_FAIL")
+                .map(|s| parse_faults(&s))
+                .unwrap_or_default(),
+        }
+    });
+    *emu.calls.entry(name.to_string()).or_insert(0) += 1;
+    if let Some(i) = emu.faults.iter().position(|f| f.name == name) {
+        if emu.faults[i].skip == 0 {
+            return emu.faults.remove(i).code;
+        }
+        emu.faults[i].skip -= 1;
+    }
+    f(emu)
+}
+
+fn context_of(device: i32) -> usize {
+    0x7e00_0000 + usize::try_from(device).unwrap_or(0) * 0x100
+}
+
+fn current_device(emu: &Emu) -> Option<i32> {
+    let ctx = CURRENT.with(Cell::get);
+    (0..emu.config.devices).find(|d| context_of(*d) == ctx)
+}
+
+/// Runs `f` with the current context's device, or fails with INVALID_CONTEXT.
+fn with_context(name: &str, f: impl FnOnce(&mut Emu, i32) -> R) -> R {
+    call(name, |emu| match current_device(emu) {
+        Some(device) => f(emu, device),
+        None => INVALID_CONTEXT,
+    })
+}
+
+/// # Safety
+/// `out` must be NULL or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, value: T) -> R {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-NULL and valid by the caller's contract.
+    unsafe { out.write(value) };
+    SUCCESS
+}
+
+impl Emu {
+    fn device_ok(&self, device: i32) -> bool {
+        device >= 0 && device < self.config.devices
+    }
+
+    /// The mapping that fully contains [va, va+len) and is accessible.
+    fn accessible(&self, va: u64, len: usize) -> bool {
+        self.mappings
+            .range(..=va)
+            .next_back()
+            .is_some_and(|(base, m)| m.accessible && va + len as u64 <= base + m.size as u64)
+    }
+
+    fn in_reservation(&self, va: u64, size: usize) -> bool {
+        self.reservations
+            .range(..=va)
+            .next_back()
+            .is_some_and(|(base, len)| va + size as u64 <= base + *len as u64)
+    }
+
+    fn overlaps_mapping(&self, va: u64, size: usize) -> bool {
+        let end = va + size as u64;
+        self.mappings
+            .range(..end)
+            .next_back()
+            .is_some_and(|(base, m)| base + m.size as u64 > va)
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuInit(flags: c_uint) -> R {
+    call(
+        "cuInit",
+        |_| if flags == 0 { SUCCESS } else { INVALID_VALUE },
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    call("cuDriverGetVersion", |_| unsafe { put(version, 13000) })
+}
+
+fn error_entry(code: R) -> Option<&'static (R, &'static CStr, &'static CStr)> {
+    ERROR_NAMES.iter().find(|(c, _, _)| *c == code)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorName(code: R, out: *mut *const c_char) -> R {
+    match error_entry(code) {
+        // SAFETY: out-pointer per the driver contract.
+        Some((_, name, _)) => unsafe { put(out, name.as_ptr()) },
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorString(code: R, out: *mut *const c_char) -> R {
+    match error_entry(code) {
+        // SAFETY: out-pointer per the driver contract.
+        Some((_, _, text)) => unsafe { put(out, text.as_ptr()) },
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    call("cuDeviceGetCount", |emu| unsafe {
+        put(count, emu.config.devices)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> R {
+    call("cuDeviceGet", |emu| {
+        if !emu.device_ok(ordinal) {
+            return INVALID_DEVICE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(device, ordinal) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attribute: c_int,
+    device: CUdevice,
+) -> R {
+    call("cuDeviceGetAttribute", |emu| {
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        let v = match attribute {
+            102 => i32::from(emu.config.vmm), // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+            103 => 1,                         // HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
+            110 => i32::from(emu.config.rdma), // GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED
+            128 => i32::from(emu.config.fabric), // HANDLE_TYPE_FABRIC_SUPPORTED
+            _ => 0,
+        };
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(value, v) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut CUcontext, device: CUdevice) -> R {
+    call("cuDevicePrimaryCtxRetain", |emu| {
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(ctx, context_of(device) as CUcontext) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut CUcontext) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    call("cuCtxGetCurrent", |_| unsafe {
+        put(ctx, CURRENT.with(Cell::get) as CUcontext)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> R {
+    call("cuCtxSetCurrent", |emu| {
+        let value = ctx as usize;
+        if value != 0 && !(0..emu.config.devices).any(|d| context_of(d) == value) {
+            return INVALID_CONTEXT;
+        }
+        CURRENT.with(|c| c.set(value));
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSynchronize() -> R {
+    with_context("cuCtxSynchronize", |_, _| SUCCESS)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> R {
+    with_context("cuMemGetInfo_v2", |emu, device| {
+        let d = device as usize;
+        // SAFETY: out-pointers per the driver contract.
+        unsafe {
+            let rc = put(free, emu.capacity[d].saturating_sub(emu.used[d]));
+            if rc != SUCCESS {
+                return rc;
+            }
+            put(total, emu.capacity[d])
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    granularity: *mut usize,
+    prop: *const CUmemAllocationProp,
+    _flags: c_uint,
+) -> R {
+    call("cuMemGetAllocationGranularity", |emu| {
+        if prop.is_null() {
+            return INVALID_VALUE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(granularity, emu.config.granularity) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut CUdeviceptr,
+    size: usize,
+    alignment: usize,
+    _addr: CUdeviceptr,
+    _flags: u64,
+) -> R {
+    with_context("cuMemAddressReserve", |emu, _| {
+        let granularity = emu.config.granularity;
+        if ptr.is_null() || size == 0 || size % granularity != 0 {
+            return INVALID_VALUE;
+        }
+        let align = alignment.max(granularity);
+        let Some(span) = size.checked_add(align) else {
+            return OUT_OF_MEMORY;
+        };
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return OUT_OF_MEMORY;
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(align);
+        // SAFETY: trimming the unaligned head and the tail of the mapping made just above.
+        unsafe {
+            if aligned > start {
+                libc::munmap(raw, aligned - start);
+            }
+            let tail = start + span - (aligned + size);
+            if tail > 0 {
+                libc::munmap((aligned + size) as *mut c_void, tail);
+            }
+        }
+        emu.reservations.insert(aligned as u64, size);
+        // SAFETY: checked non-NULL above.
+        unsafe { put(ptr, aligned as u64) }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> R {
+    with_context("cuMemAddressFree", |emu, _| {
+        if emu.reservations.get(&ptr) != Some(&size) || emu.overlaps_mapping(ptr, size) {
+            return INVALID_VALUE;
+        }
+        emu.reservations.remove(&ptr);
+        // SAFETY: the range is a reservation this emulator made and nothing maps it.
+        unsafe { libc::munmap(ptr as *mut c_void, size) };
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const CUmemAllocationProp,
+    flags: u64,
+) -> R {
+    with_context("cuMemCreate", |emu, _| {
+        if handle.is_null() || prop.is_null() || flags != 0 {
+            return INVALID_VALUE;
+        }
+        // SAFETY: non-NULL, and the caller passes a valid struct.
+        let prop = unsafe { &*prop };
+        if prop.type_ != CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED
+            || prop.location.type_ != CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE
+        {
+            return INVALID_VALUE;
+        }
+        let device = prop.location.id;
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        if prop.requestedHandleTypes == CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_FABRIC {
+            return if emu.config.fabric {
+                NOT_PERMITTED
+            } else {
+                NOT_SUPPORTED
+            };
+        }
+        if size == 0 || size % emu.config.granularity != 0 {
+            return INVALID_VALUE;
+        }
+        let d = device as usize;
+        if emu.used[d] + size > emu.capacity[d] {
+            return OUT_OF_MEMORY;
+        }
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"cuemu".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return OUT_OF_MEMORY;
+        }
+        // SAFETY: fd was just created.
+        if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
+            // SAFETY: closing the fd created above.
+            unsafe { libc::close(fd) };
+            return OUT_OF_MEMORY;
+        }
+        emu.used[d] += size;
+        emu.next_handle += 1;
+        let id = emu.next_handle;
+        emu.handles.insert(id, Physical { fd, size, device });
+        // SAFETY: checked non-NULL above.
+        unsafe { put(handle, id) }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> R {
+    with_context("cuMemRelease", |emu, _| {
+        let Some(physical) = emu.handles.remove(&handle) else {
+            return INVALID_VALUE;
+        };
+        emu.used[physical.device as usize] -= physical.size;
+        // SAFETY: the fd belongs to this handle and is closed once; mappings keep their pages.
+        unsafe { libc::close(physical.fd) };
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemMap(
+    ptr: CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: CUmemGenericAllocationHandle,
+    flags: u64,
+) -> R {
+    with_context("cuMemMap", |emu, _| {
+        let Some(physical) = emu.handles.get(&handle) else {
+            return INVALID_HANDLE;
+        };
+        if offset != 0 || flags != 0 || size != physical.size {
+            return INVALID_VALUE;
+        }
+        if !emu.in_reservation(ptr, size) || emu.overlaps_mapping(ptr, size) {
+            return INVALID_VALUE;
+        }
+        // SAFETY: the range lies inside a reservation of this emulator and is not mapped.
+        let raw = unsafe {
+            libc::mmap(
+                ptr as *mut c_void,
+                size,
+                libc::PROT_NONE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                physical.fd,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return OUT_OF_MEMORY;
+        }
+        emu.mappings.insert(
+            ptr,
+            Mapping {
+                size,
+                handle,
+                accessible: false,
+            },
+        );
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemSetAccess(
+    ptr: CUdeviceptr,
+    size: usize,
+    desc: *const CUmemAccessDesc,
+    count: usize,
+) -> R {
+    with_context("cuMemSetAccess", |emu, _| {
+        if desc.is_null() || count == 0 {
+            return INVALID_VALUE;
+        }
+        // SAFETY: `count` descriptors per the driver contract.
+        let descs = unsafe { std::slice::from_raw_parts(desc, count) };
+        if descs.iter().any(|d| !emu.device_ok(d.location.id)) {
+            return INVALID_DEVICE;
+        }
+        match emu.mappings.get_mut(&ptr) {
+            Some(m) if m.size == size => {
+                // SAFETY: the range is a mapping this emulator made.
+                if unsafe {
+                    libc::mprotect(ptr as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE)
+                } != 0
+                {
+                    return INVALID_VALUE;
+                }
+                m.accessible = true;
+                SUCCESS
+            }
+            _ => INVALID_VALUE,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> R {
+    with_context("cuMemUnmap", |emu, _| {
+        if emu.mappings.get(&ptr).map(|m| m.size) != Some(size) {
+            return INVALID_VALUE;
+        }
+        // SAFETY: replacing a mapping this emulator made with an inaccessible one, keeping the
+        // reservation.
+        let raw = unsafe {
+            libc::mmap(
+                ptr as *mut c_void,
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return INVALID_VALUE;
+        }
+        emu.mappings.remove(&ptr);
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostAlloc(pp: *mut *mut c_void, size: usize, _flags: c_uint) -> R {
+    with_context("cuMemHostAlloc", |emu, _| {
+        if pp.is_null() || size == 0 {
+            return INVALID_VALUE;
+        }
+        // SAFETY: a fresh anonymous mapping.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return OUT_OF_MEMORY;
+        }
+        emu.host.insert(raw as usize, size);
+        // SAFETY: checked non-NULL above.
+        unsafe { put(pp, raw) }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> R {
+    with_context("cuMemFreeHost", |emu, _| {
+        match emu.host.remove(&(p as usize)) {
+            Some(size) => {
+                // SAFETY: the mapping was made by cuMemHostAlloc and is freed once.
+                unsafe { libc::munmap(p, size) };
+                SUCCESS
+            }
+            None => INVALID_VALUE,
+        }
+    })
+}
+
+fn host_ok(emu: &Emu, p: usize, len: usize) -> bool {
+    // Pinned buffers from cuMemHostAlloc, or any other host memory (pageable copies work too).
+    emu.host
+        .iter()
+        .any(|(base, size)| p >= *base && p + len <= base + size)
+        || !emu.accessible(p as u64, 1)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+    _stream: CUstream,
+) -> R {
+    with_context("cuMemcpyDtoHAsync_v2", |emu, _| {
+        if dst.is_null() || !emu.accessible(src, len) || !host_ok(emu, dst as usize, len) {
+            return INVALID_VALUE;
+        }
+        // SAFETY: the source is an accessible mapping of at least `len` bytes; the destination
+        // is host memory the caller owns.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.cast::<u8>(), len) };
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    len: usize,
+    _stream: CUstream,
+) -> R {
+    with_context("cuMemcpyHtoDAsync_v2", |emu, _| {
+        if src.is_null() || !emu.accessible(dst, len) {
+            return INVALID_VALUE;
+        }
+        // SAFETY: as above, in the other direction.
+        unsafe { std::ptr::copy_nonoverlapping(src.cast::<u8>(), dst as *mut u8, len) };
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, len: usize) -> R {
+    // SAFETY: same contract as the async form.
+    unsafe { cuMemcpyHtoDAsync_v2(dst, src, len, std::ptr::null_mut()) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len: usize) -> R {
+    // SAFETY: same contract as the async form.
+    unsafe { cuMemcpyDtoHAsync_v2(dst, src, len, std::ptr::null_mut()) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, _flags: c_uint) -> R {
+    with_context("cuStreamCreate", |emu, _| {
+        emu.streams += 1;
+        // SAFETY: out-pointer per the driver contract.
+        unsafe {
+            put(
+                stream,
+                (0x5e00_0000 + emu.streams as usize * 0x10) as CUstream,
+            )
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamSynchronize(_stream: CUstream) -> R {
+    with_context("cuStreamSynchronize", |_, _| SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control interface for tests (not part of the CUDA API)
+// ---------------------------------------------------------------------------------------------
+
+/// Live resources, for leak checks.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CuemuCounters {
+    /// Physical handles created and not released.
+    pub handles: u64,
+    /// Mapped ranges.
+    pub mappings: u64,
+    /// Reserved address ranges.
+    pub reservations: u64,
+    /// Host buffers from cuMemHostAlloc.
+    pub host_buffers: u64,
+    /// Device bytes in use, all devices.
+    pub used_bytes: u64,
+}
+
+/// Writes the live-resource counters.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_counters(out: *mut CuemuCounters) -> R {
+    let guard = lock();
+    let counters = guard
+        .as_ref()
+        .map_or_else(CuemuCounters::default, |emu| CuemuCounters {
+            handles: emu.handles.len() as u64,
+            mappings: emu.mappings.len() as u64,
+            reservations: emu.reservations.len() as u64,
+            host_buffers: emu.host.len() as u64,
+            used_bytes: emu.used.iter().sum::<usize>() as u64,
+        });
+    // SAFETY: out-pointer per this function's contract.
+    unsafe { put(out, counters) }
+}
+
+/// Makes the `nth` next call (1 = the next one) of `name` fail with `code`.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_inject(name: *const c_char, nth: u64, code: c_uint) -> R {
+    if name.is_null() || nth == 0 {
+        return INVALID_VALUE;
+    }
+    // SAFETY: NUL-terminated by this function's contract.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    call("cuemu_inject", |emu| {
+        emu.faults.push(Fault {
+            name,
+            skip: nth - 1,
+            code,
+        });
+        SUCCESS
+    })
+}
+
+/// Removes every pending injected fault.
+#[no_mangle]
+pub extern "C" fn cuemu_clear_faults() -> R {
+    call("cuemu_clear_faults", |emu| {
+        emu.faults.clear();
+        SUCCESS
+    })
+}
+
+/// Number of calls of `name` so far.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_calls(name: *const c_char) -> u64 {
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: NUL-terminated by this function's contract.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    lock()
+        .as_ref()
+        .and_then(|emu| emu.calls.get(&name).copied())
+        .unwrap_or(0)
+}
+
+/// Sets a device's capacity in bytes.
+#[no_mangle]
+pub extern "C" fn cuemu_set_capacity(device: c_int, bytes: usize) -> R {
+    call("cuemu_set_capacity", |emu| {
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        emu.capacity[device as usize] = bytes;
+        SUCCESS
+    })
+}

@@ -1,0 +1,744 @@
+//! The registry of live allocations, their tags and state machine, statistics, and the
+//! operations the C ABI exposes (malloc, free, sleep, offload, discard, wake).
+//!
+//! Locking: `REGISTRY` is held only for bookkeeping, never across a driver call, a copy or a
+//! user callback. `OPS` serialises the operations that change physical memory of existing
+//! allocations (free, sleep, offload, discard, wake) so two of them never work on the same
+//! allocation; `malloc` does not take it and runs alongside them.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::backend::{self, Backend};
+use crate::error::{bail, devmem_status, Error, Result};
+use crate::offload::{self, CopyJob, HostBuffer};
+
+/// Longest tag in bytes, not counting the terminating NUL.
+pub const DEVMEM_MAX_TAG_LEN: usize = 255;
+/// Size of the tag buffer in `devmem_allocation_info`: the longest tag plus its NUL.
+pub const DEVMEM_TAG_BUFFER_LEN: usize = 256;
+const MAX_TAG_LEN: usize = DEVMEM_MAX_TAG_LEN;
+/// The tag of threads that never set one.
+pub const DEFAULT_TAG: &str = "default";
+
+/// Where an allocation's bytes are.
+#[allow(non_camel_case_types)]
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum devmem_state {
+    /// Physical memory is mapped at the allocation's address.
+    Mapped = 0,
+    /// Physical memory was released; the bytes are saved in host memory.
+    Offloaded = 1,
+    /// Physical memory was released; the bytes were dropped.
+    Discarded = 2,
+}
+
+/// A counter with its current value, its highest value and the sum of everything added.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct devmem_counter {
+    /// Value now.
+    pub current: u64,
+    /// Highest value seen.
+    pub peak: u64,
+    /// Sum of every increase.
+    pub total: u64,
+}
+
+impl devmem_counter {
+    fn add(&mut self, n: u64) {
+        self.current += n;
+        self.total += n;
+        self.peak = self.peak.max(self.current);
+    }
+
+    fn sub(&mut self, n: u64) {
+        self.current = self.current.saturating_sub(n);
+    }
+}
+
+/// Statistics for one tag, or for every tag together.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct devmem_stats {
+    /// Live allocations.
+    pub allocations: devmem_counter,
+    /// Reserved bytes of live allocations (sizes rounded to the granularity).
+    pub bytes: devmem_counter,
+    /// Bytes backed by physical device memory.
+    pub mapped_bytes: devmem_counter,
+    /// Bytes saved in host memory while asleep.
+    pub offloaded_bytes: devmem_counter,
+    /// Bytes dropped while asleep.
+    pub discarded_bytes: devmem_counter,
+    /// Pinned host memory the host store holds, free or in use (totals only; 0 per tag).
+    pub host_store_bytes: u64,
+    /// Calls that tried to free a pointer devmem did not know (totals only; 0 per tag).
+    pub unknown_frees: u64,
+}
+
+/// What one sleep, offload, discard or wake did.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct devmem_transfer {
+    /// Allocations whose state changed.
+    pub allocations: u64,
+    /// Bytes of device memory given back to the driver.
+    pub bytes_freed: u64,
+    /// Bytes copied to host memory before being freed.
+    pub bytes_saved: u64,
+    /// Bytes freed without a copy.
+    pub bytes_discarded: u64,
+    /// Bytes of device memory mapped again.
+    pub bytes_mapped: u64,
+    /// Bytes copied back from host memory.
+    pub bytes_restored: u64,
+    /// Wall time of the call in seconds.
+    pub seconds: f64,
+}
+
+/// One allocation as the lookup and iteration functions report it.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct devmem_allocation_info {
+    /// Start of the allocation (what `my_malloc` returned).
+    pub ptr: u64,
+    /// Reserved size in bytes (the requested size rounded up to the granularity).
+    pub size: u64,
+    /// Size the caller asked for.
+    pub requested_size: u64,
+    /// Device ordinal.
+    pub device: i32,
+    /// Current state.
+    pub state: devmem_state,
+    /// The driver's physical memory handle while mapped, else 0.
+    pub handle: u64,
+    /// The tag, NUL-terminated.
+    pub tag: [c_char; DEVMEM_TAG_BUFFER_LEN],
+}
+
+/// Called after an allocation is made (`on_alloc`) or before it is freed (`on_free`).
+#[allow(non_camel_case_types)]
+pub type devmem_allocation_callback =
+    Option<unsafe extern "C" fn(info: *const devmem_allocation_info, user_data: *mut c_void)>;
+
+struct Allocation {
+    va: u64,
+    size: usize,
+    requested: usize,
+    device: i32,
+    tag: Arc<str>,
+    state: devmem_state,
+    /// Physical memory held: always while mapped; while asleep only when a release failed, in
+    /// which case wake maps it again and free releases it.
+    handle: Option<u64>,
+    backup: Option<HostBuffer>,
+}
+
+impl Allocation {
+    fn info(&self) -> devmem_allocation_info {
+        let mut tag = [0 as c_char; DEVMEM_TAG_BUFFER_LEN];
+        for (dst, src) in tag.iter_mut().zip(self.tag.bytes().take(MAX_TAG_LEN)) {
+            *dst = src as c_char;
+        }
+        devmem_allocation_info {
+            ptr: self.va,
+            size: self.size as u64,
+            requested_size: self.requested as u64,
+            device: self.device,
+            state: self.state,
+            handle: if self.state == devmem_state::Mapped {
+                self.handle.unwrap_or(0)
+            } else {
+                0
+            },
+            tag,
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Callbacks {
+    on_alloc: devmem_allocation_callback,
+    on_free: devmem_allocation_callback,
+    user_data: usize,
+}
+
+#[derive(Default)]
+struct Registry {
+    allocations: BTreeMap<u64, Allocation>,
+    per_tag: HashMap<Arc<str>, devmem_stats>,
+    total: devmem_stats,
+    callbacks: Callbacks,
+    last_transfer: devmem_transfer,
+}
+
+impl Registry {
+    fn each_stats(&mut self, tag: &Arc<str>, f: impl Fn(&mut devmem_stats)) {
+        f(&mut self.total);
+        f(self.per_tag.entry(Arc::clone(tag)).or_default());
+    }
+
+    fn account(
+        &mut self,
+        tag: &Arc<str>,
+        size: usize,
+        from: Option<devmem_state>,
+        to: Option<devmem_state>,
+    ) {
+        let n = size as u64;
+        self.each_stats(tag, |s| {
+            match from {
+                None => {
+                    s.allocations.add(1);
+                    s.bytes.add(n);
+                }
+                Some(state) => state_counter(s, state).sub(n),
+            }
+            match to {
+                None => {
+                    s.allocations.sub(1);
+                    s.bytes.sub(n);
+                }
+                Some(state) => state_counter(s, state).add(n),
+            }
+        });
+    }
+
+    fn lookup(&self, ptr: u64) -> Option<&Allocation> {
+        self.allocations
+            .range(..=ptr)
+            .next_back()
+            .map(|(_, a)| a)
+            .filter(|a| ptr < a.va + a.size as u64)
+    }
+
+    /// Moves an allocation to `state`, keeping the statistics true.
+    fn transition(
+        &mut self,
+        va: u64,
+        state: devmem_state,
+        handle: Option<u64>,
+        backup: Option<HostBuffer>,
+    ) {
+        let Some(a) = self.allocations.get_mut(&va) else {
+            return;
+        };
+        let (tag, size, from) = (Arc::clone(&a.tag), a.size, a.state);
+        a.state = state;
+        a.handle = handle;
+        let old_backup = std::mem::replace(&mut a.backup, backup);
+        if let Some(buffer) = old_backup {
+            offload::give_back(buffer);
+        }
+        if from != state {
+            self.account(&tag, size, Some(from), Some(state));
+        }
+    }
+}
+
+fn state_counter(stats: &mut devmem_stats, state: devmem_state) -> &mut devmem_counter {
+    match state {
+        devmem_state::Mapped => &mut stats.mapped_bytes,
+        devmem_state::Offloaded => &mut stats.offloaded_bytes,
+        devmem_state::Discarded => &mut stats.discarded_bytes,
+    }
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+static OPS: Mutex<()> = Mutex::new(());
+static UNKNOWN_FREES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn with_registry<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
+    let mut guard = REGISTRY.lock();
+    f(guard.get_or_insert_with(Registry::default))
+}
+
+thread_local! {
+    static CURRENT_TAG: RefCell<Arc<str>> = RefCell::new(Arc::from(DEFAULT_TAG));
+}
+
+/// Checks a tag: 1 to [`MAX_TAG_LEN`] bytes.
+pub fn validate_tag(tag: &str) -> Result<()> {
+    if tag.is_empty() {
+        bail!(InvalidTag, "tag is empty");
+    }
+    if tag.len() > MAX_TAG_LEN {
+        bail!(
+            InvalidTag,
+            "tag is {} bytes long; the limit is {MAX_TAG_LEN}",
+            tag.len()
+        );
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's tag for later allocations.
+pub fn set_current_tag(tag: &str) -> Result<()> {
+    validate_tag(tag)?;
+    CURRENT_TAG.with(|t| *t.borrow_mut() = Arc::from(tag));
+    Ok(())
+}
+
+/// The calling thread's tag.
+pub fn current_tag() -> Arc<str> {
+    CURRENT_TAG.with(|t| Arc::clone(&t.borrow()))
+}
+
+/// Allocates `size` bytes on `device` under the calling thread's tag and returns the address.
+pub fn malloc(size: usize, device: i32) -> Result<u64> {
+    if size == 0 {
+        bail!(
+            InvalidArgument,
+            "size 0: devmem does not make empty allocations"
+        );
+    }
+    let backend = backend::get()?;
+    let granularity = backend.granularity(device)?;
+    let rounded = match size.checked_next_multiple_of(granularity) {
+        Some(r) if r <= isize::MAX as usize => r,
+        _ => bail!(
+            InvalidArgument,
+            "size {size} overflows when rounded up to the granularity ({granularity} bytes)"
+        ),
+    };
+    let va = backend
+        .reserve(device, rounded)
+        .map_err(|e| e.context(format!("reserving {rounded} bytes on device {device}")))?;
+    let handle = match backend.create_and_map(device, va, rounded) {
+        Ok(handle) => handle,
+        Err(err) => {
+            if let Err(undo) = backend.free_va(device, va, rounded) {
+                log::error!("devmem: freeing the reservation at {va:#x}: {undo}");
+            }
+            return Err(err.context(format!("allocating {size} bytes on device {device}")));
+        }
+    };
+    let tag = current_tag();
+    let (info, callbacks) = with_registry(|reg| {
+        let allocation = Allocation {
+            va,
+            size: rounded,
+            requested: size,
+            device,
+            tag: Arc::clone(&tag),
+            state: devmem_state::Mapped,
+            handle: Some(handle),
+            backup: None,
+        };
+        let info = allocation.info();
+        reg.allocations.insert(va, allocation);
+        reg.account(&tag, rounded, None, Some(devmem_state::Mapped));
+        (info, reg.callbacks)
+    });
+    log::debug!("devmem: allocated {rounded} bytes at {va:#x} on device {device}, tag {tag}");
+    notify(callbacks.on_alloc, &info, callbacks.user_data);
+    Ok(va)
+}
+
+fn notify(callback: devmem_allocation_callback, info: &devmem_allocation_info, user_data: usize) {
+    if let Some(f) = callback {
+        // SAFETY: the caller registered this function for exactly this signature; `info` lives
+        // for the duration of the call and no devmem lock is held.
+        unsafe { f(info, user_data as *mut c_void) };
+    }
+}
+
+/// Frees an allocation in any state. Unknown pointers are counted and reported.
+pub fn free(ptr: u64) -> Result<()> {
+    let backend = backend::get()?;
+    let found = with_registry(|reg| reg.allocations.get(&ptr).map(|a| (a.info(), reg.callbacks)));
+    let Some((info, callbacks)) = found else {
+        UNKNOWN_FREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let inside = with_registry(|reg| reg.lookup(ptr).map(|a| a.va));
+        match inside {
+            Some(base) => bail!(
+                UnknownPointer,
+                "pointer {ptr:#x} is inside the allocation at {base:#x}, not its start"
+            ),
+            None => bail!(
+                UnknownPointer,
+                "pointer {ptr:#x} is not a live devmem allocation (never allocated, or already freed)"
+            ),
+        }
+    };
+    notify(callbacks.on_free, &info, callbacks.user_data);
+    let _op = OPS.lock();
+    // Another thread may have freed it while this one ran the callback.
+    let Some((device, size, state, handle)) = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.device, a.size, a.state, a.handle))
+    }) else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} was freed by another thread meanwhile"
+        );
+    };
+    if state == devmem_state::Mapped {
+        backend.synchronize(device)?;
+        backend
+            .unmap(device, ptr, size)
+            .map_err(|e| e.context(format!("freeing {ptr:#x}")))?;
+        // Unmapped: from here on the allocation counts as discarded until it is gone.
+        with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, handle, None));
+    }
+    if let Some(handle) = handle {
+        backend
+            .release(device, handle)
+            .map_err(|e| e.context(format!("freeing {ptr:#x}")))?;
+        with_registry(|reg| {
+            if let Some(a) = reg.allocations.get_mut(&ptr) {
+                a.handle = None;
+            }
+        });
+    }
+    backend
+        .free_va(device, ptr, size)
+        .map_err(|e| e.context(format!("freeing {ptr:#x}")))?;
+    with_registry(|reg| {
+        if let Some(a) = reg.allocations.remove(&ptr) {
+            reg.account(&a.tag, a.size, Some(a.state), None);
+            if let Some(buffer) = a.backup {
+                offload::give_back(buffer);
+            }
+        }
+    });
+    log::debug!("devmem: freed {size} bytes at {ptr:#x}");
+    Ok(())
+}
+
+/// What a sleep does to one allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Offload,
+    Discard,
+}
+
+struct SleepTarget {
+    va: u64,
+    size: usize,
+    device: i32,
+    handle: u64,
+    action: Action,
+}
+
+/// Puts mapped allocations to sleep: `select` says, per allocation, whether to offload it,
+/// discard it or leave it mapped.
+fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transfer> {
+    let backend = backend::get()?;
+    let _op = OPS.lock();
+    let start = Instant::now();
+    let targets: Vec<SleepTarget> = with_registry(|reg| {
+        reg.allocations
+            .values()
+            .filter(|a| a.state == devmem_state::Mapped)
+            .filter_map(|a| {
+                let action = select(&a.tag)?;
+                Some(SleepTarget {
+                    va: a.va,
+                    size: a.size,
+                    device: a.device,
+                    handle: a.handle?,
+                    action,
+                })
+            })
+            .collect()
+    });
+    let mut transfer = devmem_transfer::default();
+    let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
+    for device in &devices {
+        backend
+            .synchronize(*device)
+            .map_err(|e| e.context("sleep: waiting for the device before unmapping"))?;
+    }
+    let jobs: Vec<CopyJob> = targets
+        .iter()
+        .filter(|t| t.action == Action::Offload)
+        .map(|t| CopyJob {
+            device: t.device,
+            va: t.va,
+            len: t.size,
+        })
+        .collect();
+    let mut backups = offload::save_all(&*backend, &jobs)
+        .map_err(|e| e.context("sleep: nothing was released"))?
+        .into_iter();
+    let mut first_error: Option<Error> = None;
+    for target in &targets {
+        let backup = match target.action {
+            Action::Offload => backups.next(),
+            Action::Discard => None,
+        };
+        if first_error.is_some() {
+            if let Some(buffer) = backup {
+                offload::give_back(buffer);
+            }
+            continue;
+        }
+        if let Err(err) = backend.unmap(target.device, target.va, target.size) {
+            first_error = Some(err.context(format!("sleep: {:#x} stays mapped", target.va)));
+            if let Some(buffer) = backup {
+                offload::give_back(buffer);
+            }
+            continue;
+        }
+        let kept_handle = match backend.release(target.device, target.handle) {
+            Ok(()) => None,
+            Err(err) => {
+                first_error = Some(err.context(format!(
+                    "sleep: {:#x} is unmapped but its physical memory is still held",
+                    target.va
+                )));
+                Some(target.handle)
+            }
+        };
+        let state = match target.action {
+            Action::Offload => devmem_state::Offloaded,
+            Action::Discard => devmem_state::Discarded,
+        };
+        transfer.allocations += 1;
+        if kept_handle.is_none() {
+            transfer.bytes_freed += target.size as u64;
+        }
+        match target.action {
+            Action::Offload => transfer.bytes_saved += target.size as u64,
+            Action::Discard => transfer.bytes_discarded += target.size as u64,
+        }
+        with_registry(|reg| reg.transition(target.va, state, kept_handle, backup));
+    }
+    transfer.seconds = start.elapsed().as_secs_f64();
+    with_registry(|reg| reg.last_transfer = transfer);
+    log::info!(
+        "devmem: sleep freed {} bytes ({} saved to host, {} discarded) in {:.3} s",
+        transfer.bytes_freed,
+        transfer.bytes_saved,
+        transfer.bytes_discarded,
+        transfer.seconds
+    );
+    first_error.map_or(Ok(transfer), Err)
+}
+
+fn tag_set(tags: &[String]) -> Result<BTreeSet<&str>> {
+    tags.iter()
+        .map(|t| validate_tag(t).map(|()| t.as_str()))
+        .collect()
+}
+
+/// Releases every mapped allocation's device memory: tags in `offload_tags` are saved to host
+/// memory first, the rest are discarded.
+pub fn sleep(offload_tags: &[String]) -> Result<devmem_transfer> {
+    let offload = tag_set(offload_tags)?;
+    put_to_sleep(|tag| {
+        Some(if offload.contains(tag) {
+            Action::Offload
+        } else {
+            Action::Discard
+        })
+    })
+}
+
+/// Saves and releases the mapped allocations of the listed tags only.
+pub fn offload_tags(tags: &[String]) -> Result<devmem_transfer> {
+    let set = tag_set(tags)?;
+    put_to_sleep(|tag| set.contains(tag).then_some(Action::Offload))
+}
+
+/// Releases the mapped allocations of the listed tags only, dropping their contents.
+pub fn discard_tags(tags: &[String]) -> Result<devmem_transfer> {
+    let set = tag_set(tags)?;
+    put_to_sleep(|tag| set.contains(tag).then_some(Action::Discard))
+}
+
+struct WakeTarget {
+    va: u64,
+    size: usize,
+    device: i32,
+    handle: Option<u64>,
+    backup: Option<*const u8>,
+}
+
+/// Maps every sleeping allocation of `tags` (all when `None`) and restores saved bytes. On any
+/// failure the mappings made by this call are undone and every backup is kept.
+pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
+    let filter = tags.map(tag_set).transpose()?;
+    let backend = backend::get()?;
+    let _op = OPS.lock();
+    let start = Instant::now();
+    let targets: Vec<WakeTarget> = with_registry(|reg| {
+        reg.allocations
+            .values()
+            .filter(|a| a.state != devmem_state::Mapped)
+            .filter(|a| filter.as_ref().is_none_or(|f| f.contains(&*a.tag)))
+            .map(|a| WakeTarget {
+                va: a.va,
+                size: a.size,
+                device: a.device,
+                handle: a.handle,
+                backup: a.backup.as_ref().map(|b| b.as_ptr().cast_const()),
+            })
+            .collect()
+    });
+    let mut mapped: Vec<(usize, u64)> = Vec::with_capacity(targets.len());
+    let mut failure = None;
+    for (i, t) in targets.iter().enumerate() {
+        let result = match t.handle {
+            Some(handle) => backend
+                .map_with_access(t.device, t.va, t.size, handle)
+                .map(|()| handle),
+            None => backend.create_and_map(t.device, t.va, t.size),
+        };
+        match result {
+            Ok(handle) => mapped.push((i, handle)),
+            Err(err) => {
+                failure =
+                    Some(err.context(format!("wake: mapping {:#x} ({} bytes)", t.va, t.size)));
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        let jobs: Vec<(CopyJob, *const u8)> = targets
+            .iter()
+            .filter_map(|t| {
+                let src = t.backup?;
+                Some((
+                    CopyJob {
+                        device: t.device,
+                        va: t.va,
+                        len: t.size,
+                    },
+                    src,
+                ))
+            })
+            .collect();
+        failure = offload::restore_all(&*backend, &jobs).err();
+    }
+    if let Some(err) = failure {
+        roll_back_wake(&*backend, &targets, &mapped);
+        return Err(err.context(format!(
+            "wake: undid {} mapping(s); every backup is kept and a later wake can retry",
+            mapped.len()
+        )));
+    }
+    let mut transfer = devmem_transfer::default();
+    with_registry(|reg| {
+        for (i, handle) in &mapped {
+            let t = &targets[*i];
+            transfer.allocations += 1;
+            transfer.bytes_mapped += t.size as u64;
+            if t.backup.is_some() {
+                transfer.bytes_restored += t.size as u64;
+            }
+            reg.transition(t.va, devmem_state::Mapped, Some(*handle), None);
+        }
+    });
+    transfer.seconds = start.elapsed().as_secs_f64();
+    with_registry(|reg| reg.last_transfer = transfer);
+    log::info!(
+        "devmem: wake mapped {} bytes, restored {} in {:.3} s",
+        transfer.bytes_mapped,
+        transfer.bytes_restored,
+        transfer.seconds
+    );
+    Ok(transfer)
+}
+
+fn roll_back_wake(backend: &dyn Backend, targets: &[WakeTarget], mapped: &[(usize, u64)]) {
+    for (i, handle) in mapped.iter().rev() {
+        let t = &targets[*i];
+        if let Err(err) = backend.unmap(t.device, t.va, t.size) {
+            log::error!("devmem: wake rollback: unmapping {:#x}: {err}", t.va);
+            continue;
+        }
+        if t.handle.is_some() {
+            continue; // the handle predates this call and stays held
+        }
+        if let Err(err) = backend.release(t.device, *handle) {
+            log::error!("devmem: wake rollback: releasing {:#x}: {err}", t.va);
+            with_registry(|reg| {
+                if let Some(a) = reg.allocations.get_mut(&t.va) {
+                    a.handle = Some(*handle);
+                }
+            });
+        }
+    }
+}
+
+/// Statistics for `tag`, or for every tag when `None`.
+pub fn stats(tag: Option<&str>) -> Result<devmem_stats> {
+    if let Some(tag) = tag {
+        validate_tag(tag)?;
+    }
+    let mut out = with_registry(|reg| match tag {
+        None => reg.total,
+        Some(t) => reg.per_tag.get(t).copied().unwrap_or_default(),
+    });
+    if tag.is_none() {
+        out.host_store_bytes = offload::held_bytes() as u64;
+        out.unknown_frees = UNKNOWN_FREES.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(out)
+}
+
+/// What the last sleep, offload, discard or wake did.
+pub fn last_transfer() -> devmem_transfer {
+    with_registry(|reg| reg.last_transfer)
+}
+
+/// The allocation containing `ptr`.
+pub fn lookup(ptr: u64) -> Result<devmem_allocation_info> {
+    match with_registry(|reg| reg.lookup(ptr).map(Allocation::info)) {
+        Some(info) => Ok(info),
+        None => Err(Error::new(
+            devmem_status::UnknownPointer,
+            format!("pointer {ptr:#x} is not inside any live devmem allocation"),
+        )),
+    }
+}
+
+/// A copy of every live allocation's record, in address order.
+pub fn snapshot() -> Vec<devmem_allocation_info> {
+    with_registry(|reg| reg.allocations.values().map(Allocation::info).collect())
+}
+
+/// Installs (or, with `None`, removes) the allocation callbacks.
+pub fn set_callbacks(
+    on_alloc: devmem_allocation_callback,
+    on_free: devmem_allocation_callback,
+    user_data: *mut c_void,
+) {
+    with_registry(|reg| {
+        reg.callbacks = Callbacks {
+            on_alloc,
+            on_free,
+            user_data: user_data as usize,
+        }
+    });
+}
+
+/// Frees the host store's unused pinned buffers; returns the bytes freed.
+pub fn release_host_store() -> Result<usize> {
+    let backend = backend::get()?;
+    offload::release_free(&*backend)
+}
+
+/// Free and total memory of `device`.
+pub fn mem_get_info(device: i32) -> Result<(usize, usize)> {
+    backend::get()?.mem_get_info(device)
+}
+
+/// The allocation granularity of `device`.
+pub fn granularity(device: i32) -> Result<usize> {
+    backend::get()?.granularity(device)
+}

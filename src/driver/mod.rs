@@ -1,0 +1,4 @@
+//! Run-time loaded driver symbol tables. Only this layer and `backend` touch driver symbols;
+//! nothing here keeps state beyond the open library.
+
+pub mod cuda;

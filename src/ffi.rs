@@ -1,0 +1,544 @@
+//! The C ABI: every exported function. This is the only layer that touches caller-provided raw
+//! pointers; each function checks its arguments, runs its body inside a panic guard, and
+//! reports failure as a status plus a thread-local message. Nothing here panics across the
+//! boundary or ends the process.
+//!
+//! The exports take raw pointers yet are not `unsafe fn`: they are C entry points whose pointer
+//! contracts are documented in the header, and each checks what it can (NULL) before use.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+use std::ffi::{c_char, c_int, c_ulonglong, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+
+use crate::core::{
+    self, devmem_allocation_callback, devmem_allocation_info, devmem_stats, devmem_transfer,
+    DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
+};
+use crate::error::{
+    bail, clear_last_error, devmem_status, last_error, set_last_error, Error, Result,
+};
+
+/// The C `ssize_t` (signed size), as PyTorch's pluggable-allocator signatures use it.
+#[allow(non_camel_case_types)]
+pub type ssize_t = isize;
+
+fn panic_error(payload: &(dyn std::any::Any + Send)) -> Error {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string());
+    Error::new(
+        devmem_status::Panic,
+        format!("internal panic caught at the C boundary: {what}"),
+    )
+}
+
+/// Runs `f` with a fresh last-error slot; a failure or a caught panic is recorded there.
+fn run<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    clear_last_error();
+    let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_error(&*p)));
+    if let Err(err) = &result {
+        set_last_error(err);
+    }
+    result
+}
+
+/// Runs `f`; on failure returns `on_error` (NULL, say) with the message recorded.
+fn guard_value<T>(on_error: T, f: impl FnOnce() -> Result<T>) -> T {
+    run(f).unwrap_or(on_error)
+}
+
+/// Runs `f` and turns its outcome into a status.
+fn guard(f: impl FnOnce() -> Result<()>) -> devmem_status {
+    run(f).map_or_else(|e| e.status, |()| devmem_status::Success)
+}
+
+/// Writes `value` through `out` after checking it is not NULL.
+///
+/// # Safety
+/// `out` must be NULL or valid for a write of `T`.
+unsafe fn write_out<T>(out: *mut T, name: &str, value: T) -> Result<()> {
+    if out.is_null() {
+        bail!(NullPointer, "{name} is NULL");
+    }
+    // SAFETY: non-NULL, and the caller promises it is valid for a write.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
+/// Reads a tag: NUL-terminated UTF-8 of 1 to `MAX_TAG_LEN` bytes.
+///
+/// # Safety
+/// `tag` must be NULL or point to a NUL-terminated string.
+unsafe fn tag_from_c(tag: *const c_char, what: &str) -> Result<String> {
+    if tag.is_null() {
+        bail!(InvalidTag, "{what} is NULL");
+    }
+    // SAFETY: `tag` is non-NULL and NUL-terminated; strnlen reads no further than the NUL or
+    // MAX_TAG_LEN + 1 bytes.
+    let len = unsafe { libc::strnlen(tag, MAX_TAG_LEN + 1) };
+    if len > MAX_TAG_LEN {
+        bail!(InvalidTag, "{what} is longer than {MAX_TAG_LEN} bytes");
+    }
+    // SAFETY: `len` bytes were just scanned and are readable.
+    let bytes = unsafe { std::slice::from_raw_parts(tag.cast::<u8>(), len) };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Error::new(
+            devmem_status::InvalidTag,
+            format!("{what} is not UTF-8: {e}"),
+        )
+    })?;
+    core::validate_tag(text).map_err(|e| e.context(what))?;
+    Ok(text.to_string())
+}
+
+/// Reads an array of `n` tags.
+///
+/// # Safety
+/// `tags` must be NULL or point to `n` pointers, each NULL or NUL-terminated.
+unsafe fn tags_from_c(tags: *const *const c_char, n: usize) -> Result<Vec<String>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if tags.is_null() {
+        bail!(NullPointer, "tags is NULL but n is {n}");
+    }
+    (0..n)
+        .map(|i| {
+            // SAFETY: the caller promises `n` readable pointers.
+            let tag = unsafe { *tags.add(i) };
+            // SAFETY: each entry is NULL or NUL-terminated.
+            unsafe { tag_from_c(tag, &format!("tags[{i}]")) }
+        })
+        .collect()
+}
+
+fn device_from(device: c_int) -> Result<i32> {
+    if device < 0 {
+        bail!(InvalidDevice, "device {device} is negative");
+    }
+    Ok(device)
+}
+
+fn size_from(size: ssize_t) -> Result<usize> {
+    match usize::try_from(size) {
+        Ok(0) => bail!(
+            InvalidArgument,
+            "size 0: devmem does not make empty allocations"
+        ),
+        Ok(s) => Ok(s),
+        Err(_) => bail!(InvalidArgument, "size {size} is negative"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch / vLLM compatible
+// ---------------------------------------------------------------------------------------------
+
+/// Allocates `size` bytes on `device` under the calling thread's tag (PyTorch's
+/// `CUDAPluggableAllocator` / `XPUPluggableAllocator` signature). `stream` is not used.
+///
+/// Returns the device address, or NULL on failure (see `devmem_last_error_message`).
+#[no_mangle]
+pub extern "C" fn my_malloc(size: ssize_t, device: c_int, stream: *mut c_void) -> *mut c_void {
+    let _ = stream;
+    guard_value(ptr::null_mut(), || {
+        let size = size_from(size)?;
+        let device = device_from(device)?;
+        core::malloc(size, device).map(|va| va as *mut c_void)
+    })
+}
+
+/// Frees an allocation made by `my_malloc`, in any state. The recorded size is used; `size`,
+/// `device` and `stream` are ignored. Unknown pointers and double frees are counted in
+/// `devmem_stats` and leave a message; they never crash.
+#[no_mangle]
+pub extern "C" fn my_free(ptr: *mut c_void, size: ssize_t, device: c_int, stream: *mut c_void) {
+    let _ = (size, device, stream);
+    guard(|| {
+        if ptr.is_null() {
+            bail!(NullPointer, "ptr is NULL");
+        }
+        core::free(ptr as u64)
+    });
+}
+
+fn low_level_args(device: c_ulonglong, size: ssize_t, d_mem: c_ulonglong) -> Result<(i32, usize)> {
+    let device = match i32::try_from(device) {
+        Ok(d) => d,
+        Err(_) => bail!(InvalidDevice, "device {device} is out of range"),
+    };
+    let size = size_from(size)?;
+    if d_mem == 0 {
+        bail!(NullPointer, "d_mem is 0");
+    }
+    let granularity = core::granularity(device)?;
+    if size % granularity != 0 || d_mem % granularity as u64 != 0 {
+        bail!(
+            InvalidArgument,
+            "size {size} and d_mem {d_mem:#x} must be multiples of the granularity ({granularity})"
+        );
+    }
+    Ok((device, size))
+}
+
+/// vLLM's primitive: creates `size` bytes of physical memory on `device`, maps it at `d_mem`
+/// (inside a range the caller reserved) with read-write access, and writes the physical handle
+/// to `*handle`. The allocation is not tracked by devmem's registry. Returns a
+/// `devmem_status` as an int; callers that declare it `void` still work.
+#[no_mangle]
+pub extern "C" fn create_and_map(
+    device: c_ulonglong,
+    size: ssize_t,
+    d_mem: c_ulonglong,
+    handle: *mut c_ulonglong,
+) -> c_int {
+    guard(|| {
+        if handle.is_null() {
+            bail!(NullPointer, "handle is NULL");
+        }
+        let (device, size) = low_level_args(device, size, d_mem)?;
+        let backend = crate::backend::get()?;
+        let created = backend.create_and_map(device, d_mem, size)?;
+        // SAFETY: checked non-NULL above; the caller passes a valid out-pointer.
+        unsafe { handle.write(created) };
+        Ok(())
+    }) as c_int
+}
+
+/// vLLM's primitive: waits for `device`, unmaps `size` bytes at `d_mem` and releases `*handle`
+/// (the reservation stays). Returns a `devmem_status` as an int.
+#[no_mangle]
+pub extern "C" fn unmap_and_release(
+    device: c_ulonglong,
+    size: ssize_t,
+    d_mem: c_ulonglong,
+    handle: *mut c_ulonglong,
+) -> c_int {
+    guard(|| {
+        if handle.is_null() {
+            bail!(NullPointer, "handle is NULL");
+        }
+        let (device, size) = low_level_args(device, size, d_mem)?;
+        // SAFETY: checked non-NULL above.
+        let physical = unsafe { handle.read() };
+        let backend = crate::backend::get()?;
+        backend.synchronize(device)?;
+        backend.unmap(device, d_mem, size)?;
+        backend.release(device, physical)
+    }) as c_int
+}
+
+// ---------------------------------------------------------------------------------------------
+// Native API
+// ---------------------------------------------------------------------------------------------
+
+/// Allocates `size` bytes on `device` under the calling thread's tag and writes the address to
+/// `*out` (only on success).
+#[no_mangle]
+pub extern "C" fn devmem_malloc(
+    size: usize,
+    device: c_int,
+    out: *mut *mut c_void,
+) -> devmem_status {
+    guard(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out is NULL");
+        }
+        let device = device_from(device)?;
+        let va = core::malloc(size, device)?;
+        // SAFETY: checked non-NULL; the caller passes a valid out-pointer.
+        unsafe { write_out(out, "out", va as *mut c_void) }
+    })
+}
+
+/// Frees an allocation in any state (mapped, offloaded, discarded).
+#[no_mangle]
+pub extern "C" fn devmem_free(ptr: *mut c_void) -> devmem_status {
+    guard(|| {
+        if ptr.is_null() {
+            bail!(NullPointer, "ptr is NULL");
+        }
+        core::free(ptr as u64)
+    })
+}
+
+/// Sets the calling thread's tag: later allocations from this thread carry it. Tags are UTF-8,
+/// 1 to `DEVMEM_MAX_TAG_LEN` bytes. Threads that never set one use `"default"`.
+#[no_mangle]
+pub extern "C" fn devmem_set_current_tag(tag: *const c_char) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes NULL or a NUL-terminated string.
+        let tag = unsafe { tag_from_c(tag, "tag") }?;
+        core::set_current_tag(&tag)
+    })
+}
+
+/// Copies the calling thread's tag, NUL-terminated, into `buf` of `len` bytes.
+/// `DEVMEM_STATUS_BUFFER_TOO_SMALL` when it does not fit (`DEVMEM_MAX_TAG_LEN + 1` always does).
+#[no_mangle]
+pub extern "C" fn devmem_get_current_tag(buf: *mut c_char, len: usize) -> devmem_status {
+    guard(|| {
+        if buf.is_null() {
+            bail!(NullPointer, "buf is NULL");
+        }
+        let tag = core::current_tag();
+        if tag.len() + 1 > len {
+            bail!(
+                BufferTooSmall,
+                "the tag needs {} bytes; buf has {len}",
+                tag.len() + 1
+            );
+        }
+        // SAFETY: `buf` has room for the tag and its NUL, checked above.
+        unsafe {
+            ptr::copy_nonoverlapping(tag.as_ptr(), buf.cast::<u8>(), tag.len());
+            buf.add(tag.len()).write(0);
+        }
+        Ok(())
+    })
+}
+
+/// Puts every mapped allocation to sleep: those whose tag is among the `n` `offload_tags` are
+/// copied to host memory first, all others are discarded. With `n == 0` everything is
+/// discarded. Allocations already asleep are left as they are. Waits for the devices first.
+/// What was done is available from `devmem_get_last_transfer`.
+#[no_mangle]
+pub extern "C" fn devmem_sleep(offload_tags: *const *const c_char, n: usize) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers (or NULL with n == 0).
+        let tags = unsafe { tags_from_c(offload_tags, n) }?;
+        core::sleep(&tags).map(drop)
+    })
+}
+
+/// Saves to host memory and releases the mapped allocations of the `n` listed tags only.
+#[no_mangle]
+pub extern "C" fn devmem_offload(tags: *const *const c_char, n: usize) -> devmem_status {
+    guard(|| {
+        // SAFETY: as in devmem_sleep.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        core::offload_tags(&tags).map(drop)
+    })
+}
+
+/// Releases the mapped allocations of the `n` listed tags only, dropping their contents.
+#[no_mangle]
+pub extern "C" fn devmem_discard(tags: *const *const c_char, n: usize) -> devmem_status {
+    guard(|| {
+        // SAFETY: as in devmem_sleep.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        core::discard_tags(&tags).map(drop)
+    })
+}
+
+/// Wakes the sleeping allocations of the `n` listed tags (every tag when `tags` is NULL): maps
+/// device memory at the same addresses and restores saved bytes. Contents of discarded
+/// allocations are unspecified. On failure (`DEVMEM_STATUS_OUT_OF_MEMORY` when the device is
+/// full) the mappings made by this call are undone, every backup is kept, and the call can be
+/// retried.
+#[no_mangle]
+pub extern "C" fn devmem_wake_up(tags: *const *const c_char, n: usize) -> devmem_status {
+    guard(|| {
+        if tags.is_null() {
+            return core::wake_up(None).map(drop);
+        }
+        // SAFETY: the caller passes `n` tag pointers.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        core::wake_up(Some(&tags)).map(drop)
+    })
+}
+
+/// Writes what the last sleep, offload, discard or wake (from any thread) did to `*out`.
+#[no_mangle]
+pub extern "C" fn devmem_get_last_transfer(out: *mut devmem_transfer) -> devmem_status {
+    // SAFETY: the caller passes NULL or a valid out-pointer.
+    guard(|| unsafe { write_out(out, "out", core::last_transfer()) })
+}
+
+/// Writes statistics for `tag` (every tag together when `tag` is NULL) to `*out`. A tag with no
+/// allocations yet reports zeros.
+#[no_mangle]
+pub extern "C" fn devmem_get_stats(tag: *const c_char, out: *mut devmem_stats) -> devmem_status {
+    guard(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out is NULL");
+        }
+        let tag = if tag.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL and NUL-terminated by contract.
+            Some(unsafe { tag_from_c(tag, "tag") }?)
+        };
+        let stats = core::stats(tag.as_deref())?;
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", stats) }
+    })
+}
+
+/// Writes the free and total memory of `device` in bytes, as the driver reports them.
+#[no_mangle]
+pub extern "C" fn devmem_mem_get_info(
+    device: c_int,
+    free: *mut usize,
+    total: *mut usize,
+) -> devmem_status {
+    guard(|| {
+        if free.is_null() || total.is_null() {
+            bail!(NullPointer, "free and total must not be NULL");
+        }
+        let (f, t) = core::mem_get_info(device_from(device)?)?;
+        // SAFETY: both checked non-NULL above.
+        unsafe {
+            free.write(f);
+            total.write(t);
+        }
+        Ok(())
+    })
+}
+
+/// Writes the allocation granularity of `device` (sizes are rounded up to it).
+#[no_mangle]
+pub extern "C" fn devmem_granularity(device: c_int, out: *mut usize) -> devmem_status {
+    guard(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out is NULL");
+        }
+        let granularity = core::granularity(device_from(device)?)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", granularity) }
+    })
+}
+
+/// Writes the number of devices the driver reports.
+#[no_mangle]
+pub extern "C" fn devmem_device_count(out: *mut c_int) -> devmem_status {
+    guard(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out is NULL");
+        }
+        let count = crate::backend::get()?.device_count();
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", count) }
+    })
+}
+
+/// Describes the live allocation that contains `ptr` (any address inside it).
+#[no_mangle]
+pub extern "C" fn devmem_get_allocation_info(
+    ptr: *const c_void,
+    out: *mut devmem_allocation_info,
+) -> devmem_status {
+    guard(|| {
+        if ptr.is_null() || out.is_null() {
+            bail!(NullPointer, "ptr and out must not be NULL");
+        }
+        let info = core::lookup(ptr as u64)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", info) }
+    })
+}
+
+/// Calls `callback` once per live allocation, in address order, on a snapshot taken at the
+/// start; no devmem lock is held during the calls, so the callback may call devmem. Writes the
+/// number of allocations visited to `*count` when `count` is not NULL.
+#[no_mangle]
+pub extern "C" fn devmem_for_each_allocation(
+    callback: devmem_allocation_callback,
+    user_data: *mut c_void,
+    count: *mut usize,
+) -> devmem_status {
+    guard(|| {
+        let Some(callback) = callback else {
+            bail!(NullPointer, "callback is NULL");
+        };
+        let all = core::snapshot();
+        for info in &all {
+            // SAFETY: the caller's function with its documented signature; `info` is valid for
+            // the call.
+            unsafe { callback(info, user_data) };
+        }
+        if !count.is_null() {
+            // SAFETY: non-NULL; the caller passes a valid out-pointer.
+            unsafe { count.write(all.len()) };
+        }
+        Ok(())
+    })
+}
+
+/// Installs callbacks run after each allocation (`on_alloc`) and before each free (`on_free`),
+/// on the allocating or freeing thread, with no devmem lock held. Either may be NULL; call
+/// with both NULL to remove them.
+#[no_mangle]
+pub extern "C" fn devmem_set_callbacks(
+    on_alloc: devmem_allocation_callback,
+    on_free: devmem_allocation_callback,
+    user_data: *mut c_void,
+) -> devmem_status {
+    guard(|| {
+        core::set_callbacks(on_alloc, on_free, user_data);
+        Ok(())
+    })
+}
+
+/// Frees the pinned host buffers the host store keeps for reuse (backups still in use stay).
+/// Writes the bytes freed to `*freed` when it is not NULL.
+#[no_mangle]
+pub extern "C" fn devmem_release_host_store(freed: *mut usize) -> devmem_status {
+    guard(|| {
+        let bytes = core::release_host_store()?;
+        if !freed.is_null() {
+            // SAFETY: non-NULL; the caller passes a valid out-pointer.
+            unsafe { freed.write(bytes) };
+        }
+        Ok(())
+    })
+}
+
+/// Copies the calling thread's last error message, NUL-terminated and truncated to fit, into
+/// `buf` of `len` bytes. Returns the message length without the NUL (like `snprintf`), 0 when
+/// the last call on this thread succeeded. `buf` may be NULL when `len` is 0.
+#[no_mangle]
+pub extern "C" fn devmem_last_error_message(buf: *mut c_char, len: usize) -> usize {
+    let message = last_error().map(|e| e.message).unwrap_or_default();
+    if !buf.is_null() && len > 0 {
+        let n = message.len().min(len - 1);
+        // SAFETY: `buf` has `len` bytes and n + 1 <= len.
+        unsafe {
+            ptr::copy_nonoverlapping(message.as_ptr(), buf.cast::<u8>(), n);
+            buf.add(n).write(0);
+        }
+    }
+    message.len()
+}
+
+/// The status of the calling thread's last devmem call (`DEVMEM_STATUS_SUCCESS` if it
+/// succeeded). Useful after `my_malloc` returns NULL or `my_free`, which return no status.
+#[no_mangle]
+pub extern "C" fn devmem_last_error_status() -> devmem_status {
+    last_error().map_or(devmem_status::Success, |e| e.status)
+}
+
+/// A static, NUL-terminated name for a status value ("DEVMEM_STATUS_OUT_OF_MEMORY"), or
+/// "DEVMEM_STATUS_UNKNOWN" for a value that is not one. Never NULL; never freed.
+#[no_mangle]
+pub extern "C" fn devmem_status_string(status: c_int) -> *const c_char {
+    let name: &'static CStr = match devmem_status::from_raw(status) {
+        Some(s) => s.name(),
+        None => c"DEVMEM_STATUS_UNKNOWN",
+    };
+    name.as_ptr()
+}
+
+/// The library version, e.g. "0.1.0". Static; never freed.
+#[no_mangle]
+pub extern "C" fn devmem_version() -> *const c_char {
+    const VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => c"unknown",
+        };
+    VERSION.as_ptr()
+}
