@@ -20,6 +20,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)]
+// These are C entry points; the driver API documents their pointer contracts.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -139,7 +141,6 @@ struct Physical {
 
 struct Mapping {
     size: usize,
-    handle: u64,
     accessible: bool,
 }
 
@@ -432,7 +433,7 @@ pub unsafe extern "C" fn cuMemAddressReserve(
 ) -> R {
     with_context("cuMemAddressReserve", |emu, _| {
         let granularity = emu.config.granularity;
-        if ptr.is_null() || size == 0 || size % granularity != 0 {
+        if ptr.is_null() || size == 0 || !size.is_multiple_of(granularity) {
             return INVALID_VALUE;
         }
         let align = alignment.max(granularity);
@@ -513,7 +514,7 @@ pub unsafe extern "C" fn cuMemCreate(
                 NOT_SUPPORTED
             };
         }
-        if size == 0 || size % emu.config.granularity != 0 {
+        if size == 0 || !size.is_multiple_of(emu.config.granularity) {
             return INVALID_VALUE;
         }
         let d = device as usize;
@@ -589,7 +590,6 @@ pub extern "C" fn cuMemMap(
             ptr,
             Mapping {
                 size,
-                handle,
                 accessible: false,
             },
         );

@@ -1,0 +1,242 @@
+//! Shared helpers for tests that run devmem against the driver emulator.
+//!
+//! Each test must run in its own process (cargo nextest does this): devmem and the emulator keep
+//! process-wide state, and the emulator reads its configuration from the environment once.
+#![allow(dead_code)]
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use devmem::devmem_status;
+use devmem::ffi;
+
+/// Path of the emulator library built next to the test binary.
+pub fn emulator_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join("libdevmem_cuda_emu.so");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Points devmem at the emulator with the given extra environment. Call before any devmem call.
+pub fn setup(extra: &[(&str, &str)]) {
+    // SAFETY (of set_var): called at the start of a single-threaded test process.
+    std::env::set_var("DEVMEM_CUDA_LIBRARY", emulator_path());
+    for (k, v) in extra {
+        std::env::set_var(k, v);
+    }
+}
+
+/// The emulator's test-control functions, from the same library instance devmem loaded.
+pub struct Emu {
+    _lib: libloading::Library,
+    counters: unsafe extern "C" fn(*mut Counters) -> c_uint,
+    inject: unsafe extern "C" fn(*const c_char, u64, c_uint) -> c_uint,
+    calls: unsafe extern "C" fn(*const c_char) -> u64,
+    set_capacity: unsafe extern "C" fn(c_int, usize) -> c_uint,
+    clear_faults: unsafe extern "C" fn() -> c_uint,
+}
+
+/// Mirrors the emulator's CuemuCounters.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub handles: u64,
+    pub mappings: u64,
+    pub reservations: u64,
+    pub host_buffers: u64,
+    pub used_bytes: u64,
+}
+
+pub fn emu() -> &'static Emu {
+    static EMU: OnceLock<Emu> = OnceLock::new();
+    EMU.get_or_init(|| {
+        // SAFETY: the emulator library, opened for its test-control symbols.
+        let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("open emulator");
+        // SAFETY: symbol types match the emulator's definitions.
+        unsafe {
+            Emu {
+                counters: *lib.get(b"cuemu_counters\0").expect("cuemu_counters"),
+                inject: *lib.get(b"cuemu_inject\0").expect("cuemu_inject"),
+                calls: *lib.get(b"cuemu_calls\0").expect("cuemu_calls"),
+                set_capacity: *lib
+                    .get(b"cuemu_set_capacity\0")
+                    .expect("cuemu_set_capacity"),
+                clear_faults: *lib
+                    .get(b"cuemu_clear_faults\0")
+                    .expect("cuemu_clear_faults"),
+                _lib: lib,
+            }
+        }
+    })
+}
+
+impl Emu {
+    pub fn counters(&self) -> Counters {
+        let mut c = Counters::default();
+        // SAFETY: valid out-pointer.
+        assert_eq!(unsafe { (self.counters)(&mut c) }, 0);
+        c
+    }
+
+    /// Fails the `nth` next call of `name` with `code`.
+    pub fn inject(&self, name: &str, nth: u64, code: u32) {
+        let name = CString::new(name).expect("name");
+        // SAFETY: valid NUL-terminated name.
+        assert_eq!(unsafe { (self.inject)(name.as_ptr(), nth, code) }, 0);
+    }
+
+    pub fn calls(&self, name: &str) -> u64 {
+        let name = CString::new(name).expect("name");
+        // SAFETY: valid NUL-terminated name.
+        unsafe { (self.calls)(name.as_ptr()) }
+    }
+
+    pub fn set_capacity(&self, device: i32, bytes: usize) {
+        // SAFETY: plain values.
+        assert_eq!(unsafe { (self.set_capacity)(device, bytes) }, 0);
+    }
+
+    pub fn clear_faults(&self) {
+        // SAFETY: no arguments.
+        assert_eq!(unsafe { (self.clear_faults)() }, 0);
+    }
+}
+
+pub const MIB: usize = 1 << 20;
+
+/// The calling thread's last error message.
+pub fn message() -> String {
+    let mut buf = vec![0 as c_char; 1024];
+    let n = ffi::devmem_last_error_message(buf.as_mut_ptr(), buf.len());
+    // SAFETY: devmem wrote a NUL-terminated string into buf.
+    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(n, text.len().min(n));
+    text
+}
+
+/// Asserts `status` and that the message contains `needle`.
+#[track_caller]
+pub fn expect_err(status: devmem_status, expected: devmem_status, needle: &str) {
+    assert_eq!(status, expected, "message: {}", message());
+    let msg = message();
+    assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+}
+
+#[track_caller]
+pub fn ok(status: devmem_status) {
+    assert_eq!(status, devmem_status::Success, "message: {}", message());
+}
+
+pub fn set_tag(tag: &str) {
+    let tag = CString::new(tag).expect("tag");
+    ok(ffi::devmem_set_current_tag(tag.as_ptr()));
+}
+
+#[track_caller]
+pub fn alloc(size: usize, tag: &str) -> u64 {
+    set_tag(tag);
+    let mut p: *mut c_void = std::ptr::null_mut();
+    ok(ffi::devmem_malloc(size, 0, &mut p));
+    assert!(!p.is_null());
+    p as u64
+}
+
+/// A byte pattern that differs per allocation and per position.
+pub fn pattern(seed: u64, i: usize) -> u8 {
+    (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8
+}
+
+/// Fills an emulated device range with the pattern for `seed`.
+pub fn fill(ptr: u64, len: usize, seed: u64) {
+    // SAFETY: emulated device memory is host memory, mapped read-write while awake.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = pattern(seed, i);
+    }
+}
+
+/// Counts bytes that differ from the pattern for `seed`.
+pub fn mismatches(ptr: u64, len: usize, seed: u64) -> usize {
+    // SAFETY: as in `fill`.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| **b != pattern(seed, *i))
+        .count()
+}
+
+pub fn tags(list: &[&str]) -> (Vec<CString>, Vec<*const c_char>) {
+    let owned: Vec<CString> = list
+        .iter()
+        .map(|t| CString::new(*t).expect("tag"))
+        .collect();
+    let ptrs = owned.iter().map(|c| c.as_ptr()).collect();
+    (owned, ptrs)
+}
+
+pub fn sleep(offload: &[&str]) -> devmem_status {
+    let (_owned, ptrs) = tags(offload);
+    ffi::devmem_sleep(ptrs.as_ptr(), ptrs.len())
+}
+
+pub fn wake(which: Option<&[&str]>) -> devmem_status {
+    match which {
+        None => ffi::devmem_wake_up(std::ptr::null(), 0),
+        Some(list) => {
+            let (_owned, ptrs) = tags(list);
+            ffi::devmem_wake_up(ptrs.as_ptr(), ptrs.len())
+        }
+    }
+}
+
+pub fn stats(tag: Option<&str>) -> devmem::devmem_stats {
+    let mut out = devmem::devmem_stats::default();
+    match tag {
+        None => ok(ffi::devmem_get_stats(std::ptr::null(), &mut out)),
+        Some(t) => {
+            let t = CString::new(t).expect("tag");
+            ok(ffi::devmem_get_stats(t.as_ptr(), &mut out));
+        }
+    }
+    out
+}
+
+pub fn state(ptr: u64) -> devmem::devmem_state {
+    // SAFETY: plain C struct; zero is a valid value.
+    let mut info: devmem::devmem_allocation_info = unsafe { std::mem::zeroed() };
+    ok(ffi::devmem_get_allocation_info(
+        ptr as *const c_void,
+        &mut info,
+    ));
+    info.state
+}
+
+pub fn free_all(ptrs: &[u64]) {
+    for p in ptrs {
+        ok(ffi::devmem_free(*p as *mut c_void));
+    }
+}
+
+/// Asserts the emulator holds nothing but pinned host buffers (kept by the host store).
+#[track_caller]
+pub fn assert_no_device_leaks() {
+    let c = emu().counters();
+    assert_eq!(
+        (c.handles, c.mappings, c.reservations, c.used_bytes),
+        (0, 0, 0, 0),
+        "{c:?}"
+    );
+}
