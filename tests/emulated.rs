@@ -715,16 +715,14 @@ fn low_level_create_and_map_over_a_caller_reservation() {
     let p = alloc(2 * MIB, "x"); // gives this thread the primary context
                                  // SAFETY: the emulator's cuMemAddressReserve with a valid out-pointer.
     let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("emulator");
+    type Reserve = unsafe extern "C" fn(*mut u64, usize, usize, u64, u64) -> u32;
+    type FreeVa = unsafe extern "C" fn(u64, usize) -> u32;
     // SAFETY: types match the driver prototypes.
-    let (reserve, free_va): (
-        libloading::Symbol<unsafe extern "C" fn(*mut u64, usize, usize, u64, u64) -> u32>,
-        libloading::Symbol<unsafe extern "C" fn(u64, usize) -> u32>,
-    ) = unsafe {
-        (
-            lib.get(b"cuMemAddressReserve\0").expect("sym"),
-            lib.get(b"cuMemAddressFree\0").expect("sym"),
-        )
-    };
+    let reserve: libloading::Symbol<Reserve> =
+        unsafe { lib.get(b"cuMemAddressReserve\0") }.expect("sym");
+    // SAFETY: as above.
+    let free_va: libloading::Symbol<FreeVa> =
+        unsafe { lib.get(b"cuMemAddressFree\0") }.expect("sym");
     let mut va = 0u64;
     // SAFETY: valid out-pointer.
     assert_eq!(unsafe { reserve(&mut va, 4 * MIB, 0, 0, 0) }, 0);
