@@ -268,7 +268,7 @@ thread_local! {
     static CURRENT_TAG: RefCell<Arc<str>> = RefCell::new(Arc::from(DEFAULT_TAG));
 }
 
-/// Checks a tag: 1 to [`MAX_TAG_LEN`] bytes.
+/// Checks a tag: 1 to [`DEVMEM_MAX_TAG_LEN`] bytes.
 pub fn validate_tag(tag: &str) -> Result<()> {
     if tag.is_empty() {
         bail!(InvalidTag, "tag is empty");

@@ -7,8 +7,8 @@
 //! pointers, tensors and captured CUDA graphs stay valid.
 //!
 //! Layers, each talking only to the one below: [`ffi`] (the C ABI) → [`core`] (registry, tags,
-//! state machine, statistics) → [`offload`] (host store and copies) → [`backend`] (one
-//! implementation per driver) → [`driver`] (run-time loaded symbol tables).
+//! state machine, statistics) → `offload` (host store and copies) → `backend` (one
+//! implementation per driver) → `driver` (run-time loaded symbol tables).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

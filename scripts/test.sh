@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, clippy, the Rust tests against the driver emulator (including
+# the header-freshness check), rustdoc, then installs the package into build/prefix and runs the
+# C tests against it (as a user would, through find_package(devmem)), under valgrind too when
+# it is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=${DEVMEM_JOBS:-2}
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -j "$jobs" -- -D warnings
+step "cargo build (debug and release)"
+cargo build --workspace -j "$jobs"
+cargo build --workspace --release -j "$jobs"
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -j "$jobs" --quiet
+step "Rust tests against the emulator (cargo nextest: one process per test)"
+cargo nextest run --workspace -j "$jobs" --no-fail-fast
+
+step "install the package into build/prefix"
+rm -rf build/pkg build/prefix build/ctests
+cmake -S . -B build/pkg -DCMAKE_INSTALL_PREFIX="$PWD/build/prefix" >/dev/null
+cmake --install build/pkg
+valgrind_opt=OFF
+if command -v valgrind >/dev/null 2>&1; then valgrind_opt=ON; fi
+step "C tests against the installed package and the emulator (valgrind: $valgrind_opt)"
+cmake -S ctests -B build/ctests -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
+  -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_VALGRIND="$valgrind_opt" >/dev/null
+cmake --build build/ctests -j "$jobs"
+ctest --test-dir build/ctests --output-on-failure -j "$jobs"
