@@ -18,5 +18,9 @@ build/ctests-gpu/demo 4 4 2>&1 | tee "$OUT/demo.log" || status=1
 echo "--- PyTorch smoke test"
 DEVMEM_LIBRARY="$PWD/build/prefix/lib/libdevmem.so" PYTHONUNBUFFERED=1 python3 tests/gpu/torch_smoke.py 4 2>&1 | tee "$OUT/torch_smoke.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "--- Python package on the GPU (PyTorch scenarios, ABI table)"
+(cd bindings/python && DEVMEM_LIBRARY="$OLDPWD/build/prefix/lib/libdevmem.so" DEVMEM_TEST_REAL_DRIVER=1 \
+  PYTHONPATH=. python3 -m pytest -v -s -p no:cacheprovider tests_gpu tests/test_abi.py tests/test_torch_conf.py 2>&1) | tee "$OUT/python_gpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu-check exit status: $status"
 exit $status

@@ -21,6 +21,15 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -j "$jobs" --quiet
 step "Rust tests against the emulator (cargo nextest: one process per test)"
 cargo nextest run --workspace -j "$jobs" --no-fail-fast
 
+step "Python package tests against the emulator (source tree, library from target/release)"
+(cd bindings/python && PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
+step "Python package installed with one pip command into build/venv (bundles libdevmem.so)"
+rm -rf build/venv
+python3 -m venv build/venv
+build/venv/bin/pip install -q --disable-pip-version-check "./bindings/python[test]"
+ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so
+(cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
+
 step "install the package into build/prefix"
 rm -rf build/pkg build/prefix build/ctests
 cmake -S . -B build/pkg -DCMAKE_INSTALL_PREFIX="$PWD/build/prefix" >/dev/null

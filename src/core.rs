@@ -385,27 +385,25 @@ pub fn free(ptr: u64) -> Result<()> {
             "pointer {ptr:#x} was freed by another thread meanwhile"
         );
     };
+    let context = || format!("freeing {ptr:#x}");
+    // Each step that fails leaves the record describing exactly what is still held, so a
+    // retry of free picks up where this one stopped.
     if state == devmem_state::Mapped {
         backend.synchronize(device)?;
         backend
             .unmap(device, ptr, size)
-            .map_err(|e| e.context(format!("freeing {ptr:#x}")))?;
-        // Unmapped: from here on the allocation counts as discarded until it is gone.
-        with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, handle, None));
+            .map_err(|e| e.context(context()))?;
     }
     if let Some(handle) = handle {
-        backend
-            .release(device, handle)
-            .map_err(|e| e.context(format!("freeing {ptr:#x}")))?;
-        with_registry(|reg| {
-            if let Some(a) = reg.allocations.get_mut(&ptr) {
-                a.handle = None;
-            }
-        });
+        if let Err(err) = backend.release(device, handle) {
+            with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, Some(handle), None));
+            return Err(err.context(context()));
+        }
     }
-    backend
-        .free_va(device, ptr, size)
-        .map_err(|e| e.context(format!("freeing {ptr:#x}")))?;
+    if let Err(err) = backend.free_va(device, ptr, size) {
+        with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, None, None));
+        return Err(err.context(context()));
+    }
     with_registry(|reg| {
         if let Some(a) = reg.allocations.remove(&ptr) {
             reg.account(&a.tag, a.size, Some(a.state), None);

@@ -1,0 +1,408 @@
+"""Low level: finding and loading libdevmem.so, the one ctypes table of every export, the C
+structs, and the mapping from status codes to exceptions.
+
+Nothing here imports PyTorch. Every call into the library goes through :func:`call`, which
+raises the exception matching the status with the library's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import glob
+import logging
+import os
+import threading
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    c_char,
+    c_char_p,
+    c_double,
+    c_int,
+    c_int32,
+    c_size_t,
+    c_ssize_t,
+    c_uint64,
+    c_ulonglong,
+    c_void_p,
+)
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger("devmem")
+
+#: Environment variable naming the libdevmem.so to load.
+LIBRARY_ENV = "DEVMEM_LIBRARY"
+#: Longest tag in bytes (UTF-8), as in the C header.
+MAX_TAG_LEN = 255
+TAG_BUFFER_LEN = 256
+
+
+class Status(enum.IntEnum):
+    """``devmem_status`` values (include/devmem.h)."""
+
+    SUCCESS = 0
+    INVALID_ARGUMENT = 1
+    NULL_POINTER = 2
+    OUT_OF_MEMORY = 3
+    DRIVER_NOT_FOUND = 4
+    DRIVER = 5
+    UNKNOWN_POINTER = 6
+    INVALID_DEVICE = 7
+    INVALID_TAG = 8
+    INVALID_STATE = 9
+    HOST_OUT_OF_MEMORY = 10
+    PANIC = 11
+    BUFFER_TOO_SMALL = 12
+    UNSUPPORTED = 13
+
+
+class State(enum.IntEnum):
+    """``devmem_state``: where an allocation's bytes are."""
+
+    MAPPED = 0
+    OFFLOADED = 1
+    DISCARDED = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Exceptions
+# --------------------------------------------------------------------------------------------
+
+
+class DevmemError(RuntimeError):
+    """A devmem call failed. ``status`` is the :class:`Status`, ``message`` the library's text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        try:
+            self.status: Optional[Status] = Status(status)
+            name = self.status.name
+        except ValueError:
+            self.status = None
+            name = f"status {status}"
+        self.message = message
+        super().__init__(f"{name}: {message}" if message else name)
+
+
+class InvalidArgumentError(DevmemError, ValueError):
+    """A size or other argument is out of range."""
+
+
+class NullPointerError(DevmemError, ValueError):
+    """A required pointer was NULL (0)."""
+
+
+class OutOfMemoryError(DevmemError, MemoryError):
+    """The device is full. Nothing was lost; free memory and retry."""
+
+
+class DriverNotFoundError(DevmemError, OSError):
+    """The CUDA driver library could not be opened."""
+
+
+class DriverError(DevmemError):
+    """A driver call failed; the message names the call and the driver's error."""
+
+
+class UnknownPointerError(DevmemError, KeyError):
+    """The pointer is not a live devmem allocation (never allocated, or already freed)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return RuntimeError.__str__(self)
+
+
+class InvalidDeviceError(DevmemError, ValueError):
+    """The device index is out of range."""
+
+
+class InvalidTagError(DevmemError, ValueError):
+    """A tag is empty, too long or not valid UTF-8."""
+
+
+class InvalidStateError(DevmemError):
+    """The call is not valid in the current state."""
+
+
+class HostOutOfMemoryError(DevmemError, MemoryError):
+    """Pinned host memory for backups could not be allocated."""
+
+
+class PanicError(DevmemError):
+    """devmem caught an internal panic; the process is intact."""
+
+
+class BufferTooSmallError(DevmemError):
+    """An output buffer was too small."""
+
+
+class UnsupportedError(DevmemError):
+    """The device or driver does not support what was asked."""
+
+
+class LibraryNotFoundError(DevmemError, OSError):
+    """libdevmem.so itself could not be found or loaded."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Status.DRIVER_NOT_FOUND, message)
+
+
+_EXCEPTIONS: Dict[int, type] = {
+    Status.INVALID_ARGUMENT: InvalidArgumentError,
+    Status.NULL_POINTER: NullPointerError,
+    Status.OUT_OF_MEMORY: OutOfMemoryError,
+    Status.DRIVER_NOT_FOUND: DriverNotFoundError,
+    Status.DRIVER: DriverError,
+    Status.UNKNOWN_POINTER: UnknownPointerError,
+    Status.INVALID_DEVICE: InvalidDeviceError,
+    Status.INVALID_TAG: InvalidTagError,
+    Status.INVALID_STATE: InvalidStateError,
+    Status.HOST_OUT_OF_MEMORY: HostOutOfMemoryError,
+    Status.PANIC: PanicError,
+    Status.BUFFER_TOO_SMALL: BufferTooSmallError,
+    Status.UNSUPPORTED: UnsupportedError,
+}
+
+
+def error_for(status: int, message: str) -> DevmemError:
+    """The exception for a status code, carrying ``message``."""
+    return _EXCEPTIONS.get(status, DevmemError)(status, message)
+
+
+# --------------------------------------------------------------------------------------------
+# C structs (mirroring include/devmem.h; tests/test_abi.py checks them against the header)
+# --------------------------------------------------------------------------------------------
+
+
+class Counter(Structure):
+    """``devmem_counter``."""
+
+    _fields_ = [("current", c_uint64), ("peak", c_uint64), ("total", c_uint64)]
+
+
+class Stats(Structure):
+    """``devmem_stats``."""
+
+    _fields_ = [
+        ("allocations", Counter),
+        ("bytes", Counter),
+        ("mapped_bytes", Counter),
+        ("offloaded_bytes", Counter),
+        ("discarded_bytes", Counter),
+        ("host_store_bytes", c_uint64),
+        ("unknown_frees", c_uint64),
+    ]
+
+
+class Transfer(Structure):
+    """``devmem_transfer``."""
+
+    _fields_ = [
+        ("allocations", c_uint64),
+        ("bytes_freed", c_uint64),
+        ("bytes_saved", c_uint64),
+        ("bytes_discarded", c_uint64),
+        ("bytes_mapped", c_uint64),
+        ("bytes_restored", c_uint64),
+        ("seconds", c_double),
+    ]
+
+
+class AllocationInfo(Structure):
+    """``devmem_allocation_info``."""
+
+    _fields_ = [
+        ("ptr", c_uint64),
+        ("size", c_uint64),
+        ("requested_size", c_uint64),
+        ("device", c_int32),
+        ("state", c_int32),
+        ("handle", c_uint64),
+        ("tag", c_char * TAG_BUFFER_LEN),
+    ]
+
+
+#: ``devmem_allocation_callback``.
+ALLOCATION_CALLBACK = CFUNCTYPE(None, POINTER(AllocationInfo), c_void_p)
+
+_TAGS = POINTER(c_char_p)
+
+#: The one table of every export: name -> (restype, argtypes).
+FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
+    "my_malloc": (c_void_p, [c_ssize_t, c_int, c_void_p]),
+    "my_free": (None, [c_void_p, c_ssize_t, c_int, c_void_p]),
+    "create_and_map": (c_int, [c_ulonglong, c_ssize_t, c_ulonglong, POINTER(c_ulonglong)]),
+    "unmap_and_release": (c_int, [c_ulonglong, c_ssize_t, c_ulonglong, POINTER(c_ulonglong)]),
+    "devmem_malloc": (c_int32, [c_size_t, c_int, POINTER(c_void_p)]),
+    "devmem_free": (c_int32, [c_void_p]),
+    "devmem_set_current_tag": (c_int32, [c_char_p]),
+    "devmem_get_current_tag": (c_int32, [c_char_p, c_size_t]),
+    "devmem_sleep": (c_int32, [_TAGS, c_size_t]),
+    "devmem_offload": (c_int32, [_TAGS, c_size_t]),
+    "devmem_discard": (c_int32, [_TAGS, c_size_t]),
+    "devmem_wake_up": (c_int32, [_TAGS, c_size_t]),
+    "devmem_get_last_transfer": (c_int32, [POINTER(Transfer)]),
+    "devmem_get_stats": (c_int32, [c_char_p, POINTER(Stats)]),
+    "devmem_mem_get_info": (c_int32, [c_int, POINTER(c_size_t), POINTER(c_size_t)]),
+    "devmem_granularity": (c_int32, [c_int, POINTER(c_size_t)]),
+    "devmem_device_count": (c_int32, [POINTER(c_int)]),
+    "devmem_get_allocation_info": (c_int32, [c_void_p, POINTER(AllocationInfo)]),
+    "devmem_for_each_allocation": (c_int32, [ALLOCATION_CALLBACK, c_void_p, POINTER(c_size_t)]),
+    "devmem_set_callbacks": (c_int32, [ALLOCATION_CALLBACK, ALLOCATION_CALLBACK, c_void_p]),
+    "devmem_release_host_store": (c_int32, [POINTER(c_size_t)]),
+    "devmem_last_error_message": (c_size_t, [c_char_p, c_size_t]),
+    "devmem_last_error_status": (c_int32, []),
+    "devmem_status_string": (c_char_p, [c_int]),
+    "devmem_version": (c_char_p, []),
+}
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_path: Optional[str] = None
+
+
+def _candidates() -> List[str]:
+    found = []
+    env = os.environ.get(LIBRARY_ENV)
+    if env:
+        found.append(env)
+    here = os.path.dirname(os.path.abspath(__file__))
+    found.extend(sorted(glob.glob(os.path.join(here, "libdevmem*.so"))))
+    found.append("libdevmem.so.0")
+    return found
+
+
+def library_path() -> str:
+    """The path of the loaded libdevmem.so (loading it if needed)."""
+    load()
+    assert _path is not None
+    return _path
+
+
+def load() -> ctypes.CDLL:
+    """Loads libdevmem.so once: ``$DEVMEM_LIBRARY``, else the copy bundled in this package,
+    else ``libdevmem.so.0`` from the system's library path. Raises
+    :class:`LibraryNotFoundError` naming what was tried."""
+    global _lib, _path
+    with _lock:
+        if _lib is not None:
+            return _lib
+        tried = []
+        env = os.environ.get(LIBRARY_ENV)
+        for candidate in _candidates():
+            if env and candidate == env and not os.path.exists(env):
+                tried.append(f"{env} (from {LIBRARY_ENV}): no such file")
+                break  # an explicit choice that is wrong must not fall back silently
+            try:
+                lib = ctypes.CDLL(candidate)
+            except OSError as err:
+                tried.append(f"{candidate}: {err}")
+                if env and candidate == env:
+                    break
+                continue
+            for name, (restype, argtypes) in FUNCTIONS.items():
+                fn = getattr(lib, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
+            resolved = candidate
+            if not os.path.isabs(resolved):
+                resolved = _resolve_loaded_path(candidate) or candidate
+            _lib, _path = lib, os.path.abspath(resolved) if os.path.exists(resolved) else resolved
+            logger.debug("devmem: loaded %s", _path)
+            return lib
+        raise LibraryNotFoundError(
+            "could not load libdevmem.so; tried: " + "; ".join(tried)
+            + f". Set {LIBRARY_ENV} to the library's path, or install the package with cargo available."
+        )
+
+
+def _resolve_loaded_path(name: str) -> Optional[str]:
+    """Where the dynamic loader found ``name`` (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libdevmem"):
+                    return fields[-1]
+    except OSError:
+        pass
+    return None
+
+
+def last_message() -> str:
+    """The calling thread's last error message from the library."""
+    lib = load()
+    buf = ctypes.create_string_buffer(4096)
+    lib.devmem_last_error_message(buf, len(buf))
+    return buf.value.decode("utf-8", "replace")
+
+
+def call(name: str, *args: Any) -> Any:
+    """Calls an export that returns a status; raises the matching exception on failure."""
+    lib = load()
+    status = getattr(lib, name)(*args)
+    if status != Status.SUCCESS:
+        raise error_for(status, last_message())
+    return status
+
+
+def check_last(what: str) -> None:
+    """Raises if the calling thread's last devmem call failed (for ``my_malloc``/``my_free``)."""
+    status = load().devmem_last_error_status()
+    if status != Status.SUCCESS:
+        raise error_for(status, f"{what}: {last_message()}")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument conversion
+# --------------------------------------------------------------------------------------------
+
+
+def encode_tag(tag: Any, what: str = "tag") -> bytes:
+    """Checks a single tag (a non-empty ``str`` of at most 255 UTF-8 bytes) and encodes it."""
+    if isinstance(tag, (bytes, bytearray)):
+        raise TypeError(f"{what} must be str, not {type(tag).__name__}; decode it first")
+    if not isinstance(tag, str):
+        raise TypeError(f"{what} must be str, not {type(tag).__name__}")
+    data = tag.encode("utf-8", "strict")
+    if not data:
+        raise InvalidTagError(Status.INVALID_TAG, f"{what} is empty")
+    if len(data) > MAX_TAG_LEN:
+        raise InvalidTagError(Status.INVALID_TAG, f"{what} is {len(data)} bytes long; the limit is {MAX_TAG_LEN}")
+    if b"\0" in data:
+        raise InvalidTagError(Status.INVALID_TAG, f"{what} contains a NUL character")
+    return data
+
+
+def normalize_tags(tags: Any, what: str = "tags") -> List[str]:
+    """Accepts one tag (``str``) or an iterable of tags; returns a list of str."""
+    if isinstance(tags, str):
+        return [tags]
+    if isinstance(tags, (bytes, bytearray)):
+        raise TypeError(f"{what} must be str or a sequence of str, not {type(tags).__name__}")
+    if tags is None:
+        raise TypeError(f"{what} must not be None here")
+    try:
+        items = list(tags)
+    except TypeError:
+        raise TypeError(f"{what} must be str or a sequence of str, not {type(tags).__name__}") from None
+    for i, item in enumerate(items):
+        encode_tag(item, f"{what}[{i}]")
+    return items
+
+
+def tag_array(tags: Sequence[str]) -> Tuple[Any, int]:
+    """A C array of tag pointers (kept alive by the returned object) and its length."""
+    encoded = [encode_tag(t) for t in tags]
+    array = (c_char_p * max(len(encoded), 1))(*encoded)
+    return array, len(encoded)
+
+
+def functions() -> Dict[str, Callable[..., Any]]:
+    """The loaded library's functions by name (for tests and advanced use)."""
+    lib = load()
+    return {name: getattr(lib, name) for name in FUNCTIONS}

@@ -1,0 +1,252 @@
+"""The library's operations as Python functions: tags, allocation, sleep, offload, discard,
+wake, statistics and lookups. Only the standard library is needed."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+from . import _lib
+from ._lib import AllocationInfo, State, Stats, Transfer, call, encode_tag, normalize_tags, tag_array
+
+logger = logging.getLogger("devmem")
+
+#: The tag of threads that never set one.
+DEFAULT_TAG = "default"
+
+TagsArg = Union[str, Iterable[str]]
+
+
+@dataclass(frozen=True)
+class Counter:
+    """Current value, highest value and sum of increases."""
+
+    current: int
+    peak: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TagStats:
+    """Statistics for one tag or for all of them (``devmem_stats``)."""
+
+    allocations: Counter
+    bytes: Counter
+    mapped_bytes: Counter
+    offloaded_bytes: Counter
+    discarded_bytes: Counter
+    host_store_bytes: int = 0
+    unknown_frees: int = 0
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What one sleep, offload, discard or wake did (``devmem_transfer``)."""
+
+    allocations: int
+    bytes_freed: int
+    bytes_saved: int
+    bytes_discarded: int
+    bytes_mapped: int
+    bytes_restored: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One live allocation."""
+
+    ptr: int
+    size: int
+    requested_size: int
+    device: int
+    state: State
+    handle: int
+    tag: str = field(default=DEFAULT_TAG)
+
+
+def _counter(c: Any) -> Counter:
+    return Counter(int(c.current), int(c.peak), int(c.total))
+
+
+def _allocation(info: AllocationInfo) -> Allocation:
+    return Allocation(
+        ptr=int(info.ptr),
+        size=int(info.size),
+        requested_size=int(info.requested_size),
+        device=int(info.device),
+        state=State(info.state),
+        handle=int(info.handle),
+        tag=info.tag.decode("utf-8", "replace"),
+    )
+
+
+def version() -> str:
+    """The library's version."""
+    return _lib.load().devmem_version().decode()
+
+
+def set_current_tag(tag: str) -> None:
+    """Sets the calling thread's tag for later allocations."""
+    call("devmem_set_current_tag", encode_tag(tag))
+
+
+def current_tag() -> str:
+    """The calling thread's tag (``"default"`` until one is set)."""
+    buf = ctypes.create_string_buffer(_lib.TAG_BUFFER_LEN)
+    call("devmem_get_current_tag", buf, len(buf))
+    return buf.value.decode("utf-8")
+
+
+@contextlib.contextmanager
+def use_tag(tag: str) -> Iterator[None]:
+    """Sets the thread's tag for the body and restores the previous one afterwards."""
+    encode_tag(tag)
+    previous = current_tag()
+    set_current_tag(tag)
+    try:
+        yield
+    finally:
+        set_current_tag(previous)
+
+
+def malloc(size: int, device: int = 0) -> int:
+    """Allocates ``size`` bytes on ``device`` under the thread's tag; returns the address."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"size must be int, not {type(size).__name__}")
+    if not isinstance(device, int) or isinstance(device, bool):
+        raise TypeError(f"device must be int, not {type(device).__name__}")
+    if size < 0:
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, f"size {size} is negative")
+    if size >= 1 << 64:
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, f"size {size} does not fit in 64 bits")
+    out = ctypes.c_void_p()
+    call("devmem_malloc", size, device, ctypes.byref(out))
+    return int(out.value or 0)
+
+
+def free(ptr: int) -> None:
+    """Frees an allocation in any state."""
+    if not isinstance(ptr, int) or isinstance(ptr, bool):
+        raise TypeError(f"ptr must be int, not {type(ptr).__name__}")
+    call("devmem_free", ctypes.c_void_p(ptr))
+
+
+def last_transfer() -> TransferResult:
+    """What the last sleep, offload, discard or wake did."""
+    t = Transfer()
+    call("devmem_get_last_transfer", ctypes.byref(t))
+    return TransferResult(
+        int(t.allocations), int(t.bytes_freed), int(t.bytes_saved), int(t.bytes_discarded),
+        int(t.bytes_mapped), int(t.bytes_restored), float(t.seconds),
+    )
+
+
+def sleep(offload_tags: TagsArg = ()) -> TransferResult:
+    """Releases the device memory of every mapped allocation; those whose tag is in
+    ``offload_tags`` are saved to host memory first, the rest are discarded."""
+    tags = normalize_tags(offload_tags, "offload_tags")
+    array, n = tag_array(tags)
+    call("devmem_sleep", array, n)
+    result = last_transfer()
+    logger.info(
+        "devmem: sleep freed %.2f GiB (%.2f GiB saved to host, %.2f GiB discarded) in %.3f s",
+        result.bytes_freed / 2**30, result.bytes_saved / 2**30, result.bytes_discarded / 2**30, result.seconds,
+    )
+    return result
+
+
+def offload(tags: TagsArg) -> TransferResult:
+    """Saves to host memory and releases the mapped allocations of ``tags`` only."""
+    array, n = tag_array(normalize_tags(tags))
+    call("devmem_offload", array, n)
+    return last_transfer()
+
+
+def discard(tags: TagsArg) -> TransferResult:
+    """Releases the mapped allocations of ``tags`` only, dropping their contents."""
+    array, n = tag_array(normalize_tags(tags))
+    call("devmem_discard", array, n)
+    return last_transfer()
+
+
+def wake_up(tags: Optional[TagsArg] = None) -> TransferResult:
+    """Maps the sleeping allocations of ``tags`` (all when None) at their addresses and restores
+    saved bytes. Raises :class:`OutOfMemoryError` with every backup kept when the device is full."""
+    if tags is None:
+        call("devmem_wake_up", None, 0)
+    else:
+        array, n = tag_array(normalize_tags(tags))
+        call("devmem_wake_up", array, n)
+    result = last_transfer()
+    logger.info(
+        "devmem: wake mapped %.2f GiB, restored %.2f GiB in %.3f s",
+        result.bytes_mapped / 2**30, result.bytes_restored / 2**30, result.seconds,
+    )
+    return result
+
+
+def stats(tag: Optional[str] = None) -> TagStats:
+    """Statistics for ``tag``, or for every tag together when None."""
+    s = Stats()
+    call("devmem_get_stats", None if tag is None else encode_tag(tag), ctypes.byref(s))
+    return TagStats(
+        _counter(s.allocations), _counter(s.bytes), _counter(s.mapped_bytes),
+        _counter(s.offloaded_bytes), _counter(s.discarded_bytes),
+        int(s.host_store_bytes), int(s.unknown_frees),
+    )
+
+
+def mem_get_info(device: int = 0) -> Tuple[int, int]:
+    """(free, total) device memory in bytes, as the driver reports them."""
+    free_b, total = ctypes.c_size_t(), ctypes.c_size_t()
+    call("devmem_mem_get_info", device, ctypes.byref(free_b), ctypes.byref(total))
+    return int(free_b.value), int(total.value)
+
+
+def granularity(device: int = 0) -> int:
+    """The allocation granularity of ``device``."""
+    out = ctypes.c_size_t()
+    call("devmem_granularity", device, ctypes.byref(out))
+    return int(out.value)
+
+
+def device_count() -> int:
+    """Number of devices the driver reports."""
+    out = ctypes.c_int()
+    call("devmem_device_count", ctypes.byref(out))
+    return int(out.value)
+
+
+def allocation_info(ptr: int) -> Allocation:
+    """The live allocation containing ``ptr``."""
+    info = AllocationInfo()
+    call("devmem_get_allocation_info", ctypes.c_void_p(ptr), ctypes.byref(info))
+    return _allocation(info)
+
+
+def allocations() -> List[Allocation]:
+    """Every live allocation, in address order."""
+    seen: List[Allocation] = []
+
+    @_lib.ALLOCATION_CALLBACK
+    def visit(info: Any, _user: Any) -> None:
+        seen.append(_allocation(info.contents))
+
+    call("devmem_for_each_allocation", visit, None, None)
+    return seen
+
+
+def tags() -> Dict[str, TagStats]:
+    """Statistics of every tag that has live allocations."""
+    return {tag: stats(tag) for tag in sorted({a.tag for a in allocations()})}
+
+
+def release_host_store() -> int:
+    """Frees the pinned host buffers kept for reuse; returns the bytes freed."""
+    out = ctypes.c_size_t()
+    call("devmem_release_host_store", ctypes.byref(out))
+    return int(out.value)

@@ -1,0 +1,36 @@
+"""Test setup: devmem runs against the CUDA driver emulator unless DEVMEM_TEST_REAL_DRIVER=1.
+
+The library and emulator paths come from the environment or the repository's cargo build.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+RELEASE = ROOT / "target" / "release"
+
+# DEVMEM_TEST_BUNDLED=1: test the library that `pip install` bundled with the package.
+BUNDLED = os.environ.get("DEVMEM_TEST_BUNDLED") == "1"
+if not BUNDLED and "DEVMEM_LIBRARY" not in os.environ and (RELEASE / "libdevmem.so").exists():
+    os.environ["DEVMEM_LIBRARY"] = str(RELEASE / "libdevmem.so")
+if os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1":
+    os.environ.setdefault("DEVMEM_CUDA_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
+    os.environ.setdefault("DEVMEM_EMU_CAPACITY", "2G")
+
+EMULATED = os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1"
+HEADER = ROOT / "include" / "devmem.h"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Every test frees what it allocates, so tests can share one process."""
+    import devmem
+
+    yield
+    leftover = devmem.allocations()
+    for a in leftover:
+        devmem.free(a.ptr)
+    devmem.set_current_tag(devmem.DEFAULT_TAG)
+    assert not leftover, f"test left allocations behind: {leftover}"

@@ -1,0 +1,182 @@
+"""PyTorch scenarios on a real GPU, one per process: ``python scenarios.py NAME``.
+
+Each prints what it measured and exits 0 only when every check held. test_torch_gpu.py runs
+them and also checks the exit status and that nothing printed "pure virtual method called".
+"""
+
+import ctypes
+import os
+import sys
+import time
+
+import torch
+
+import devmem
+
+GIB = 1 << 30
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print(f"  ok: {what}")
+
+
+def tensors():
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        w = [torch.randn(64 << 20, device="cuda") for _ in range(8)]  # 8 x 256 MiB
+    with alloc.use_memory_pool("kv_cache"):
+        kv = [torch.empty(128 << 20, dtype=torch.float16, device="cuda") for _ in range(4)]  # 1 GiB
+    torch.cuda.synchronize()
+    ref = [t.cpu() for t in w]
+    ptrs = [t.data_ptr() for t in w]
+    check(devmem.allocation_info(ptrs[0]).tag == "weights", "weight tensors carry the weights tag")
+    check(devmem.allocation_info(kv[0].data_ptr()).tag == "kv_cache", "kv tensors carry the kv_cache tag")
+    free0, _ = torch.cuda.mem_get_info()
+    t0 = time.perf_counter()
+    alloc.sleep(offload_tags=("weights",))
+    sleep_s = time.perf_counter() - t0
+    free1, _ = torch.cuda.mem_get_info()
+    print(f"  sleep freed {(free1 - free0) / GIB:.2f} GiB by mem_get_info in {sleep_s:.3f} s")
+    check(free1 - free0 >= 3 * GIB, "mem_get_info shows at least the 3 GiB of tensors freed")
+    t0 = time.perf_counter()
+    alloc.wake_up()
+    wake_s = time.perf_counter() - t0
+    print(f"  wake in {wake_s:.3f} s")
+    check([t.data_ptr() for t in w] == ptrs, "same addresses after wake")
+    check(all(torch.equal(t.cpu(), r) for t, r in zip(w, ref)), "every weight byte identical after wake")
+    for t in kv:
+        t.fill_(2.0)
+    check(all(float(t.float().mean()) == 2.0 for t in kv), "kv cache tensors usable after wake")
+    usage = alloc.get_current_usage()
+    check(usage >= 3 * GIB, f"get_current_usage {usage} covers the tensors")
+
+
+def model():
+    alloc = devmem.CuMemAllocator.get_instance()
+    torch.manual_seed(0)
+    with alloc.use_memory_pool("weights"):
+        net = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(8)]).cuda()
+    x = torch.randn(64, 4096, device="cuda")
+    cpu_state = {k: v.cpu().clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        before = net(x)
+        alloc.sleep(offload_tags=("weights",))
+        alloc.wake_up()
+        after_offload = net(x)
+        check(torch.equal(before, after_offload), "bit-identical outputs after a weights-offload sleep")
+        alloc.sleep(offload_tags=())  # level-2 style: weights discarded
+        check(devmem.allocation_info(net[0].weight.data_ptr()).state == devmem.State.DISCARDED, "weights discarded")
+        alloc.wake_up()
+        net.load_state_dict(cpu_state)
+        after_reload = net(x)
+        check(torch.equal(before, after_reload), "bit-identical outputs after discard, wake and reload")
+
+
+def graph():
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        w = torch.randn(4096, 4096, device="cuda")
+        static_in = torch.randn(256, 4096, device="cuda")
+    expected = static_in @ w
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        static_in @ w  # warm-up on the side stream
+    torch.cuda.current_stream().wait_stream(s)
+    with alloc.capture_graph(g, tag="cudagraph"):
+        out = static_in @ w
+    torch.cuda.synchronize()
+    graph_tags = {a.tag for a in devmem.allocations()}
+    check("cudagraph" in graph_tags, f"graph capture memory is tagged ({sorted(graph_tags)})")
+    check(devmem.allocation_info(out.data_ptr()).tag == "cudagraph", "the graph's output lives in the cudagraph pool")
+    alloc.sleep(offload_tags=("weights", "cudagraph"))
+    check(devmem.stats("cudagraph").mapped_bytes.current == 0, "graph memory sleeps too")
+    alloc.wake_up()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    check(torch.allclose(out, expected, rtol=1e-3, atol=1e-3), "the CUDA graph replays correctly after wake")
+
+
+def expandable():
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    check("expandable_segments:True" in conf and "max_split_size_mb:256" in conf, f"started with {conf!r}")
+    torch.cuda.init()
+    split = lambda: torch.cuda.memory_stats().get("max_split_size")  # noqa: E731
+    before = split()
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        inside = split()
+        w = torch.randn(32 << 20, device="cuda")
+    after = split()
+    print(f"  max_split_size before {before}, inside {inside}, after {after}")
+    check(before == inside == after == 256 << 20, "max_split_size_mb survives entering and leaving the pool")
+    check(devmem.allocation_info(w.data_ptr()).tag == "weights", "the pool allocated through devmem")
+    ref = w.cpu()
+    alloc.sleep(offload_tags=("weights",))
+    alloc.wake_up()
+    check(torch.equal(w.cpu(), ref), "sleep/wake works with expandable segments requested")
+    y = torch.randn(64 << 20, device="cuda")  # outside the pool: expandable segments back on
+    check(devmem.stats().allocations.current >= 1 and y.is_cuda, "ordinary allocations still work")
+    try:
+        with alloc.use_memory_pool("weights"):
+            raise KeyError("body fails")
+    except KeyError:
+        pass
+    check(split() == 256 << 20 and alloc.current_tag == "default", "settings and tag restored after an exception")
+
+
+def profiling():
+    baseline = devmem.MemorySnapshot()
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        w = torch.randn(256 << 20, device="cuda")  # 1 GiB
+    weights = torch.cuda.memory_allocated()
+    with devmem.memory_profiling(baseline, weights_memory=weights) as result:
+        act = torch.randn(128 << 20, device="cuda")  # 512 MiB peak activation
+        del act
+    print(f"  {result.non_kv_cache_memory / GIB:.2f} GiB non-KV, peak increase {result.torch_peak_increase / GIB:.2f} GiB, "
+          f"non-torch increase {result.non_torch_increase / GIB:.2f} GiB")
+    check(result.torch_peak_increase >= 512 << 20, "peak activation memory seen")
+    snap = devmem.MemorySnapshot()
+    check(snap.devmem_tags["weights"].mapped >= 1 << 30, "devmem's per-tag numbers in the snapshot")
+    check(snap.torch_memory >= 1 << 30, "torch memory includes the devmem pool")
+    del w
+
+
+def bad_input():
+    alloc = devmem.CuMemAllocator.get_instance()
+    for bad in (["weights"], b"weights", 5):
+        try:
+            with alloc.use_memory_pool(bad):
+                pass
+        except TypeError as err:
+            print(f"  ok: use_memory_pool({bad!r}) -> TypeError: {err}")
+        else:
+            raise AssertionError(f"use_memory_pool({bad!r}) did not raise")
+    with alloc.use_memory_pool("weights"):
+        w = torch.ones(1 << 20, device="cuda")
+    alloc.sleep("weights")
+    alloc.sleep("weights")  # asleep: no-op
+    alloc.wake_up()
+    alloc.wake_up()  # awake: no-op
+    check(float(w.sum()) == float(1 << 20), "double sleep and double wake are no-ops")
+    alloc.release_pools()
+    try:
+        with alloc.use_memory_pool("weights"):
+            pass
+    except devmem.InvalidStateError as err:
+        print(f"  ok: use_memory_pool after release_pools -> InvalidStateError: {err}")
+    else:
+        raise AssertionError("use_memory_pool after release_pools did not raise")
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    print(f"{name}: torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    globals()[name]()
+    print(f"{name}: PASS")
+    sys.stdout.flush()
