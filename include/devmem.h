@@ -22,6 +22,9 @@
 // Size of the tag buffer in `devmem_allocation_info`: the longest tag plus its NUL.
 #define DEVMEM_TAG_BUFFER_LEN 256
 
+// Backups are made of blocks of this size (the device granularity on current GPUs).
+#define HOST_BLOCK (2 << 20)
+
 // Result of every fallible devmem function.
 //
 // `DEVMEM_STATUS_SUCCESS` is 0; every other value is an error whose details are in
@@ -86,6 +89,25 @@ enum devmem_state
 typedef enum devmem_state devmem_state;
 #else
 typedef int32_t devmem_state;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// What happens to the host store after a wake.
+enum devmem_host_policy
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Keep the pinned host memory for the next sleep (default).
+  DEVMEM_HOST_POLICY_KEEP = 0,
+  // Free every chunk no backup uses once a wake has restored it.
+  DEVMEM_HOST_POLICY_RELEASE = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum devmem_host_policy devmem_host_policy;
+#else
+typedef int32_t devmem_host_policy;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -258,6 +280,20 @@ devmem_status devmem_set_callbacks(devmem_allocation_callback on_alloc,
 // Frees the pinned host buffers the host store keeps for reuse (backups still in use stay).
 // Writes the bytes freed to `*freed` when it is not NULL.
 devmem_status devmem_release_host_store(size_t *freed);
+
+// Sets what happens to the host store (the pinned host memory holding backups) after each
+// wake: `DEVMEM_HOST_POLICY_KEEP` (default; reused by the next sleep) or
+// `DEVMEM_HOST_POLICY_RELEASE` (freed, so host memory use returns to where it was). The
+// environment variable `DEVMEM_HOST_POLICY=keep|release` sets the initial policy.
+devmem_status devmem_set_host_policy(int policy);
+
+// Writes the current host-store policy to `*out`.
+devmem_status devmem_get_host_policy(devmem_host_policy *out);
+
+// Grows the host store until `bytes` of pinned host memory are free for backups, so the first
+// sleep runs as fast as later ones. The memory is prepared in the background; with `wait`
+// non-zero the call returns once it is ready (or failed).
+devmem_status devmem_reserve_host_store(size_t bytes, int wait);
 
 // Copies the calling thread's last error message, NUL-terminated and truncated to fit, into
 // `buf` of `len` bytes. Returns the message length without the NUL (like `snprintf`), 0 when

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet -p devmem
-out=$(ls -td target/debug/build/devmem-*/out | head -n1)
-cp "$out/devmem.h" include/devmem.h
+header=$(ls -t target/debug/build/devmem-*/out/devmem.h | head -n1)
+cp "$header" include/devmem.h
 echo "include/devmem.h refreshed"

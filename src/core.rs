@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 
 use crate::backend::{self, Backend};
 use crate::error::{bail, devmem_status, Error, Result};
-use crate::offload::{self, CopyJob, HostBuffer};
+use crate::offload::{self, Backup};
 
 /// Longest tag in bytes, not counting the terminating NUL.
 pub const DEVMEM_MAX_TAG_LEN: usize = 255;
@@ -142,7 +142,7 @@ struct Allocation {
     /// Physical memory held: always while mapped; while asleep only when a release failed, in
     /// which case wake maps it again and free releases it.
     handle: Option<u64>,
-    backup: Option<HostBuffer>,
+    backup: Option<Backup>,
 }
 
 impl Allocation {
@@ -229,7 +229,7 @@ impl Registry {
         va: u64,
         state: devmem_state,
         handle: Option<u64>,
-        backup: Option<HostBuffer>,
+        backup: Option<Backup>,
     ) {
         let Some(a) = self.allocations.get_mut(&va) else {
             return;
@@ -238,8 +238,8 @@ impl Registry {
         a.state = state;
         a.handle = handle;
         let old_backup = std::mem::replace(&mut a.backup, backup);
-        if let Some(buffer) = old_backup {
-            offload::give_back(buffer);
+        if let Some(backup) = old_backup {
+            offload::give_back(backup);
         }
         if from != state {
             self.account(&tag, size, Some(from), Some(state));
@@ -431,13 +431,57 @@ struct SleepTarget {
     action: Action,
 }
 
+/// Copies queued between two markers on one device's copy stream.
+struct Batch {
+    device: i32,
+    marker: u64,
+    /// Indices into the offload targets.
+    targets: std::ops::Range<usize>,
+}
+
+/// Offload copies are grouped into batches of about this many bytes; each batch's allocations
+/// are unmapped as soon as its copies finish, while later batches are still copying.
+const BATCH_BYTES: usize = 512 << 20;
+
+/// How far releasing one sleeping target got.
+enum Released {
+    /// Unmapped and released.
+    Fully,
+    /// Unmapped, but the driver would not release the physical memory: the handle stays held.
+    UnmappedOnly(u64, Error),
+    /// Not even unmapped: the allocation is still mapped with its contents.
+    StillMapped(Error),
+}
+
+fn release_target(backend: &dyn Backend, t: &SleepTarget) -> Released {
+    if let Err(err) = backend.unmap(t.device, t.va, t.size) {
+        return Released::StillMapped(err.context(format!("sleep: {:#x} stays mapped", t.va)));
+    }
+    match backend.release(t.device, t.handle) {
+        Ok(()) => Released::Fully,
+        Err(err) => Released::UnmappedOnly(
+            t.handle,
+            err.context(format!(
+                "sleep: {:#x} is unmapped but its physical memory is still held",
+                t.va
+            )),
+        ),
+    }
+}
+
 /// Puts mapped allocations to sleep: `select` says, per allocation, whether to offload it,
 /// discard it or leave it mapped.
+///
+/// Pipeline: wait for the devices; queue every offload copy (waiting for the host store only
+/// when it is still growing), in batches closed by a marker; release the discarded allocations
+/// while the copies run; then, batch by batch, wait for the marker and release that batch's
+/// allocations. A failure stops the pipeline: allocations not yet released stay mapped with
+/// their contents, their backups go back to the store.
 fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transfer> {
     let backend = backend::get()?;
     let _op = OPS.lock();
     let start = Instant::now();
-    let targets: Vec<SleepTarget> = with_registry(|reg| {
+    let (offloads, discards): (Vec<SleepTarget>, Vec<SleepTarget>) = with_registry(|reg| {
         reg.allocations
             .values()
             .filter(|a| a.state == devmem_state::Mapped)
@@ -451,69 +495,120 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
                     action,
                 })
             })
-            .collect()
+            .partition(|t| t.action == Action::Offload)
     });
-    let mut transfer = devmem_transfer::default();
-    let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
+    let devices: BTreeSet<i32> = offloads.iter().chain(&discards).map(|t| t.device).collect();
     for device in &devices {
-        backend
-            .synchronize(*device)
-            .map_err(|e| e.context("sleep: waiting for the device before unmapping"))?;
+        backend.synchronize(*device).map_err(|e| {
+            e.context("sleep: waiting for the device before unmapping; nothing was released")
+        })?;
     }
-    let jobs: Vec<CopyJob> = targets
-        .iter()
-        .filter(|t| t.action == Action::Offload)
-        .map(|t| CopyJob {
-            device: t.device,
-            va: t.va,
-            len: t.size,
-        })
-        .collect();
-    let mut backups = offload::save_all(&*backend, &jobs)
-        .map_err(|e| e.context("sleep: nothing was released"))?
-        .into_iter();
+    if let Some(first) = offloads.first() {
+        offload::expect(&backend, first.device, offloads.iter().map(|t| t.size));
+    }
+
+    // 1. Queue the copies.
+    let mut backups: Vec<Option<Backup>> = Vec::with_capacity(offloads.len());
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut batch_start = 0;
+    let mut batch_bytes = 0;
+    let mut queue_error: Option<Error> = None;
+    for (i, t) in offloads.iter().enumerate() {
+        let queued = offload::take(&backend, t.device, t.size).and_then(|backup| {
+            let pieces = backup.pieces(t.va, t.size);
+            backups.push(Some(backup));
+            pieces.into_iter().try_for_each(|(src, dst, n)| {
+                backend
+                    .copy_to_host_async(t.device, dst, src, n)
+                    .map_err(|e| e.context(format!("sleep: saving {:#x} ({} bytes)", t.va, t.size)))
+            })
+        });
+        if let Err(err) = queued {
+            queue_error = Some(err);
+            break;
+        }
+        batch_bytes += t.size;
+        let last = i + 1 == offloads.len();
+        if last || batch_bytes >= BATCH_BYTES || offloads[i + 1].device != t.device {
+            match backend.record_copy_marker(t.device) {
+                Ok(marker) => batches.push(Batch {
+                    device: t.device,
+                    marker,
+                    targets: batch_start..i + 1,
+                }),
+                Err(err) => {
+                    queue_error = Some(err);
+                    break;
+                }
+            }
+            batch_start = i + 1;
+            batch_bytes = 0;
+        }
+    }
+    if let Some(err) = queue_error {
+        finish_copies(&*backend, &devices);
+        backups.into_iter().flatten().for_each(offload::give_back);
+        return Err(err.context("sleep: nothing was released"));
+    }
+
+    // 2. Release the discarded allocations while the copies run; 3. then each finished batch.
+    let mut transfer = devmem_transfer::default();
     let mut first_error: Option<Error> = None;
-    for target in &targets {
-        let backup = match target.action {
-            Action::Offload => backups.next(),
-            Action::Discard => None,
-        };
-        if first_error.is_some() {
-            if let Some(buffer) = backup {
-                offload::give_back(buffer);
-            }
-            continue;
-        }
-        if let Err(err) = backend.unmap(target.device, target.va, target.size) {
-            first_error = Some(err.context(format!("sleep: {:#x} stays mapped", target.va)));
-            if let Some(buffer) = backup {
-                offload::give_back(buffer);
-            }
-            continue;
-        }
-        let kept_handle = match backend.release(target.device, target.handle) {
-            Ok(()) => None,
-            Err(err) => {
-                first_error = Some(err.context(format!(
-                    "sleep: {:#x} is unmapped but its physical memory is still held",
-                    target.va
-                )));
-                Some(target.handle)
-            }
-        };
-        let state = match target.action {
+    let mut commit = |t: &SleepTarget, kept: Option<u64>, backup: Option<Backup>| {
+        let state = match t.action {
             Action::Offload => devmem_state::Offloaded,
             Action::Discard => devmem_state::Discarded,
         };
         transfer.allocations += 1;
-        if kept_handle.is_none() {
-            transfer.bytes_freed += target.size as u64;
+        if kept.is_none() {
+            transfer.bytes_freed += t.size as u64;
         }
-        match target.action {
-            Action::Offload => transfer.bytes_saved += target.size as u64,
-            Action::Discard => transfer.bytes_discarded += target.size as u64,
+        match t.action {
+            Action::Offload => transfer.bytes_saved += t.size as u64,
+            Action::Discard => transfer.bytes_discarded += t.size as u64,
         }
-        with_registry(|reg| reg.transition(target.va, state, kept_handle, backup));
+        with_registry(|reg| reg.transition(t.va, state, kept, backup));
+    };
+    let mut release =
+        |t: &SleepTarget, backup: Option<Backup>| -> Option<(Error, Option<Backup>)> {
+            match release_target(&*backend, t) {
+                Released::Fully => {
+                    commit(t, None, backup);
+                    None
+                }
+                Released::UnmappedOnly(handle, err) => {
+                    commit(t, Some(handle), backup);
+                    Some((err, None))
+                }
+                Released::StillMapped(err) => Some((err, backup)),
+            }
+        };
+    for t in &discards {
+        if let Some((err, _)) = release(t, None) {
+            first_error = Some(err);
+            break;
+        }
+    }
+    for batch in &batches {
+        if first_error.is_none() {
+            if let Err(err) = backend.wait_copy_marker(batch.device, batch.marker) {
+                first_error = Some(err.context("sleep: waiting for the copies to host memory"));
+            }
+        }
+        for i in batch.targets.clone() {
+            if first_error.is_some() {
+                break;
+            }
+            let backup = backups[i].take();
+            if let Some((err, unused)) = release(&offloads[i], backup) {
+                backups[i] = unused;
+                first_error = Some(err);
+            }
+        }
+    }
+    if first_error.is_some() {
+        finish_copies(&*backend, &devices);
+        backups.into_iter().flatten().for_each(offload::give_back);
     }
     transfer.seconds = start.elapsed().as_secs_f64();
     with_registry(|reg| reg.last_transfer = transfer);
@@ -525,6 +620,15 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
         transfer.seconds
     );
     first_error.map_or(Ok(transfer), Err)
+}
+
+/// Waits for every queued copy on `devices` before host memory they target is reused.
+fn finish_copies(backend: &dyn Backend, devices: &BTreeSet<i32>) {
+    for device in devices {
+        if let Err(err) = backend.wait_copies(*device) {
+            log::error!("devmem: waiting for copies on device {device} after a failure: {err}");
+        }
+    }
 }
 
 fn tag_set(tags: &[String]) -> Result<BTreeSet<&str>> {
@@ -563,17 +667,22 @@ struct WakeTarget {
     size: usize,
     device: i32,
     handle: Option<u64>,
-    backup: Option<*const u8>,
+    /// (device address, host address, bytes) of each saved piece.
+    pieces: Vec<(u64, *mut u8, usize)>,
 }
 
 /// Maps every sleeping allocation of `tags` (all when `None`) and restores saved bytes. On any
 /// failure the mappings made by this call are undone and every backup is kept.
+///
+/// Pipeline: offloaded allocations first, each one's copies queued as soon as it is mapped, so
+/// the copy engine runs while the next allocations are created and mapped; then the discarded
+/// ones; then one wait per device.
 pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
     let filter = tags.map(tag_set).transpose()?;
     let backend = backend::get()?;
     let _op = OPS.lock();
     let start = Instant::now();
-    let targets: Vec<WakeTarget> = with_registry(|reg| {
+    let mut targets: Vec<WakeTarget> = with_registry(|reg| {
         reg.allocations
             .values()
             .filter(|a| a.state != devmem_state::Mapped)
@@ -583,10 +692,15 @@ pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
                 size: a.size,
                 device: a.device,
                 handle: a.handle,
-                backup: a.backup.as_ref().map(|b| b.as_ptr().cast_const()),
+                pieces: a
+                    .backup
+                    .as_ref()
+                    .map_or_else(Vec::new, |b| b.pieces(a.va, a.size)),
             })
             .collect()
     });
+    targets.sort_by_key(|t| t.pieces.is_empty());
+    let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
     let mut mapped: Vec<(usize, u64)> = Vec::with_capacity(targets.len());
     let mut failure = None;
     for (i, t) in targets.iter().enumerate() {
@@ -604,25 +718,26 @@ pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
                 break;
             }
         }
+        let queued = t.pieces.iter().try_for_each(|(dst, src, n)| {
+            backend
+                .copy_to_device_async(t.device, *dst, src.cast_const(), *n)
+                .map_err(|e| e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size)))
+        });
+        if let Err(err) = queued {
+            failure = Some(err);
+            break;
+        }
     }
     if failure.is_none() {
-        let jobs: Vec<(CopyJob, *const u8)> = targets
-            .iter()
-            .filter_map(|t| {
-                let src = t.backup?;
-                Some((
-                    CopyJob {
-                        device: t.device,
-                        va: t.va,
-                        len: t.size,
-                    },
-                    src,
-                ))
-            })
-            .collect();
-        failure = offload::restore_all(&*backend, &jobs).err();
+        for device in &devices {
+            if let Err(err) = backend.wait_copies(*device) {
+                failure = Some(err.context("wake: waiting for the copies to the device"));
+                break;
+            }
+        }
     }
     if let Some(err) = failure {
+        finish_copies(&*backend, &devices);
         roll_back_wake(&*backend, &targets, &mapped);
         return Err(err.context(format!(
             "wake: undid {} mapping(s); every backup is kept and a later wake can retry",
@@ -635,12 +750,15 @@ pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
             let t = &targets[*i];
             transfer.allocations += 1;
             transfer.bytes_mapped += t.size as u64;
-            if t.backup.is_some() {
+            if !t.pieces.is_empty() {
                 transfer.bytes_restored += t.size as u64;
             }
             reg.transition(t.va, devmem_state::Mapped, Some(*handle), None);
         }
     });
+    if let Err(err) = offload::after_wake(&*backend) {
+        log::warn!("devmem: releasing the host store after wake: {err}");
+    }
     transfer.seconds = start.elapsed().as_secs_f64();
     with_registry(|reg| reg.last_transfer = transfer);
     log::info!(
@@ -723,6 +841,22 @@ pub fn set_callbacks(
             user_data: user_data as usize,
         }
     });
+}
+
+/// Sets what happens to the host store after a wake.
+pub fn set_host_policy(policy: offload::devmem_host_policy) {
+    offload::set_policy(policy);
+}
+
+/// What happens to the host store after a wake.
+pub fn host_policy() -> offload::devmem_host_policy {
+    offload::policy()
+}
+
+/// Grows the host store to have `bytes` free for backups, in the background unless `wait`.
+pub fn reserve_host_store(bytes: usize, wait: bool) -> Result<()> {
+    let backend = backend::get()?;
+    offload::reserve(&backend, 0, bytes, wait)
 }
 
 /// Frees the host store's unused pinned buffers; returns the bytes freed.

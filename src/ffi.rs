@@ -18,6 +18,7 @@ use crate::core::{
 use crate::error::{
     bail, clear_last_error, devmem_status, last_error, set_last_error, Error, Result,
 };
+use crate::offload::devmem_host_policy;
 
 /// The C `ssize_t` (signed size), as PyTorch's pluggable-allocator signatures use it.
 #[allow(non_camel_case_types)]
@@ -495,6 +496,39 @@ pub extern "C" fn devmem_release_host_store(freed: *mut usize) -> devmem_status 
         }
         Ok(())
     })
+}
+
+/// Sets what happens to the host store (the pinned host memory holding backups) after each
+/// wake: `DEVMEM_HOST_POLICY_KEEP` (default; reused by the next sleep) or
+/// `DEVMEM_HOST_POLICY_RELEASE` (freed, so host memory use returns to where it was). The
+/// environment variable `DEVMEM_HOST_POLICY=keep|release` sets the initial policy.
+#[no_mangle]
+pub extern "C" fn devmem_set_host_policy(policy: c_int) -> devmem_status {
+    guard(|| match devmem_host_policy::from_raw(policy) {
+        Some(p) => {
+            core::set_host_policy(p);
+            Ok(())
+        }
+        None => bail!(
+            InvalidArgument,
+            "host policy {policy} is not a devmem_host_policy value"
+        ),
+    })
+}
+
+/// Writes the current host-store policy to `*out`.
+#[no_mangle]
+pub extern "C" fn devmem_get_host_policy(out: *mut devmem_host_policy) -> devmem_status {
+    // SAFETY: the caller passes NULL or a valid out-pointer.
+    guard(|| unsafe { write_out(out, "out", core::host_policy()) })
+}
+
+/// Grows the host store until `bytes` of pinned host memory are free for backups, so the first
+/// sleep runs as fast as later ones. The memory is prepared in the background; with `wait`
+/// non-zero the call returns once it is ready (or failed).
+#[no_mangle]
+pub extern "C" fn devmem_reserve_host_store(bytes: usize, wait: c_int) -> devmem_status {
+    guard(|| core::reserve_host_store(bytes, wait != 0))
 }
 
 /// Copies the calling thread's last error message, NUL-terminated and truncated to fit, into

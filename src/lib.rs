@@ -26,3 +26,4 @@ pub use crate::core::{
     devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN, DEVMEM_TAG_BUFFER_LEN,
 };
 pub use crate::error::{devmem_status, Error, Result};
+pub use crate::offload::devmem_host_policy;

@@ -1,167 +1,542 @@
-//! The host store (pinned host memory for backups, kept and reused across sleep/wake cycles)
-//! and the copy pipeline that moves allocations between device and host.
+//! The host store: pinned host memory for backups, and the pieces of the copy pipeline.
 //!
-//! Copies are queued asynchronously on devmem's own stream per device and waited for once per
-//! batch, never one synchronous copy per allocation. This module never changes an allocation's
-//! state: the caller decides what a finished or failed batch means.
+//! Host memory comes in large chunks (`DEVMEM_HOST_CHUNK_MB`, default 256 MiB): mapped
+//! anonymously, advised to use transparent huge pages, populated by several threads at once
+//! (`DEVMEM_HOST_THREADS`), then registered with the driver. A chunk is divided into 2 MiB
+//! blocks; a backup is a list of block runs (extents), so device allocations (multiples of the
+//! 2 MiB granularity) use exactly their size and the store never holds more than the backups
+//! plus one chunk while it grows. Chunks are prepared by a background grower, one at a time,
+//! and each becomes usable as soon as it is ready, so a cold sleep copies into the first chunks
+//! while later ones are still being populated.
+//!
+//! Policies: `Keep` (default) keeps the chunks after wake for the next sleep; `Release` frees
+//! every chunk no backup uses once a wake has restored it. `reserve` grows the store ahead of
+//! time, in the background, so the first sleep runs as fast as later ones.
+//!
+//! This module never changes an allocation's state: `core` decides what a finished or failed
+//! batch means.
 
-use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{bail, devmem_status, Error, Result};
 
-/// Backups are sized in multiples of this, so buffers are reusable across allocation sizes.
-const HOST_ROUND: usize = 2 << 20;
+/// Backups are made of blocks of this size (the device granularity on current GPUs).
+pub const HOST_BLOCK: usize = 2 << 20;
+const DEFAULT_CHUNK: usize = 256 << 20;
 
-/// A pinned host buffer owned by the store or by one allocation's backup.
-#[derive(Debug)]
-pub struct HostBuffer {
-    ptr: usize,
-    capacity: usize,
-    /// The device whose context allocated it (the memory is portable to every context).
-    device: i32,
+/// What happens to the host store after a wake.
+#[allow(non_camel_case_types)]
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum devmem_host_policy {
+    /// Keep the pinned host memory for the next sleep (default).
+    Keep = 0,
+    /// Free every chunk no backup uses once a wake has restored it.
+    Release = 1,
 }
 
-impl HostBuffer {
-    /// Start of the buffer.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr as *mut u8
-    }
-}
-
-#[derive(Default)]
-struct Store {
-    free: Vec<HostBuffer>,
-    /// Bytes of pinned host memory the store holds, free or lent to backups.
-    held: usize,
-}
-
-static STORE: Mutex<Store> = Mutex::new(Store {
-    free: Vec::new(),
-    held: 0,
-});
-
-/// Bytes of pinned host memory the store holds (free buffers plus live backups).
-pub fn held_bytes() -> usize {
-    STORE.lock().held
-}
-
-/// Takes a buffer of at least `len` bytes: the smallest free one that fits without wasting more
-/// than its own size, or a fresh one.
-pub fn take(backend: &dyn Backend, device: i32, len: usize) -> Result<HostBuffer> {
-    {
-        let mut store = STORE.lock();
-        let best = store
-            .free
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| {
-                b.capacity >= len && b.capacity <= len.saturating_mul(2).max(HOST_ROUND)
-            })
-            .min_by_key(|(_, b)| b.capacity)
-            .map(|(i, _)| i);
-        if let Some(i) = best {
-            return Ok(store.free.swap_remove(i));
+impl devmem_host_policy {
+    /// Maps a raw integer to a policy.
+    pub fn from_raw(raw: i32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Keep),
+            1 => Some(Self::Release),
+            _ => None,
         }
     }
-    let capacity = len
-        .checked_next_multiple_of(HOST_ROUND)
-        .unwrap_or(len)
-        .max(HOST_ROUND);
-    let ptr = backend.alloc_host(device, capacity)?;
-    STORE.lock().held += capacity;
-    Ok(HostBuffer {
-        ptr: ptr as usize,
-        capacity,
-        device,
-    })
 }
 
-/// Returns a buffer to the store for reuse.
-pub fn give_back(buffer: HostBuffer) {
-    STORE.lock().free.push(buffer);
+/// A run of blocks inside one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    chunk: u64,
+    first_block: usize,
+    blocks: usize,
+    /// Host address of the first block.
+    pub ptr: usize,
 }
 
-/// Frees every buffer the store holds that no backup is using; returns the bytes freed.
-pub fn release_free(backend: &dyn Backend) -> Result<usize> {
-    let buffers = std::mem::take(&mut STORE.lock().free);
-    let mut freed = 0;
-    let mut first_error = None;
-    for buffer in buffers {
-        match backend.free_host(buffer.device, buffer.as_ptr()) {
-            Ok(()) => freed += buffer.capacity,
-            Err(err) => {
-                // Keep it: a buffer the driver would not free is still valid pinned memory.
-                first_error.get_or_insert(err);
-                STORE.lock().free.push(buffer);
+impl Extent {
+    /// Bytes covered by the extent.
+    pub fn len(&self) -> usize {
+        self.blocks * HOST_BLOCK
+    }
+}
+
+/// The host memory holding one allocation's saved bytes.
+#[derive(Debug, Default)]
+pub struct Backup {
+    /// The runs of blocks, in the order the allocation's bytes fill them.
+    pub extents: Vec<Extent>,
+}
+
+impl Backup {
+    /// Pairs each piece of `[va, va+len)` with the host address that holds it.
+    pub fn pieces(&self, va: u64, len: usize) -> Vec<(u64, *mut u8, usize)> {
+        let mut out = Vec::with_capacity(self.extents.len());
+        let mut offset = 0usize;
+        for extent in &self.extents {
+            if offset >= len {
+                break;
+            }
+            let n = extent.len().min(len - offset);
+            out.push((va + offset as u64, extent.ptr as *mut u8, n));
+            offset += n;
+        }
+        out
+    }
+}
+
+struct Chunk {
+    ptr: usize,
+    len: usize,
+    device: i32,
+    used: Vec<bool>,
+    used_blocks: usize,
+}
+
+impl Chunk {
+    fn free_blocks(&self) -> usize {
+        self.used.len() - self.used_blocks
+    }
+}
+
+struct Store {
+    chunks: BTreeMap<u64, Chunk>,
+    next_id: u64,
+    /// Blocks the grower has been asked to have in total (ready or being prepared).
+    want_blocks: usize,
+    held_blocks: usize,
+    used_blocks: usize,
+    growing: bool,
+    grow_error: Option<Error>,
+    policy: devmem_host_policy,
+    chunk_bytes: usize,
+    threads: usize,
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+impl Store {
+    fn configured() -> Self {
+        let chunk_mb = env_usize("DEVMEM_HOST_CHUNK_MB").filter(|m| *m >= 2);
+        let chunk_bytes =
+            chunk_mb.map_or(DEFAULT_CHUNK, |m| (m << 20).next_multiple_of(HOST_BLOCK));
+        let threads = env_usize("DEVMEM_HOST_THREADS")
+            .filter(|t| *t >= 1)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get().min(16)));
+        let policy = match std::env::var("DEVMEM_HOST_POLICY").as_deref() {
+            Ok("release") => devmem_host_policy::Release,
+            _ => devmem_host_policy::Keep,
+        };
+        Self {
+            chunks: BTreeMap::new(),
+            next_id: 1,
+            want_blocks: 0,
+            held_blocks: 0,
+            used_blocks: 0,
+            growing: false,
+            grow_error: None,
+            policy,
+            chunk_bytes,
+            threads,
+        }
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.held_blocks - self.used_blocks
+    }
+
+    /// Takes `need` blocks from ready chunks: one run if any chunk has one, else runs from
+    /// several chunks. `None` when the ready chunks do not have enough free blocks.
+    fn take(&mut self, need: usize) -> Option<Backup> {
+        if need > self.free_blocks() {
+            return None;
+        }
+        let mut extents = Vec::new();
+        if let Some(extent) = self
+            .chunks
+            .iter()
+            .find_map(|(id, c)| find_run(c, need, need).map(|(at, n)| (*id, at, n)))
+        {
+            extents.push(extent);
+        } else {
+            let mut left = need;
+            for (id, chunk) in &self.chunks {
+                let mut from = 0;
+                while left > 0 {
+                    let Some((at, n)) = find_run_from(chunk, from, 1, left) else {
+                        break;
+                    };
+                    extents.push((*id, at, n));
+                    left -= n;
+                    from = at + n;
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        let backup = Backup {
+            extents: extents
+                .into_iter()
+                .map(|(id, at, n)| {
+                    let chunk = self
+                        .chunks
+                        .get_mut(&id)
+                        .expect("the run was found in this chunk");
+                    chunk.used[at..at + n].iter_mut().for_each(|b| *b = true);
+                    chunk.used_blocks += n;
+                    Extent {
+                        chunk: id,
+                        first_block: at,
+                        blocks: n,
+                        ptr: chunk.ptr + at * HOST_BLOCK,
+                    }
+                })
+                .collect(),
+        };
+        self.used_blocks += need;
+        Some(backup)
+    }
+
+    fn put_back(&mut self, backup: Backup) {
+        for e in backup.extents {
+            if let Some(chunk) = self.chunks.get_mut(&e.chunk) {
+                chunk.used[e.first_block..e.first_block + e.blocks]
+                    .iter_mut()
+                    .for_each(|b| *b = false);
+                chunk.used_blocks -= e.blocks;
+                self.used_blocks -= e.blocks;
             }
         }
     }
-    STORE.lock().held -= freed;
-    match first_error {
-        Some(err) => Err(err),
-        None => Ok(freed),
+
+    /// Removes every chunk no backup uses and returns them for freeing.
+    fn remove_unused(&mut self) -> Vec<Chunk> {
+        let ids: Vec<u64> = self
+            .chunks
+            .iter()
+            .filter(|(_, c)| c.used_blocks == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        let removed: Vec<Chunk> = ids.iter().filter_map(|id| self.chunks.remove(id)).collect();
+        let blocks: usize = removed.iter().map(|c| c.used.len()).sum();
+        self.held_blocks -= blocks;
+        self.want_blocks = self
+            .want_blocks
+            .saturating_sub(blocks)
+            .max(self.held_blocks);
+        removed
     }
 }
 
-/// One device range to copy.
-#[derive(Debug, Clone, Copy)]
-pub struct CopyJob {
-    /// Device ordinal.
-    pub device: i32,
-    /// Device virtual address.
-    pub va: u64,
-    /// Bytes to copy.
-    pub len: usize,
+fn find_run(chunk: &Chunk, min: usize, max: usize) -> Option<(usize, usize)> {
+    find_run_from(chunk, 0, min, max)
 }
 
-fn wait_all(backend: &dyn Backend, jobs: &[CopyJob]) -> Result<()> {
-    let mut devices: Vec<i32> = jobs.iter().map(|j| j.device).collect();
-    devices.sort_unstable();
-    devices.dedup();
-    let mut first_error = None;
-    for device in devices {
-        // Wait on every device even after a failure, so no copy is still running on return.
-        if let Err(err) = backend.wait_copies(device) {
-            first_error.get_or_insert(err);
+/// The first run of free blocks at or after `from` that is at least `min` long, capped at `max`.
+fn find_run_from(chunk: &Chunk, from: usize, min: usize, max: usize) -> Option<(usize, usize)> {
+    if chunk.free_blocks() < min {
+        return None;
+    }
+    let mut i = from;
+    while i < chunk.used.len() {
+        if chunk.used[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chunk.used.len() && !chunk.used[i] && i - start < max {
+            i += 1;
+        }
+        if i - start >= min {
+            return Some((start, i - start));
         }
     }
-    first_error.map_or(Ok(()), Err)
+    None
 }
 
-/// Copies every job's device range into a fresh backup buffer. On failure every buffer goes back
-/// to the store and the device memory is untouched.
-pub fn save_all(backend: &dyn Backend, jobs: &[CopyJob]) -> Result<Vec<HostBuffer>> {
-    let mut buffers = Vec::with_capacity(jobs.len());
-    let queued = (|| {
-        for job in jobs {
-            let buffer = take(backend, job.device, job.len)?;
-            let dst = buffer.as_ptr();
-            buffers.push(buffer);
-            backend
-                .copy_to_host_async(job.device, dst, job.va, job.len)
-                .map_err(|e| e.context(format!("saving {:#x} ({} bytes)", job.va, job.len)))?;
-        }
-        Ok(())
-    })();
-    let waited = wait_all(backend, jobs);
-    match queued.and(waited) {
-        Ok(()) => Ok(buffers),
-        Err(err) => {
-            buffers.into_iter().for_each(give_back);
-            Err(err)
-        }
-    }
+static STORE: Mutex<Option<Store>> = Mutex::new(None);
+static READY: Condvar = Condvar::new();
+
+fn with_store<T>(f: impl FnOnce(&mut Store) -> T) -> T {
+    let mut guard = STORE.lock();
+    f(guard.get_or_insert_with(Store::configured))
 }
 
-/// Copies each backup back to its device range. The backups are left untouched either way.
-pub fn restore_all(backend: &dyn Backend, jobs: &[(CopyJob, *const u8)]) -> Result<()> {
-    let queued = jobs.iter().try_for_each(|(job, src)| {
-        backend
-            .copy_to_device_async(job.device, job.va, *src, job.len)
-            .map_err(|e| e.context(format!("restoring {:#x} ({} bytes)", job.va, job.len)))
+/// Bytes of pinned host memory the store holds (free or in backups).
+pub fn held_bytes() -> usize {
+    with_store(|s| s.held_blocks * HOST_BLOCK)
+}
+
+/// Sets the policy applied after each wake.
+pub fn set_policy(policy: devmem_host_policy) {
+    with_store(|s| s.policy = policy);
+}
+
+/// The policy applied after each wake.
+pub fn policy() -> devmem_host_policy {
+    with_store(|s| s.policy)
+}
+
+fn blocks_for(len: usize) -> usize {
+    len.div_ceil(HOST_BLOCK)
+}
+
+/// Makes sure `extra_free` more blocks than are free now will become available, starting the
+/// background grower if needed.
+fn request_blocks(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) {
+    let start = with_store(|s| {
+        let upcoming = s.free_blocks() + (s.want_blocks - s.held_blocks);
+        if free_needed > upcoming {
+            let chunk_blocks = s.chunk_bytes / HOST_BLOCK;
+            let missing = (free_needed - upcoming).next_multiple_of(chunk_blocks);
+            s.want_blocks += missing;
+        }
+        if s.want_blocks > s.held_blocks && !s.growing {
+            s.growing = true;
+            s.grow_error = None;
+            Some(s.threads)
+        } else {
+            None
+        }
     });
-    let plain: Vec<CopyJob> = jobs.iter().map(|(job, _)| *job).collect();
-    let waited = wait_all(backend, &plain);
-    queued.and(waited)
+    if let Some(threads) = start {
+        let backend = Arc::clone(backend);
+        let spawned = std::thread::Builder::new()
+            .name("devmem-host-store".into())
+            .spawn(move || grow(backend, device, threads));
+        if let Err(err) = spawned {
+            with_store(|s| {
+                s.growing = false;
+                s.want_blocks = s.held_blocks;
+                s.grow_error = Some(Error::new(
+                    devmem_status::HostOutOfMemory,
+                    format!("could not start the host-store thread: {err}"),
+                ));
+            });
+            READY.notify_all();
+        }
+    }
+}
+
+/// The background grower: prepares chunks until the store holds what was asked for.
+fn grow(backend: Arc<dyn Backend>, device: i32, threads: usize) {
+    loop {
+        let chunk_bytes = {
+            let mut guard = STORE.lock();
+            let Some(s) = guard.as_mut() else { return };
+            if s.held_blocks >= s.want_blocks {
+                s.growing = false;
+                drop(guard);
+                READY.notify_all();
+                return;
+            }
+            s.chunk_bytes
+        };
+        match prepare_chunk(&*backend, device, chunk_bytes, threads) {
+            Ok(ptr) => {
+                with_store(|s| {
+                    let id = s.next_id;
+                    s.next_id += 1;
+                    let blocks = chunk_bytes / HOST_BLOCK;
+                    s.chunks.insert(
+                        id,
+                        Chunk {
+                            ptr,
+                            len: chunk_bytes,
+                            device,
+                            used: vec![false; blocks],
+                            used_blocks: 0,
+                        },
+                    );
+                    s.held_blocks += blocks;
+                });
+                READY.notify_all();
+            }
+            Err(err) => {
+                log::error!("devmem: growing the host store: {err}");
+                with_store(|s| {
+                    s.growing = false;
+                    s.want_blocks = s.held_blocks;
+                    s.grow_error = Some(err);
+                });
+                READY.notify_all();
+                return;
+            }
+        }
+    }
+}
+
+/// Maps, populates (in parallel) and registers one chunk; returns its address.
+fn prepare_chunk(backend: &dyn Backend, device: i32, len: usize, threads: usize) -> Result<usize> {
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        bail!(
+            HostOutOfMemory,
+            "mmap of {len} bytes of host memory for backups failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let base = raw as usize;
+    // SAFETY: advice on the mapping made above; failure only means no huge pages.
+    unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
+    populate(base, len, threads);
+    if let Err(err) = backend.host_register(device, raw.cast(), len) {
+        // SAFETY: unmapping the mapping made above, which nothing uses.
+        unsafe { libc::munmap(raw, len) };
+        return Err(err);
+    }
+    Ok(base)
+}
+
+/// Faults in `[base, base+len)` with `threads` threads: MADV_POPULATE_WRITE where the kernel has
+/// it (5.14+), else one write per page.
+fn populate(base: usize, len: usize, threads: usize) {
+    let slice = len.div_ceil(threads.max(1)).next_multiple_of(HOST_BLOCK);
+    std::thread::scope(|scope| {
+        for start in (base..base + len).step_by(slice.max(HOST_BLOCK)) {
+            let n = slice.min(base + len - start);
+            scope.spawn(move || {
+                // SAFETY: populating part of a private mapping this thread's caller owns.
+                let rc = unsafe {
+                    libc::madvise(start as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE)
+                };
+                if rc != 0 {
+                    for page in (start..start + n).step_by(4096) {
+                        // SAFETY: `page` lies inside the writable mapping.
+                        unsafe { std::ptr::write_volatile(page as *mut u8, 0) };
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Frees chunks (unregister, unmap); returns the bytes freed. A chunk the driver will not
+/// unregister is kept (its memory stays valid).
+fn free_chunks(backend: &dyn Backend, chunks: Vec<Chunk>) -> Result<usize> {
+    let mut freed = 0;
+    let mut first_error = None;
+    for chunk in chunks {
+        match backend.host_unregister(chunk.device, chunk.ptr as *mut u8) {
+            Ok(()) => {
+                // SAFETY: the chunk was mapped by `prepare_chunk` and no backup uses it.
+                unsafe { libc::munmap(chunk.ptr as *mut libc::c_void, chunk.len) };
+                freed += chunk.len;
+            }
+            Err(err) => {
+                first_error.get_or_insert(err);
+                with_store(|s| {
+                    s.held_blocks += chunk.used.len();
+                    let id = s.next_id;
+                    s.next_id += 1;
+                    s.chunks.insert(id, chunk);
+                });
+            }
+        }
+    }
+    first_error.map_or(Ok(freed), Err)
+}
+
+/// Takes a backup of `len` bytes, waiting for the grower when the ready chunks are not enough.
+pub fn take(backend: &Arc<dyn Backend>, device: i32, len: usize) -> Result<Backup> {
+    let need = blocks_for(len);
+    let mut guard = STORE.lock();
+    loop {
+        let store = guard.get_or_insert_with(Store::configured);
+        if let Some(backup) = store.take(need) {
+            return Ok(backup);
+        }
+        if let Some(err) = store.grow_error.take() {
+            return Err(err);
+        }
+        let pending = store.want_blocks - store.held_blocks;
+        if pending == 0 || !store.growing {
+            drop(guard);
+            request_blocks(backend, device, need);
+            guard = STORE.lock();
+            continue;
+        }
+        READY.wait(&mut guard);
+    }
+}
+
+/// Announces that `total_len` bytes of backups are about to be taken, so the grower starts
+/// preparing what is missing before the first copy needs it.
+pub fn expect(backend: &Arc<dyn Backend>, device: i32, lens: impl Iterator<Item = usize>) {
+    let need: usize = lens.map(blocks_for).sum();
+    if need > 0 {
+        request_blocks(backend, device, need);
+    }
+}
+
+/// Returns a backup's blocks to the store.
+pub fn give_back(backup: Backup) {
+    with_store(|s| s.put_back(backup));
+}
+
+/// Applies the policy after a wake: under `Release`, frees every chunk no backup uses.
+pub fn after_wake(backend: &dyn Backend) -> Result<()> {
+    let unused = with_store(|s| {
+        if s.policy == devmem_host_policy::Release && !s.growing {
+            s.remove_unused()
+        } else {
+            Vec::new()
+        }
+    });
+    free_chunks(backend, unused).map(drop)
+}
+
+/// Frees every chunk no backup uses; returns the bytes freed.
+pub fn release_free(backend: &dyn Backend) -> Result<usize> {
+    wait_for_grower();
+    let unused = with_store(Store::remove_unused);
+    free_chunks(backend, unused)
+}
+
+/// Grows the store until it has at least `bytes` free for backups, in the background; with
+/// `wait`, returns once that memory is ready (or the first error).
+pub fn reserve(backend: &Arc<dyn Backend>, device: i32, bytes: usize, wait: bool) -> Result<()> {
+    let need = blocks_for(bytes);
+    request_blocks(backend, device, need);
+    if wait {
+        wait_for_grower();
+        let (free, err) = with_store(|s| (s.free_blocks(), s.grow_error.take()));
+        if let Some(err) = err {
+            return Err(err);
+        }
+        if free < need {
+            bail!(
+                HostOutOfMemory,
+                "the host store has {} bytes free after reserving {bytes}",
+                free * HOST_BLOCK
+            );
+        }
+    }
+    Ok(())
+}
+
+fn wait_for_grower() {
+    let mut guard = STORE.lock();
+    while guard.as_ref().is_some_and(|s| s.growing) {
+        READY.wait(&mut guard);
+    }
 }

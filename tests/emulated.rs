@@ -144,19 +144,146 @@ fn host_store_is_reused_across_cycles_and_released_on_request() {
         ok(wake(None));
         assert_eq!(mismatches(p, 8 * MIB, 3), 0);
     }
-    assert_eq!(
-        emu().calls("cuMemHostAlloc"),
-        1,
-        "one pinned buffer, reused"
-    );
-    assert_eq!(stats(None).host_store_bytes, 8 * MIB as u64);
+    assert_eq!(emu().calls("cuMemHostRegister_v2"), 1, "one chunk, reused");
+    assert_eq!(stats(None).host_store_bytes, 32 * MIB as u64);
     let mut freed = 0usize;
     ok(ffi::devmem_release_host_store(&mut freed));
-    assert_eq!(freed, 8 * MIB);
-    assert_eq!(emu().counters().host_buffers, 0);
+    assert_eq!(freed, 32 * MIB);
+    assert_eq!(emu().counters().host_registered, 0);
     assert_eq!(stats(None).host_store_bytes, 0);
     free_all(&[p]);
     assert_no_device_leaks();
+}
+
+#[test]
+fn backups_span_chunks_and_the_store_stays_within_one_chunk_of_the_backups() {
+    setup(&[("DEVMEM_HOST_CHUNK_MB", "4")]);
+    let sizes = [10 * MIB, 2 * MIB, 6 * MIB, 14 * MIB, 2 * MIB];
+    let ptrs: Vec<u64> = sizes.iter().map(|s| alloc(*s, "weights")).collect();
+    for (i, (p, s)) in ptrs.iter().zip(sizes).enumerate() {
+        fill(*p, s, 50 + i as u64);
+    }
+    ok(sleep(&["weights"]));
+    let offloaded: usize = sizes.iter().sum();
+    let held = stats(None).host_store_bytes as usize;
+    assert!(
+        held >= offloaded && held <= offloaded + 4 * MIB,
+        "held {held}, offloaded {offloaded}"
+    );
+    ok(wake(None));
+    for (i, (p, s)) in ptrs.iter().zip(sizes).enumerate() {
+        assert_eq!(mismatches(*p, s, 50 + i as u64), 0, "allocation {i}");
+    }
+    free_all(&ptrs);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn release_policy_frees_the_store_after_wake() {
+    setup(&[]);
+    expect_err(
+        ffi::devmem_set_host_policy(7),
+        devmem_status::InvalidArgument,
+        "host policy 7",
+    );
+    ok(ffi::devmem_set_host_policy(
+        devmem::devmem_host_policy::Release as i32,
+    ));
+    let mut policy = devmem::devmem_host_policy::Keep;
+    ok(ffi::devmem_get_host_policy(&mut policy));
+    assert_eq!(policy, devmem::devmem_host_policy::Release);
+    let p = alloc(40 * MIB, "weights");
+    fill(p, 40 * MIB, 8);
+    ok(sleep(&["weights"]));
+    assert_eq!(stats(None).host_store_bytes, 64 * MIB as u64);
+    ok(wake(None));
+    assert_eq!(mismatches(p, 40 * MIB, 8), 0);
+    assert_eq!(stats(None).host_store_bytes, 0);
+    assert_eq!(emu().counters().host_registered, 0);
+    free_all(&[p]);
+}
+
+#[test]
+fn release_policy_from_the_environment() {
+    setup(&[("DEVMEM_HOST_POLICY", "release")]);
+    let mut policy = devmem::devmem_host_policy::Keep;
+    ok(ffi::devmem_get_host_policy(&mut policy));
+    assert_eq!(policy, devmem::devmem_host_policy::Release);
+}
+
+#[test]
+fn reserving_ahead_makes_the_first_sleep_allocate_nothing() {
+    setup(&[]);
+    ok(ffi::devmem_reserve_host_store(48 * MIB, 1));
+    assert_eq!(stats(None).host_store_bytes, 64 * MIB as u64);
+    let registered = emu().calls("cuMemHostRegister_v2");
+    let p = alloc(48 * MIB, "weights");
+    fill(p, 48 * MIB, 2);
+    ok(sleep(&["weights"]));
+    assert_eq!(emu().calls("cuMemHostRegister_v2"), registered);
+    ok(wake(None));
+    assert_eq!(mismatches(p, 48 * MIB, 2), 0);
+    free_all(&[p]);
+}
+
+#[test]
+fn background_reserve_and_an_immediate_sleep_cooperate() {
+    setup(&[("DEVMEM_HOST_CHUNK_MB", "8")]);
+    let ptrs: Vec<u64> = (0..6).map(|_| alloc(16 * MIB, "weights")).collect();
+    for (i, p) in ptrs.iter().enumerate() {
+        fill(*p, 16 * MIB, i as u64);
+    }
+    ok(ffi::devmem_reserve_host_store(40 * MIB, 0));
+    ok(sleep(&["weights"]));
+    let held = stats(None).host_store_bytes as usize;
+    assert!((96 * MIB..=104 * MIB).contains(&held), "held {held}");
+    ok(wake(None));
+    for (i, p) in ptrs.iter().enumerate() {
+        assert_eq!(mismatches(*p, 16 * MIB, i as u64), 0);
+    }
+    free_all(&ptrs);
+}
+
+#[test]
+fn host_registration_failure_leaves_everything_mapped() {
+    setup(&[]);
+    let p = alloc(8 * MIB, "weights");
+    let q = alloc(8 * MIB, "kv");
+    fill(p, 8 * MIB, 1);
+    emu().inject("cuMemHostRegister_v2", 1, 999);
+    expect_err(
+        sleep(&["weights"]),
+        devmem_status::Driver,
+        "cuMemHostRegister",
+    );
+    assert!(message().contains("nothing was released"), "{}", message());
+    assert_eq!(state(p), devmem_state::Mapped);
+    assert_eq!(state(q), devmem_state::Mapped);
+    assert_eq!(mismatches(p, 8 * MIB, 1), 0);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, 8 * MIB, 1), 0);
+    free_all(&[p, q]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn copy_marker_failure_keeps_the_batch_mapped() {
+    setup(&[]);
+    let p = alloc(8 * MIB, "weights");
+    fill(p, 8 * MIB, 21);
+    emu().inject("cuEventSynchronize", 1, 999);
+    expect_err(
+        sleep(&["weights"]),
+        devmem_status::Driver,
+        "cuEventSynchronize",
+    );
+    assert_eq!(state(p), devmem_state::Mapped);
+    assert_eq!(mismatches(p, 8 * MIB, 21), 0);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, 8 * MIB, 21), 0);
+    free_all(&[p]);
 }
 
 #[test]

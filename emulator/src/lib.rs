@@ -29,7 +29,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUmemAccessDesc, CUmemAllocationHandleType,
+    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
     CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
     CUstream,
 };
@@ -82,6 +82,16 @@ const ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
         NOT_SUPPORTED,
         c"CUDA_ERROR_NOT_SUPPORTED",
         c"operation not supported",
+    ),
+    (
+        712,
+        c"CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED",
+        c"part or all of the requested memory range is already mapped",
+    ),
+    (
+        713,
+        c"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED",
+        c"pointer does not correspond to a registered memory region",
     ),
     (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
 ];
@@ -159,6 +169,9 @@ struct Emu {
     handles: HashMap<u64, Physical>,
     mappings: BTreeMap<u64, Mapping>,
     host: HashMap<usize, usize>,
+    registered: HashMap<usize, usize>,
+    events: u64,
+    next_event: usize,
     streams: u64,
     next_handle: u64,
     calls: HashMap<String, u64>,
@@ -205,6 +218,9 @@ fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
             handles: HashMap::new(),
             mappings: BTreeMap::new(),
             host: HashMap::new(),
+            registered: HashMap::new(),
+            events: 0,
+            next_event: 0x4e00_0000,
             streams: 0,
             next_handle: 0x1000,
             calls: HashMap::new(),
@@ -770,6 +786,78 @@ pub extern "C" fn cuStreamSynchronize(_stream: CUstream) -> R {
     with_context("cuStreamSynchronize", |_, _| SUCCESS)
 }
 
+#[no_mangle]
+pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, _flags: c_uint) -> R {
+    with_context("cuMemHostRegister_v2", |emu, _| {
+        let start = p as usize;
+        if p.is_null() || size == 0 {
+            return INVALID_VALUE;
+        }
+        let overlaps = emu
+            .registered
+            .iter()
+            .any(|(base, len)| start < base + len && *base < start + size);
+        if overlaps {
+            return 712; // CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+        }
+        emu.registered.insert(start, size);
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> R {
+    with_context("cuMemHostUnregister", |emu, _| {
+        match emu.registered.remove(&(p as usize)) {
+            Some(_) => SUCCESS,
+            None => 713, // CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, _flags: c_uint) -> R {
+    with_context("cuEventCreate", |emu, _| {
+        emu.events += 1;
+        emu.next_event += 0x10;
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(event, emu.next_event as CUevent) }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventRecord(event: CUevent, _stream: CUstream) -> R {
+    with_context("cuEventRecord", |_, _| {
+        if event.is_null() {
+            INVALID_HANDLE
+        } else {
+            SUCCESS
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventSynchronize(event: CUevent) -> R {
+    with_context("cuEventSynchronize", |_, _| {
+        if event.is_null() {
+            INVALID_HANDLE
+        } else {
+            SUCCESS
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventDestroy_v2(event: CUevent) -> R {
+    with_context("cuEventDestroy_v2", |emu, _| {
+        if event.is_null() {
+            return INVALID_HANDLE;
+        }
+        emu.events = emu.events.saturating_sub(1);
+        SUCCESS
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Control interface for tests (not part of the CUDA API)
 // ---------------------------------------------------------------------------------------------
@@ -788,6 +876,10 @@ pub struct CuemuCounters {
     pub host_buffers: u64,
     /// Device bytes in use, all devices.
     pub used_bytes: u64,
+    /// Host ranges registered with cuMemHostRegister.
+    pub host_registered: u64,
+    /// Events created and not destroyed.
+    pub events: u64,
 }
 
 /// Writes the live-resource counters.
@@ -802,6 +894,8 @@ pub unsafe extern "C" fn cuemu_counters(out: *mut CuemuCounters) -> R {
             reservations: emu.reservations.len() as u64,
             host_buffers: emu.host.len() as u64,
             used_bytes: emu.used.iter().sum::<usize>() as u64,
+            host_registered: emu.registered.len() as u64,
+            events: emu.events,
         });
     // SAFETY: out-pointer per this function's contract.
     unsafe { put(out, counters) }

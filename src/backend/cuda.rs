@@ -6,15 +6,16 @@
 //! device supports it with VMM, and fabric handles when supported, falling back to POSIX file
 //! descriptors and then to no shareable handle when the driver refuses.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::c_int;
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdevice_attribute, CUmemAccessDesc, CUmemAccess_flags,
-    CUmemAllocationGranularity_flags, CUmemAllocationHandleType, CUmemAllocationProp,
-    CUmemAllocationType, CUmemLocationType, CUstream, CU_MEMHOSTALLOC_PORTABLE,
+    CUcontext, CUdevice, CUdevice_attribute, CUevent, CUevent_flags, CUmemAccessDesc,
+    CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationType, CUmemLocationType, CUstream,
+    CU_MEMHOSTREGISTER_PORTABLE,
 };
 use parking_lot::Mutex;
 
@@ -75,6 +76,8 @@ pub struct CudaBackend {
     api: CudaApi,
     device_count: i32,
     devices: Mutex<Vec<Option<Arc<DeviceState>>>>,
+    /// Idle events, reused by copy markers (addresses; raw pointers are not `Send`).
+    idle_events: Mutex<Vec<(i32, usize)>>,
 }
 
 impl CudaBackend {
@@ -100,6 +103,7 @@ impl CudaBackend {
             api,
             device_count: count,
             devices: Mutex::new(vec![None; usize::try_from(count).unwrap_or(0)]),
+            idle_events: Mutex::new(Vec::new()),
         })
     }
 
@@ -350,30 +354,6 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn alloc_host(&self, device: i32, size: usize) -> Result<*mut u8> {
-        self.with_device(device, |_| {
-            let mut host: *mut c_void = ptr::null_mut();
-            // SAFETY: the out-pointer is valid.
-            let rc =
-                unsafe { (self.api.mem_host_alloc)(&mut host, size, CU_MEMHOSTALLOC_PORTABLE) };
-            self.api.check("cuMemHostAlloc", rc).map_err(|mut e| {
-                if e.status == crate::error::devmem_status::OutOfMemory {
-                    e.status = crate::error::devmem_status::HostOutOfMemory;
-                }
-                e.context(format!("{size} bytes of pinned host memory"))
-            })?;
-            Ok(host.cast())
-        })
-    }
-
-    fn free_host(&self, device: i32, ptr: *mut u8) -> Result<()> {
-        self.with_device(device, |_| {
-            // SAFETY: the pointer came from cuMemHostAlloc and is freed once.
-            let rc = unsafe { (self.api.mem_free_host)(ptr.cast()) };
-            self.api.check("cuMemFreeHost", rc)
-        })
-    }
-
     fn copy_to_host_async(&self, device: i32, dst: *mut u8, src: u64, len: usize) -> Result<()> {
         self.with_device(device, |state| {
             // SAFETY: `dst` is pinned host memory of at least `len` bytes that stays alive until
@@ -412,6 +392,68 @@ impl Backend for CudaBackend {
             let rc = unsafe { (self.api.mem_get_info)(&mut free, &mut total) };
             self.api.check("cuMemGetInfo", rc)?;
             Ok((free, total))
+        })
+    }
+
+    fn host_register(&self, device: i32, ptr: *mut u8, len: usize) -> Result<()> {
+        self.with_device(device, |_| {
+            // SAFETY: `ptr..ptr+len` is host memory devmem mapped and owns.
+            let rc = unsafe {
+                (self.api.mem_host_register)(ptr.cast(), len, CU_MEMHOSTREGISTER_PORTABLE)
+            };
+            self.api
+                .check("cuMemHostRegister", rc)
+                .map_err(|e| e.context(format!("registering {len} bytes of host memory")))
+        })
+    }
+
+    fn host_unregister(&self, device: i32, ptr: *mut u8) -> Result<()> {
+        self.with_device(device, |_| {
+            // SAFETY: `ptr` was registered by `host_register` and is unregistered once.
+            let rc = unsafe { (self.api.mem_host_unregister)(ptr.cast()) };
+            self.api.check("cuMemHostUnregister", rc)
+        })
+    }
+
+    fn record_copy_marker(&self, device: i32) -> Result<u64> {
+        self.with_device(device, |state| {
+            let reused = {
+                let mut idle = self.idle_events.lock();
+                let at = idle.iter().position(|(d, _)| *d == device);
+                at.map(|i| idle.swap_remove(i).1)
+            };
+            let event = match reused {
+                Some(event) => event as CUevent,
+                None => {
+                    let mut event: CUevent = ptr::null_mut();
+                    // SAFETY: the out-pointer is valid and a context is current.
+                    let rc = unsafe {
+                        (self.api.event_create)(
+                            &mut event,
+                            CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+                        )
+                    };
+                    self.api.check("cuEventCreate", rc)?;
+                    event
+                }
+            };
+            // SAFETY: the event and stream belong to this device's context.
+            let rc = unsafe { (self.api.event_record)(event, state.stream()) };
+            if let Err(err) = self.api.check("cuEventRecord", rc) {
+                self.idle_events.lock().push((device, event as usize));
+                return Err(err);
+            }
+            Ok(event as u64)
+        })
+    }
+
+    fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()> {
+        self.with_device(device, |_| {
+            let event = marker as usize as CUevent;
+            // SAFETY: the event came from `record_copy_marker`.
+            let rc = unsafe { (self.api.event_synchronize)(event) };
+            self.idle_events.lock().push((device, event as usize));
+            self.api.check("cuEventSynchronize", rc)
         })
     }
 }

@@ -40,10 +40,6 @@ pub trait Backend: Send + Sync {
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()>;
     /// Waits until no work queued on `device` (any stream) is still running.
     fn synchronize(&self, device: i32) -> Result<()>;
-    /// Allocates pinned host memory usable for copies with every device.
-    fn alloc_host(&self, device: i32, size: usize) -> Result<*mut u8>;
-    /// Frees memory from [`alloc_host`](Self::alloc_host).
-    fn free_host(&self, device: i32, ptr: *mut u8) -> Result<()>;
     /// Queues a device-to-host copy on devmem's own stream for `device`.
     fn copy_to_host_async(&self, device: i32, dst: *mut u8, src: u64, len: usize) -> Result<()>;
     /// Queues a host-to-device copy on devmem's own stream for `device`.
@@ -53,6 +49,14 @@ pub trait Backend: Send + Sync {
     fn wait_copies(&self, device: i32) -> Result<()>;
     /// Free and total device memory in bytes.
     fn mem_get_info(&self, device: i32) -> Result<(usize, usize)>;
+    /// Page-locks existing host memory and registers it for copies with every device.
+    fn host_register(&self, device: i32, ptr: *mut u8, len: usize) -> Result<()>;
+    /// Undoes [`host_register`](Self::host_register).
+    fn host_unregister(&self, device: i32, ptr: *mut u8) -> Result<()>;
+    /// Records a marker on devmem's copy stream for `device`; returns its id.
+    fn record_copy_marker(&self, device: i32) -> Result<u64>;
+    /// Waits until every copy queued before the marker has finished, then forgets the marker.
+    fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()>;
 
     /// Maps an existing handle at `va` and grants access; undoes the mapping if access fails.
     fn map_with_access(&self, device: i32, va: u64, size: usize, handle: u64) -> Result<()> {

@@ -9,8 +9,8 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUmemAccessDesc, CUmemAllocationProp,
-    CUmemGenericAllocationHandle, CUresult, CUstream,
+    CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUmemAccessDesc,
+    CUmemAllocationProp, CUmemGenericAllocationHandle, CUresult, CUstream,
 };
 use libloading::Library;
 
@@ -93,12 +93,15 @@ symbols! {
     mem_map = "cuMemMap": fn(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
     mem_unmap = "cuMemUnmap": fn(CUdeviceptr, usize);
     mem_set_access = "cuMemSetAccess": fn(CUdeviceptr, usize, *const CUmemAccessDesc, usize);
-    mem_host_alloc = "cuMemHostAlloc": fn(*mut *mut c_void, usize, c_uint);
-    mem_free_host = "cuMemFreeHost": fn(*mut c_void);
     memcpy_dtoh_async = "cuMemcpyDtoHAsync_v2": fn(*mut c_void, CUdeviceptr, usize, CUstream);
     memcpy_htod_async = "cuMemcpyHtoDAsync_v2": fn(CUdeviceptr, *const c_void, usize, CUstream);
     stream_create = "cuStreamCreate": fn(*mut CUstream, c_uint);
     stream_synchronize = "cuStreamSynchronize": fn(CUstream);
+    mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
+    mem_host_unregister = "cuMemHostUnregister": fn(*mut c_void);
+    event_create = "cuEventCreate": fn(*mut CUevent, c_uint);
+    event_record = "cuEventRecord": fn(CUevent, CUstream);
+    event_synchronize = "cuEventSynchronize": fn(CUevent);
 }
 
 impl CudaApi {

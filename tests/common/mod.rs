@@ -31,6 +31,9 @@ pub fn emulator_path() -> PathBuf {
 pub fn setup(extra: &[(&str, &str)]) {
     // SAFETY (of set_var): called at the start of a single-threaded test process.
     std::env::set_var("DEVMEM_CUDA_LIBRARY", emulator_path());
+    // Small host-store chunks keep the tests' host memory low; tests may override.
+    std::env::set_var("DEVMEM_HOST_CHUNK_MB", "32");
+    std::env::set_var("DEVMEM_HOST_THREADS", "2");
     for (k, v) in extra {
         std::env::set_var(k, v);
     }
@@ -55,6 +58,8 @@ pub struct Counters {
     pub reservations: u64,
     pub host_buffers: u64,
     pub used_bytes: u64,
+    pub host_registered: u64,
+    pub events: u64,
 }
 
 pub fn emu() -> &'static Emu {

@@ -58,6 +58,13 @@ class Status(enum.IntEnum):
     UNSUPPORTED = 13
 
 
+class HostPolicy(enum.IntEnum):
+    """``devmem_host_policy``: what happens to the host store after a wake."""
+
+    KEEP = 0
+    RELEASE = 1
+
+
 class State(enum.IntEnum):
     """``devmem_state``: where an allocation's bytes are."""
 
@@ -250,6 +257,9 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_for_each_allocation": (c_int32, [ALLOCATION_CALLBACK, c_void_p, POINTER(c_size_t)]),
     "devmem_set_callbacks": (c_int32, [ALLOCATION_CALLBACK, ALLOCATION_CALLBACK, c_void_p]),
     "devmem_release_host_store": (c_int32, [POINTER(c_size_t)]),
+    "devmem_set_host_policy": (c_int32, [c_int]),
+    "devmem_get_host_policy": (c_int32, [POINTER(c_int32)]),
+    "devmem_reserve_host_store": (c_int32, [c_size_t, c_int]),
     "devmem_last_error_message": (c_size_t, [c_char_p, c_size_t]),
     "devmem_last_error_status": (c_int32, []),
     "devmem_status_string": (c_char_p, [c_int]),

@@ -24,6 +24,7 @@ TYPES = {
     "char *": ctypes.c_char_p,
     "const char *const *": ctypes.POINTER(ctypes.c_char_p),
     "devmem_status": ctypes.c_int32,
+    "devmem_host_policy *": ctypes.POINTER(ctypes.c_int32),
     "struct devmem_stats *": ctypes.POINTER(_lib.Stats),
     "struct devmem_transfer *": ctypes.POINTER(_lib.Transfer),
     "struct devmem_allocation_info *": ctypes.POINTER(_lib.AllocationInfo),
@@ -101,6 +102,8 @@ def test_status_and_state_values_match_header():
         assert re.search(rf"DEVMEM_STATUS_{status.name} = {status.value},", text), status
     for state in _lib.State:
         assert re.search(rf"DEVMEM_STATE_{state.name} = {state.value},", text), state
+    for policy in _lib.HostPolicy:
+        assert re.search(rf"DEVMEM_HOST_POLICY_{policy.name} = {policy.value},", text), policy
     assert f"#define DEVMEM_MAX_TAG_LEN {_lib.MAX_TAG_LEN}" in text
     assert f"#define DEVMEM_TAG_BUFFER_LEN {_lib.TAG_BUFFER_LEN}" in text
 

@@ -195,3 +195,23 @@ def test_version_granularity_and_devices():
     assert devmem.granularity() == 2 * MIB
     assert devmem.device_count() == 1
     assert devmem.library_path().endswith(".so")
+
+
+def test_host_policy_and_reserve():
+    assert devmem.host_policy() == devmem.HostPolicy.KEEP
+    devmem.reserve_host_store(8 * MIB, wait=True)
+    assert devmem.stats().host_store_bytes >= 8 * MIB
+    devmem.set_host_policy(devmem.HostPolicy.RELEASE)
+    try:
+        with devmem.use_tag("policy"):
+            p = devmem.malloc(4 * MIB)
+        devmem.sleep("policy")
+        devmem.wake_up()
+        assert devmem.stats().host_store_bytes == 0
+        devmem.free(p)
+        with pytest.raises(devmem.InvalidArgumentError, match="host policy"):
+            devmem.set_host_policy(5)
+        with pytest.raises(TypeError):
+            devmem.set_host_policy("release")
+    finally:
+        devmem.set_host_policy(devmem.HostPolicy.KEEP)

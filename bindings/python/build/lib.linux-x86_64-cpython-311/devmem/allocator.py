@@ -105,6 +105,21 @@ class CuMemAllocator:
         return entry[0]
 
     @contextlib.contextmanager
+    def _tagged(self, tag: str) -> Iterator[None]:
+        """Sets ``tag`` (this object's and the thread's devmem tag) with expandable segments
+        off; restores both and the allocator configuration afterwards, also on exceptions."""
+        old_tag = self.current_tag
+        old_thread_tag = api.current_tag()
+        with expandable_segments_disabled():
+            self.current_tag = tag
+            api.set_current_tag(tag)
+            try:
+                yield
+            finally:
+                self.current_tag = old_tag
+                api.set_current_tag(old_thread_tag)
+
+    @contextlib.contextmanager
     def use_memory_pool(self, tag: Optional[str] = None) -> Iterator[None]:
         """PyTorch allocations in the body come from devmem, tagged ``tag`` (default
         ``"default"``). Expandable segments are off for the body; the previous allocator
@@ -112,36 +127,26 @@ class CuMemAllocator:
         if tag is None:
             tag = CuMemAllocator.default_tag
         encode_tag(tag)
-        torch = _torch()
-        device, _ = _device_module(torch)
+        device, _ = _device_module(_torch())
         pool = self._pool(tag)
-        old_tag = self.current_tag
-        old_thread_tag = api.current_tag()
-        with expandable_segments_disabled():
-            self.current_tag = tag
-            api.set_current_tag(tag)
-            try:
-                with device.use_mem_pool(pool):
-                    yield
-            finally:
-                self.current_tag = old_tag
-                api.set_current_tag(old_thread_tag)
+        with self._tagged(tag), device.use_mem_pool(pool):
+            yield
 
     def cudagraph_pool(self, tag: str = "cudagraph") -> Any:
-        """The devmem ``MemPool`` for graph capture under ``tag``: capture inside
-        ``use_memory_pool(tag)`` with ``torch.cuda.graph(g, pool=pool.id)`` (or use
-        :meth:`capture_graph`) so graph memory is tagged and sleeps too."""
+        """The devmem ``MemPool`` for graph capture under ``tag``. Pass its ``id`` as
+        ``torch.cuda.graph(g, pool=...)`` with the thread's devmem tag set to ``tag``, or use
+        :meth:`capture_graph`, which does both, so graph memory is tagged and sleeps too."""
         encode_tag(tag)
         return self._pool(tag)
 
     @contextlib.contextmanager
     def capture_graph(self, graph: Any, tag: str = "cudagraph", **kwargs: Any) -> Iterator[None]:
-        """``torch.cuda.graph(graph, pool=<devmem pool for tag>, **kwargs)`` with the tag set."""
+        """``torch.cuda.graph(graph, pool=<devmem pool for tag>, **kwargs)`` with the tag set, so
+        the graph's memory comes from devmem and sleeps with ``tag``."""
         torch = _torch()
         pool = self.cudagraph_pool(tag)
-        with self.use_memory_pool(tag):
-            with torch.cuda.graph(graph, pool=pool.id, **kwargs):
-                yield
+        with self._tagged(tag), torch.cuda.graph(graph, pool=pool.id, **kwargs):
+            yield
 
     # -- sleep mode ----------------------------------------------------------------------
 

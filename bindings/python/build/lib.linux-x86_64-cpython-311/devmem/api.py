@@ -250,3 +250,26 @@ def release_host_store() -> int:
     out = ctypes.c_size_t()
     call("devmem_release_host_store", ctypes.byref(out))
     return int(out.value)
+
+
+def set_host_policy(policy: "_lib.HostPolicy") -> None:
+    """``HostPolicy.KEEP`` (default): pinned host memory stays for the next sleep;
+    ``HostPolicy.RELEASE``: it is freed after each wake."""
+    if not isinstance(policy, int) or isinstance(policy, bool):
+        raise TypeError(f"policy must be a devmem.HostPolicy, not {type(policy).__name__}")
+    call("devmem_set_host_policy", int(policy))
+
+
+def host_policy() -> "_lib.HostPolicy":
+    """The current host-store policy."""
+    out = ctypes.c_int32()
+    call("devmem_get_host_policy", ctypes.byref(out))
+    return _lib.HostPolicy(out.value)
+
+
+def reserve_host_store(nbytes: int, wait: bool = False) -> None:
+    """Prepares ``nbytes`` of pinned host memory for backups ahead of the first sleep, in the
+    background (``wait=True`` blocks until it is ready)."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise TypeError("nbytes must be a non-negative int")
+    call("devmem_reserve_host_store", nbytes, 1 if wait else 0)
