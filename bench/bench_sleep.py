@@ -46,6 +46,34 @@ def rss_bytes():
     return 0
 
 
+def populate_seconds(nbytes, threads):
+    """Time to map and populate ``nbytes`` of fresh huge-page host memory with ``threads``
+    threads (madvise MADV_POPULATE_WRITE through ctypes, which releases the GIL), the way
+    devmem's host store populates, without the driver registration."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    PROT_RW, MAP_PRIVATE_ANON, MADV_HUGEPAGE, MADV_POPULATE_WRITE = 3, 0x22, 14, 23
+    t0 = time.perf_counter()
+    base = libc.mmap(None, nbytes, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
+    libc.madvise(base, nbytes, MADV_HUGEPAGE)
+    step = -(-nbytes // threads // (2 * MIB)) * 2 * MIB
+    workers = [threading.Thread(target=libc.madvise, args=(base + off, min(step, nbytes - off), MADV_POPULATE_WRITE))
+               for off in range(0, nbytes, step)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - t0
+    libc.munmap(base, nbytes)
+    return seconds
+
+
 def raw_bandwidth(torch, nbytes=4 * GIB, repeats=5):
     """Best-of-N pinned host<->device copy bandwidth in GB/s, timed with CUDA events."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -133,7 +161,9 @@ def run_child(scenario, policy):
         sleep_s = time.perf_counter() - t0
         free1, _ = torch.cuda.mem_get_info()
         store = devmem.stats().host_store_bytes
-        freed_ok = free1 - free0 >= (w_alloc + kv_alloc) - 2 * MIB
+        # Registering pinned host memory costs the driver some device memory (page tables for
+        # the host mapping, about 2 MiB per GiB seen on the H100): allow 4 MiB per GiB of store.
+        freed_ok = free1 - free0 >= (w_alloc + kv_alloc) - 2 * MIB - store // 256
         t0 = time.perf_counter()
         devmem.wake_up()
         wake_s = time.perf_counter() - t0
@@ -146,6 +176,11 @@ def run_child(scenario, policy):
         if bad or not freed_ok:
             print(f"CHECK FAILED: {scenario}/{policy} cycle {cycle}: {bad} tensors differ, freed {free1 - free0}",
                   file=sys.stderr)
+
+    if policy == "keep":
+        # The baseline for the cold sleep, measured in this process after the cycles.
+        threads = min(os.cpu_count() or 4, 16)
+        record("populate", w_alloc, populate_seconds(w_alloc, threads), threads=threads)
 
     if scenario == "S1" and policy == "keep":
         # Discard-only: the KV cache alone, weights stay mapped.
@@ -202,7 +237,7 @@ def summarize(records, raw):
         r["seconds"] = statistics.median(x["seconds"] for x in rs)
         r["samples"] = len(rs)
         r["all_seconds"] = [x["seconds"] for x in rs]
-        direction = "d2h" if phase.endswith("sleep") or phase == "reserve" else "h2d"
+        direction = "d2h" if phase.endswith("sleep") else "h2d"
         if phase.endswith("_sleep") or phase.endswith("_wake"):
             r["raw_GBps"] = raw[direction]
             r["GBps"] = r["bytes"] / r["seconds"] / 1e9
@@ -216,14 +251,15 @@ def summarize(records, raw):
             r["target"] = f"ratio >= {target}"
             r["met"] = r["ratio"] >= target
         out.append(r)
-    # Cold sleep against the same scenario's store preparation (reserve) time.
+    # Cold sleep against populating the same bytes of fresh huge-page memory (same process).
     for r in out:
         if r["phase"] == "cold_sleep" and r["policy"] == "keep":
-            prep = next((x for x in out if x["scenario"] == r["scenario"] and x["phase"] == "reserve"), None)
+            prep = next((x for x in out if x["scenario"] == r["scenario"] and x["policy"] == "keep"
+                         and x["phase"] == "populate"), None)
             if prep:
                 r["populate_seconds"] = prep["seconds"]
                 r["vs_populate"] = r["seconds"] / prep["seconds"]
-                r["target"] = "seconds <= 1.3 x populating the same bytes (reserve)"
+                r["target"] = "seconds <= 1.3 x populating the same bytes of fresh huge-page memory"
                 r["met"] = r["vs_populate"] <= 1.3
         if r["phase"] == "cold_sleep" and r["policy"] == "reserve":
             warm = next((x for x in out if x["scenario"] == r["scenario"] and x["policy"] == "reserve"

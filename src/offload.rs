@@ -328,55 +328,89 @@ fn request_blocks(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) {
 }
 
 /// The background grower: prepares chunks until the store holds what was asked for.
+///
+/// Two stages overlap: while this thread registers chunk k with the driver, worker threads
+/// populate chunk k+1.
 fn grow(backend: Arc<dyn Backend>, device: i32, threads: usize) {
+    // A chunk that is mapped and populated but not yet registered: (address, length).
+    let mut populated: Option<(usize, usize)> = None;
     loop {
-        let chunk_bytes = {
+        let next = {
             let mut guard = STORE.lock();
             let Some(s) = guard.as_mut() else { return };
-            if s.held_blocks >= s.want_blocks {
+            let in_flight = populated.map_or(0, |(_, len)| len / HOST_BLOCK);
+            if populated.is_none() && s.held_blocks >= s.want_blocks {
                 s.growing = false;
                 drop(guard);
                 READY.notify_all();
                 return;
             }
-            s.chunk_bytes
+            (s.held_blocks + in_flight < s.want_blocks).then_some(s.chunk_bytes)
         };
-        match prepare_chunk(&*backend, device, chunk_bytes, threads) {
-            Ok(ptr) => {
-                with_store(|s| {
-                    let id = s.next_id;
-                    s.next_id += 1;
-                    let blocks = chunk_bytes / HOST_BLOCK;
-                    s.chunks.insert(
-                        id,
-                        Chunk {
-                            ptr,
-                            len: chunk_bytes,
-                            device,
-                            used: vec![false; blocks],
-                            used_blocks: 0,
-                        },
-                    );
-                    s.held_blocks += blocks;
-                });
-                READY.notify_all();
-            }
-            Err(err) => {
-                log::error!("devmem: growing the host store: {err}");
-                with_store(|s| {
-                    s.growing = false;
-                    s.want_blocks = s.held_blocks;
-                    s.grow_error = Some(err);
-                });
-                READY.notify_all();
-                return;
-            }
+        let (registered, upcoming) = std::thread::scope(|scope| {
+            let upcoming = next.map(|len| scope.spawn(move || map_and_populate(len, threads)));
+            let registered = populated
+                .take()
+                .map(|(ptr, len)| register_chunk(&*backend, device, ptr, len).map(|()| (ptr, len)));
+            let upcoming = upcoming.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::new(devmem_status::Panic, "the host-store populate thread panicked"))
+                })
+            });
+            (registered, upcoming)
+        });
+        let mut failure = None;
+        match registered {
+            Some(Ok((ptr, len))) => add_chunk(ptr, len, device),
+            Some(Err(err)) => failure = Some(err),
+            None => {}
+        }
+        match upcoming {
+            Some(Ok(chunk)) if failure.is_none() => populated = Some(chunk),
+            Some(Ok((ptr, len))) => unmap(ptr, len),
+            Some(Err(err)) => failure = failure.or(Some(err)),
+            None => {}
+        }
+        if let Some(err) = failure {
+            log::error!("devmem: growing the host store: {err}");
+            with_store(|s| {
+                s.growing = false;
+                s.want_blocks = s.held_blocks;
+                s.grow_error = Some(err);
+            });
+            READY.notify_all();
+            return;
         }
     }
 }
 
-/// Maps, populates (in parallel) and registers one chunk; returns its address.
-fn prepare_chunk(backend: &dyn Backend, device: i32, len: usize, threads: usize) -> Result<usize> {
+fn add_chunk(ptr: usize, len: usize, device: i32) {
+    with_store(|s| {
+        let id = s.next_id;
+        s.next_id += 1;
+        let blocks = len / HOST_BLOCK;
+        s.chunks.insert(
+            id,
+            Chunk {
+                ptr,
+                len,
+                device,
+                used: vec![false; blocks],
+                used_blocks: 0,
+            },
+        );
+        s.held_blocks += blocks;
+    });
+    READY.notify_all();
+}
+
+fn unmap(ptr: usize, len: usize) {
+    // SAFETY: `ptr..ptr+len` is a mapping made by `map_and_populate` that nothing uses.
+    unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
+}
+
+/// Maps and populates (in parallel) one chunk of host memory; returns (address, length).
+fn map_and_populate(len: usize, threads: usize) -> Result<(usize, usize)> {
     // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
     let raw = unsafe {
         libc::mmap(
@@ -395,16 +429,17 @@ fn prepare_chunk(backend: &dyn Backend, device: i32, len: usize, threads: usize)
             std::io::Error::last_os_error()
         );
     }
-    let base = raw as usize;
     // SAFETY: advice on the mapping made above; failure only means no huge pages.
     unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
-    populate(base, len, threads);
-    if let Err(err) = backend.host_register(device, raw.cast(), len) {
-        // SAFETY: unmapping the mapping made above, which nothing uses.
-        unsafe { libc::munmap(raw, len) };
-        return Err(err);
-    }
-    Ok(base)
+    populate(raw as usize, len, threads);
+    Ok((raw as usize, len))
+}
+
+/// Registers a populated chunk with the driver; unmaps it if the driver refuses.
+fn register_chunk(backend: &dyn Backend, device: i32, ptr: usize, len: usize) -> Result<()> {
+    backend
+        .host_register(device, ptr as *mut u8, len)
+        .inspect_err(|_| unmap(ptr, len))
 }
 
 /// Faults in `[base, base+len)` with `threads` threads: MADV_POPULATE_WRITE where the kernel has
