@@ -46,32 +46,16 @@ def rss_bytes():
     return 0
 
 
-def populate_seconds(nbytes, threads):
-    """Time to map and populate ``nbytes`` of fresh huge-page host memory with ``threads``
-    threads (madvise MADV_POPULATE_WRITE through ctypes, which releases the GIL), the way
-    devmem's host store populates, without the driver registration."""
-    import ctypes
-    import threading
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    PROT_RW, MAP_PRIVATE_ANON, MADV_HUGEPAGE, MADV_POPULATE_WRITE = 3, 0x22, 14, 23
-    t0 = time.perf_counter()
-    base = libc.mmap(None, nbytes, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
-    libc.madvise(base, nbytes, MADV_HUGEPAGE)
-    step = -(-nbytes // threads // (2 * MIB)) * 2 * MIB
-    workers = [threading.Thread(target=libc.madvise, args=(base + off, min(step, nbytes - off), MADV_POPULATE_WRITE))
-               for off in range(0, nbytes, step)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    seconds = time.perf_counter() - t0
-    libc.munmap(base, nbytes)
-    return seconds
+def populate_seconds(nbytes, threads, chunk=256 * MIB):
+    """Time to map and populate ``nbytes`` of fresh huge-page host memory the way devmem's host
+    store does (bench/populate.c: chunks, MADV_HUGEPAGE, MADV_POPULATE_WRITE across
+    ``threads`` threads), without the driver registration."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    exe = os.path.join("/tmp", "devmem_bench_populate")
+    if not os.path.exists(exe):
+        subprocess.run(["cc", "-O2", "-pthread", "-o", exe, os.path.join(here, "populate.c")], check=True)
+    out = subprocess.run([exe, str(nbytes), str(threads), str(chunk)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip())
 
 
 def raw_bandwidth(torch, nbytes=4 * GIB, repeats=5):
