@@ -48,7 +48,7 @@ def rss_bytes():
 
 def populate_seconds(nbytes, threads, chunk=256 * MIB):
     """Time to map and populate ``nbytes`` of fresh huge-page host memory the way devmem's host
-    store does (bench/populate.c: chunks, MADV_HUGEPAGE, MADV_POPULATE_WRITE across
+    store does (bench/populate.c: chunks, MADV_HUGEPAGE, one write per page across
     ``threads`` threads), without the driver registration."""
     here = os.path.dirname(os.path.abspath(__file__))
     exe = os.path.join("/tmp", "devmem_bench_populate")
