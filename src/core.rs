@@ -337,7 +337,9 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
             backup: None,
         };
         let info = allocation.info();
-        reg.allocations.insert(va, allocation);
+        if reg.allocations.insert(va, allocation).is_some() {
+            log::error!("devmem: the driver returned {va:#x}, which a live allocation still holds");
+        }
         reg.account(&tag, rounded, None, Some(devmem_state::Mapped));
         (info, reg.callbacks)
     });
@@ -400,18 +402,33 @@ pub fn free(ptr: u64) -> Result<()> {
             return Err(err.context(context()));
         }
     }
+    // The record leaves the registry before the address range goes back to the driver: once
+    // freed, the driver may hand the same range to a concurrent malloc, whose record must not
+    // be clobbered by this one.
+    let Some(mut allocation) = with_registry(|reg| reg.allocations.remove(&ptr)) else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} was freed by another thread meanwhile"
+        );
+    };
     if let Err(err) = backend.free_va(device, ptr, size) {
-        with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, None, None));
+        with_registry(|reg| {
+            reg.allocations.insert(ptr, allocation);
+            reg.transition(ptr, devmem_state::Discarded, None, None);
+        });
         return Err(err.context(context()));
     }
     with_registry(|reg| {
-        if let Some(a) = reg.allocations.remove(&ptr) {
-            reg.account(&a.tag, a.size, Some(a.state), None);
-            if let Some(buffer) = a.backup {
-                offload::give_back(buffer);
-            }
-        }
+        reg.account(
+            &allocation.tag,
+            allocation.size,
+            Some(allocation.state),
+            None,
+        )
     });
+    if let Some(backup) = allocation.backup.take() {
+        offload::give_back(backup);
+    }
     log::debug!("devmem: freed {size} bytes at {ptr:#x}");
     Ok(())
 }

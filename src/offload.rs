@@ -5,9 +5,9 @@
 //! (`DEVMEM_HOST_THREADS`), then registered with the driver. A chunk is divided into 2 MiB
 //! blocks; a backup is a list of block runs (extents), so device allocations (multiples of the
 //! 2 MiB granularity) use exactly their size and the store never holds more than the backups
-//! plus one chunk while it grows. Chunks are prepared by a background grower, one at a time,
-//! and each becomes usable as soon as it is ready, so a cold sleep copies into the first chunks
-//! while later ones are still being populated.
+//! plus one chunk per grower worker while it grows. Chunks are prepared in the background by a
+//! few workers at once, and each becomes usable as soon as it is ready, so a cold sleep copies
+//! into the first chunks while later ones are still being populated and registered.
 //!
 //! Policies: `Keep` (default) keeps the chunks after wake for the next sleep; `Release` frees
 //! every chunk no backup uses once a wake has restored it. `reserve` grows the store ahead of
@@ -111,6 +111,8 @@ struct Store {
     /// Blocks the grower has been asked to have in total (ready or being prepared).
     want_blocks: usize,
     held_blocks: usize,
+    /// Blocks of chunks being prepared right now.
+    in_flight_blocks: usize,
     used_blocks: usize,
     growing: bool,
     grow_error: Option<Error>,
@@ -140,6 +142,7 @@ impl Store {
             next_id: 1,
             want_blocks: 0,
             held_blocks: 0,
+            in_flight_blocks: 0,
             used_blocks: 0,
             growing: false,
             grow_error: None,
@@ -329,57 +332,50 @@ fn request_blocks(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) {
 
 /// The background grower: prepares chunks until the store holds what was asked for.
 ///
-/// Two stages overlap: while this thread registers chunk k with the driver, worker threads
-/// populate chunk k+1.
+/// Several workers run at once, each taking the next missing chunk through all its stages
+/// (map, fault in, register), so the driver's registration of one chunk overlaps the
+/// population and registration of others. The fault-in threads are shared out among them.
 fn grow(backend: Arc<dyn Backend>, device: i32, threads: usize) {
-    // A chunk that is mapped and populated but not yet registered: (address, length).
-    let mut populated: Option<(usize, usize)> = None;
+    let workers = REGISTER_WORKERS.min(threads).max(1);
+    let per_worker = (threads / workers).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let backend = &backend;
+            scope.spawn(move || grow_worker(&**backend, device, per_worker));
+        }
+    });
+    with_store(|s| s.growing = false);
+    READY.notify_all();
+}
+
+/// Chunks being prepared at once.
+const REGISTER_WORKERS: usize = 4;
+
+fn grow_worker(backend: &dyn Backend, device: i32, threads: usize) {
     loop {
-        let next = {
+        let len = {
             let mut guard = STORE.lock();
             let Some(s) = guard.as_mut() else { return };
-            let in_flight = populated.map_or(0, |(_, len)| len / HOST_BLOCK);
-            if populated.is_none() && s.held_blocks >= s.want_blocks {
-                s.growing = false;
-                drop(guard);
+            if s.grow_error.is_some() || s.held_blocks + s.in_flight_blocks >= s.want_blocks {
+                return;
+            }
+            s.in_flight_blocks += s.chunk_bytes / HOST_BLOCK;
+            s.chunk_bytes
+        };
+        let prepared = map_and_populate(len, threads)
+            .and_then(|(ptr, len)| register_chunk(backend, device, ptr, len).map(|()| ptr));
+        with_store(|s| s.in_flight_blocks -= len / HOST_BLOCK);
+        match prepared {
+            Ok(ptr) => add_chunk(ptr, len, device),
+            Err(err) => {
+                log::error!("devmem: growing the host store: {err}");
+                with_store(|s| {
+                    s.want_blocks = s.held_blocks + s.in_flight_blocks;
+                    s.grow_error.get_or_insert(err);
+                });
                 READY.notify_all();
                 return;
             }
-            (s.held_blocks + in_flight < s.want_blocks).then_some(s.chunk_bytes)
-        };
-        let (registered, upcoming) = std::thread::scope(|scope| {
-            let upcoming = next.map(|len| scope.spawn(move || map_and_populate(len, threads)));
-            let registered = populated
-                .take()
-                .map(|(ptr, len)| register_chunk(&*backend, device, ptr, len).map(|()| (ptr, len)));
-            let upcoming = upcoming.map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::new(devmem_status::Panic, "the host-store populate thread panicked"))
-                })
-            });
-            (registered, upcoming)
-        });
-        let mut failure = None;
-        match registered {
-            Some(Ok((ptr, len))) => add_chunk(ptr, len, device),
-            Some(Err(err)) => failure = Some(err),
-            None => {}
-        }
-        match upcoming {
-            Some(Ok(chunk)) if failure.is_none() => populated = Some(chunk),
-            Some(Ok((ptr, len))) => unmap(ptr, len),
-            Some(Err(err)) => failure = failure.or(Some(err)),
-            None => {}
-        }
-        if let Some(err) = failure {
-            log::error!("devmem: growing the host store: {err}");
-            with_store(|s| {
-                s.growing = false;
-                s.want_blocks = s.held_blocks;
-                s.grow_error = Some(err);
-            });
-            READY.notify_all();
-            return;
         }
     }
 }
