@@ -336,7 +336,10 @@ fn request_blocks(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) {
 /// (map, fault in, register), so the driver's registration of one chunk overlaps the
 /// population and registration of others. The fault-in threads are shared out among them.
 fn grow(backend: Arc<dyn Backend>, device: i32, threads: usize) {
-    let workers = REGISTER_WORKERS.min(threads).max(1);
+    let workers = env_usize("DEVMEM_HOST_WORKERS")
+        .unwrap_or(REGISTER_WORKERS)
+        .min(threads)
+        .max(1);
     let per_worker = (threads / workers).max(1);
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -348,7 +351,7 @@ fn grow(backend: Arc<dyn Backend>, device: i32, threads: usize) {
     READY.notify_all();
 }
 
-/// Chunks being prepared at once.
+/// Chunks being prepared at once (`DEVMEM_HOST_WORKERS` overrides).
 const REGISTER_WORKERS: usize = 4;
 
 fn grow_worker(backend: &dyn Backend, device: i32, threads: usize) {
