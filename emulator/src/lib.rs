@@ -946,6 +946,18 @@ pub unsafe extern "C" fn cuemu_calls(name: *const c_char) -> u64 {
         .unwrap_or(0)
 }
 
+/// What is mapped at `va`: 0 nothing, 1 mapped without access, 2 mapped read-write.
+#[no_mangle]
+pub extern "C" fn cuemu_mapping(va: u64) -> c_int {
+    lock()
+        .as_ref()
+        .map_or(0, |emu| match emu.mappings.get(&va) {
+            Some(m) if m.accessible => 2,
+            Some(_) => 1,
+            None => 0,
+        })
+}
+
 /// Sets a device's capacity in bytes.
 #[no_mangle]
 pub extern "C" fn cuemu_set_capacity(device: c_int, bytes: usize) -> R {

@@ -47,6 +47,7 @@ pub struct Emu {
     calls: unsafe extern "C" fn(*const c_char) -> u64,
     set_capacity: unsafe extern "C" fn(c_int, usize) -> c_uint,
     clear_faults: unsafe extern "C" fn() -> c_uint,
+    mapping: unsafe extern "C" fn(u64) -> c_int,
 }
 
 /// Mirrors the emulator's CuemuCounters.
@@ -79,6 +80,7 @@ pub fn emu() -> &'static Emu {
                 clear_faults: *lib
                     .get(b"cuemu_clear_faults\0")
                     .expect("cuemu_clear_faults"),
+                mapping: *lib.get(b"cuemu_mapping\0").expect("cuemu_mapping"),
                 _lib: lib,
             }
         }
@@ -109,6 +111,12 @@ impl Emu {
     pub fn set_capacity(&self, device: i32, bytes: usize) {
         // SAFETY: plain values.
         assert_eq!(unsafe { (self.set_capacity)(device, bytes) }, 0);
+    }
+
+    /// 0: nothing mapped at `va`; 1: mapped without access; 2: mapped read-write.
+    pub fn mapping(&self, va: u64) -> i32 {
+        // SAFETY: plain value.
+        unsafe { (self.mapping)(va) }
     }
 
     pub fn clear_faults(&self) {
@@ -163,12 +171,22 @@ pub fn pattern(seed: u64, i: usize) -> u8 {
     (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8
 }
 
+/// The pattern for `seed` repeats every 251 bytes; this is one period starting at `offset`.
+fn period(seed: u64) -> [u8; 251] {
+    let mut p = [0u8; 251];
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = pattern(seed, i);
+    }
+    p
+}
+
 /// Fills an emulated device range with the pattern for `seed`.
 pub fn fill(ptr: u64, len: usize, seed: u64) {
     // SAFETY: emulated device memory is host memory, mapped read-write while awake.
     let bytes = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = pattern(seed, i);
+    let p = period(seed);
+    for chunk in bytes.chunks_mut(251) {
+        chunk.copy_from_slice(&p[..chunk.len()]);
     }
 }
 
@@ -176,11 +194,12 @@ pub fn fill(ptr: u64, len: usize, seed: u64) {
 pub fn mismatches(ptr: u64, len: usize, seed: u64) -> usize {
     // SAFETY: as in `fill`.
     let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    let p = period(seed);
     bytes
-        .iter()
-        .enumerate()
-        .filter(|(i, b)| **b != pattern(seed, *i))
-        .count()
+        .chunks(251)
+        .filter(|chunk| *chunk != &p[..chunk.len()])
+        .map(|chunk| chunk.iter().zip(p.iter()).filter(|(a, b)| a != b).count())
+        .sum()
 }
 
 pub fn tags(list: &[&str]) -> (Vec<CString>, Vec<*const c_char>) {
