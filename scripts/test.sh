@@ -31,13 +31,18 @@ ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so
 (cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
 
 step "install the package into build/prefix"
-rm -rf build/pkg build/prefix build/ctests
+rm -rf build/pkg build/prefix build/ctests build/ctests-asan
 cmake -S . -B build/pkg -DCMAKE_INSTALL_PREFIX="$PWD/build/prefix" >/dev/null
 cmake --install build/pkg
 valgrind_opt=OFF
 if command -v valgrind >/dev/null 2>&1; then valgrind_opt=ON; fi
 step "C tests against the installed package and the emulator (valgrind: $valgrind_opt)"
 cmake -S ctests -B build/ctests -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
-  -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_VALGRIND="$valgrind_opt" >/dev/null
+  -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_VALGRIND="$valgrind_opt" -DDEVMEM_SOAK_CYCLES=10 >/dev/null
 cmake --build build/ctests -j "$jobs"
 ctest --test-dir build/ctests --output-on-failure -j "$jobs"
+step "C tests under AddressSanitizer and UBSan, against the emulator"
+cmake -S ctests -B build/ctests-asan -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
+  -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_SANITIZE=ON -DDEVMEM_SOAK_CYCLES=5 >/dev/null
+cmake --build build/ctests-asan -j "$jobs"
+ctest --test-dir build/ctests-asan --output-on-failure -j "$jobs"

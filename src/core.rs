@@ -286,13 +286,21 @@ pub fn validate_tag(tag: &str) -> Result<()> {
 /// Sets the calling thread's tag for later allocations.
 pub fn set_current_tag(tag: &str) -> Result<()> {
     validate_tag(tag)?;
-    CURRENT_TAG.with(|t| *t.borrow_mut() = Arc::from(tag));
-    Ok(())
+    CURRENT_TAG
+        .try_with(|t| *t.borrow_mut() = Arc::from(tag))
+        .map_err(|_| {
+            Error::new(
+                devmem_status::InvalidState,
+                "the calling thread is exiting: its tag can no longer be set",
+            )
+        })
 }
 
-/// The calling thread's tag.
+/// The calling thread's tag (the default tag once the thread's storage is gone at exit).
 pub fn current_tag() -> Arc<str> {
-    CURRENT_TAG.with(|t| Arc::clone(&t.borrow()))
+    CURRENT_TAG
+        .try_with(|t| Arc::clone(&t.borrow()))
+        .unwrap_or_else(|_| Arc::from(DEFAULT_TAG))
 }
 
 /// Allocates `size` bytes on `device` under the calling thread's tag and returns the address.

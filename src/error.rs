@@ -142,18 +142,33 @@ thread_local! {
     static LAST_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
 }
 
+// The thread-local slot is reached with `try_with`: during thread or process exit (an atexit
+// handler, a static destructor) it may already be destroyed, and devmem must then go on
+// without a message rather than panic.
+
 /// Records `err` as the calling thread's last error.
 pub fn set_last_error(err: &Error) {
     log::debug!("devmem error: {err}");
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(err.clone()));
+    let _ = LAST_ERROR.try_with(|slot| {
+        if let Ok(mut slot) = slot.try_borrow_mut() {
+            *slot = Some(err.clone());
+        }
+    });
 }
 
 /// Forgets the calling thread's last error.
 pub fn clear_last_error() {
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = None);
+    let _ = LAST_ERROR.try_with(|slot| {
+        if let Ok(mut slot) = slot.try_borrow_mut() {
+            *slot = None;
+        }
+    });
 }
 
 /// The calling thread's last error, if the last fallible call failed.
 pub fn last_error() -> Option<Error> {
-    LAST_ERROR.with(|slot| slot.borrow().clone())
+    LAST_ERROR
+        .try_with(|slot| slot.try_borrow().ok().and_then(|e| e.clone()))
+        .ok()
+        .flatten()
 }
