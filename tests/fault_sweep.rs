@@ -158,20 +158,7 @@ fn cleanup(world: World) {
     free_all(&world.weights);
     free_all(&world.kv);
     free_all(&world.extra);
-    let mut freed = 0usize;
-    ok(ffi::devmem_release_host_store(&mut freed));
-    let c = emu().counters();
-    assert_eq!(
-        (
-            c.handles,
-            c.mappings,
-            c.reservations,
-            c.used_bytes,
-            c.host_registered
-        ),
-        (0, 0, 0, 0, 0),
-        "leak after cleanup: {c:?}"
-    );
+    release_store_and_assert_clean();
 }
 
 fn seeds_of(world: &World) -> Vec<(u64, u64, usize)> {

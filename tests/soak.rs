@@ -63,20 +63,7 @@ fn a_thousand_cycles_leak_nothing() {
     assert_eq!(open_fds(), fds0, "file descriptors leaked");
     free_all(&weights);
     free_all(&kv);
-    let mut freed = 0usize;
-    ok(ffi::devmem_release_host_store(&mut freed));
-    let c = emu().counters();
-    assert_eq!(
-        (
-            c.handles,
-            c.mappings,
-            c.reservations,
-            c.used_bytes,
-            c.host_registered
-        ),
-        (0, 0, 0, 0, 0),
-        "{c:?}"
-    );
+    release_store_and_assert_clean();
     eprintln!(
         "{cycles} cycles: RSS growth {growth} bytes, {} fds",
         open_fds()

@@ -264,3 +264,23 @@ pub fn assert_no_device_leaks() {
         "{c:?}"
     );
 }
+
+/// Frees the host store and asserts the emulator holds nothing at all: no handle, mapping,
+/// reservation, device byte or registered host range.
+#[track_caller]
+pub fn release_store_and_assert_clean() {
+    let mut freed = 0usize;
+    ok(ffi::devmem_release_host_store(&mut freed));
+    let c = emu().counters();
+    assert_eq!(
+        (
+            c.handles,
+            c.mappings,
+            c.reservations,
+            c.used_bytes,
+            c.host_registered
+        ),
+        (0, 0, 0, 0, 0),
+        "leak: {c:?}"
+    );
+}
