@@ -58,14 +58,31 @@ fn tag_list(mask: &[bool; 3]) -> Vec<&'static str> {
         .collect()
 }
 
+/// Tag names for one thread of the threaded run ("t1.a", ...); the single-threaded run uses
+/// the plain names.
+fn tag_name(thread: Option<usize>, tag: usize) -> String {
+    match thread {
+        None => TAGS[tag].to_string(),
+        Some(t) => format!("t{t}.{}", TAGS[tag]),
+    }
+}
+
 fn apply(step: &Step, model: &mut Vec<Model>) {
+    apply_as(None, step, model);
+}
+
+/// Applies a step for `thread` (None: the only thread). Threads own disjoint tags, so each
+/// thread's model is exact even while the others run; a global sleep would touch every
+/// thread's allocations, so threads turn it into per-tag offloads and discards.
+fn apply_as(thread: Option<usize>, step: &Step, model: &mut Vec<Model>) {
+    let name = |tag: usize| tag_name(thread, tag);
     match step {
         Step::Malloc { blocks, tag } => {
             if model.len() >= 16 {
                 return;
             }
             let size = blocks * 2 * MIB;
-            let ptr = alloc(size, TAGS[*tag]);
+            let ptr = alloc(size, &name(*tag));
             model.push(Model {
                 ptr,
                 size,
@@ -96,6 +113,25 @@ fn apply(step: &Step, model: &mut Vec<Model>) {
                 }
             }
         }
+        Step::Sleep { offload } if thread.is_some() => {
+            for (tag, keep) in offload.iter().enumerate() {
+                let t = name(tag);
+                let (_o, list) = tags(&[t.as_str()]);
+                if *keep {
+                    ok(ffi::devmem_offload(list.as_ptr(), 1));
+                } else {
+                    ok(ffi::devmem_discard(list.as_ptr(), 1));
+                }
+            }
+            for m in model.iter_mut().filter(|m| m.state == devmem_state::Mapped) {
+                if offload[m.tag] {
+                    m.state = devmem_state::Offloaded;
+                } else {
+                    m.state = devmem_state::Discarded;
+                    m.contents = None;
+                }
+            }
+        }
         Step::Sleep { offload } => {
             ok(sleep(&tag_list(offload)));
             for m in model.iter_mut().filter(|m| m.state == devmem_state::Mapped) {
@@ -108,7 +144,8 @@ fn apply(step: &Step, model: &mut Vec<Model>) {
             }
         }
         Step::Offload { tag } => {
-            let (_o, t) = tags(&[TAGS[*tag]]);
+            let n = name(*tag);
+            let (_o, t) = tags(&[n.as_str()]);
             ok(ffi::devmem_offload(t.as_ptr(), 1));
             for m in model
                 .iter_mut()
@@ -118,7 +155,8 @@ fn apply(step: &Step, model: &mut Vec<Model>) {
             }
         }
         Step::Discard { tag } => {
-            let (_o, t) = tags(&[TAGS[*tag]]);
+            let n = name(*tag);
+            let (_o, t) = tags(&[n.as_str()]);
             ok(ffi::devmem_discard(t.as_ptr(), 1));
             for m in model
                 .iter_mut()
@@ -129,9 +167,14 @@ fn apply(step: &Step, model: &mut Vec<Model>) {
             }
         }
         Step::Wake { tag } => {
-            match tag {
-                None => ok(wake(None)),
-                Some(t) => ok(wake(Some(&[TAGS[*t]]))),
+            match (tag, thread) {
+                (None, None) => ok(wake(None)),
+                (None, Some(_)) => {
+                    let names: Vec<String> = (0..3).map(name).collect();
+                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                    ok(wake(Some(&refs)));
+                }
+                (Some(t), _) => ok(wake(Some(&[name(*t).as_str()]))),
             }
             for m in model.iter_mut().filter(|m| tag.is_none_or(|t| m.tag == t)) {
                 if m.state == devmem_state::Offloaded {
@@ -221,6 +264,56 @@ proptest! {
         for m in &model {
             ok(ffi::devmem_free(m.ptr as *mut c_void));
         }
+        assert_no_device_leaks();
+    }
+}
+
+/// Per-thread check for the threaded run: states, mappings and bytes of this thread's
+/// allocations (global statistics move with the other threads).
+fn check_own(model: &[Model]) {
+    for m in model {
+        assert_eq!(state(m.ptr), m.state, "state of {:#x}", m.ptr);
+        let expected_mapping = if m.state == devmem_state::Mapped {
+            2
+        } else {
+            0
+        };
+        assert_eq!(
+            emu().mapping(m.ptr),
+            expected_mapping,
+            "mapping of {:#x}",
+            m.ptr
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(500) / 5,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Three threads, each with its own tags and model, run their sequences at once.
+    #[test]
+    fn threads_follow_their_models(
+        programs in proptest::collection::vec(proptest::collection::vec(step(), 1..=ops()), 3)
+    ) {
+        setup(&[("DEVMEM_EMU_CAPACITY", "512M")]);
+        std::thread::scope(|scope| {
+            for (t, program) in programs.iter().enumerate() {
+                scope.spawn(move || {
+                    let mut model: Vec<Model> = Vec::new();
+                    for s in program {
+                        apply_as(Some(t), s, &mut model);
+                        check_own(&model);
+                    }
+                    for m in &model {
+                        ok(ffi::devmem_free(m.ptr as *mut c_void));
+                    }
+                });
+            }
+        });
         assert_no_device_leaks();
     }
 }
