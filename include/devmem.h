@@ -111,6 +111,27 @@ typedef int32_t devmem_host_policy;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// Which backend to load.
+enum devmem_backend
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // CUDA when a CUDA driver with at least one device loads, else Level Zero.
+  DEVMEM_BACKEND_AUTO = 0,
+  // The CUDA driver (`libcuda.so.1`).
+  DEVMEM_BACKEND_CUDA = 1,
+  // Level Zero (`libze_loader.so.1`).
+  DEVMEM_BACKEND_LEVEL_ZERO = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum devmem_backend devmem_backend;
+#else
+typedef int32_t devmem_backend;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // What one sleep, offload, discard or wake did.
 typedef struct devmem_transfer {
   // Allocations whose state changed.
@@ -294,6 +315,24 @@ devmem_status devmem_get_host_policy(devmem_host_policy *out);
 // sleep runs as fast as later ones. The memory is prepared in the background; with `wait`
 // non-zero the call returns once it is ready (or failed).
 devmem_status devmem_reserve_host_store(size_t bytes, int wait);
+
+// Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
+// else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the
+// first allocation; once a backend is loaded, choosing another gives
+// `DEVMEM_STATUS_INVALID_STATE`. The environment variable `DEVMEM_BACKEND=cuda|level_zero|auto`
+// chooses when this is never called.
+devmem_status devmem_select_backend(int backend);
+
+// Writes the loaded backend (loading it if needed) to `*out`: `DEVMEM_BACKEND_CUDA` or
+// `DEVMEM_BACKEND_LEVEL_ZERO`.
+devmem_status devmem_get_backend(devmem_backend *out);
+
+// Hands devmem the Level Zero context and devices to work in (a `ze_context_handle_t` and
+// `n` `ze_device_handle_t`s, e.g. from SYCL's `get_native`); device ordinal i is
+// `devices[i]`. Memory mapped in one Level Zero context is invisible in another, so an
+// application whose queues use their own context must call this before devmem's first
+// allocation. Without it devmem uses the driver's default context, or creates one.
+devmem_status devmem_set_level_zero_context(void *context, void *const *devices, size_t n);
 
 // Copies the calling thread's last error message, NUL-terminated and truncated to fit, into
 // `buf` of `len` bytes. Returns the message length without the NUL (like `snprintf`), 0 when

@@ -11,6 +11,7 @@ use std::ffi::{c_char, c_int, c_ulonglong, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
+use crate::backend::devmem_backend;
 use crate::core::{
     self, devmem_allocation_callback, devmem_allocation_info, devmem_stats, devmem_transfer,
     DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
@@ -529,6 +530,79 @@ pub extern "C" fn devmem_get_host_policy(out: *mut devmem_host_policy) -> devmem
 #[no_mangle]
 pub extern "C" fn devmem_reserve_host_store(bytes: usize, wait: c_int) -> devmem_status {
     guard(|| core::reserve_host_store(bytes, wait != 0))
+}
+
+/// Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
+/// else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the
+/// first allocation; once a backend is loaded, choosing another gives
+/// `DEVMEM_STATUS_INVALID_STATE`. The environment variable `DEVMEM_BACKEND=cuda|level_zero|auto`
+/// chooses when this is never called.
+#[no_mangle]
+pub extern "C" fn devmem_select_backend(backend: c_int) -> devmem_status {
+    guard(|| match devmem_backend::from_raw(backend) {
+        Some(kind) => crate::backend::select(kind),
+        None => bail!(
+            InvalidArgument,
+            "backend {backend} is not a devmem_backend value"
+        ),
+    })
+}
+
+/// Writes the loaded backend (loading it if needed) to `*out`: `DEVMEM_BACKEND_CUDA` or
+/// `DEVMEM_BACKEND_LEVEL_ZERO`.
+#[no_mangle]
+pub extern "C" fn devmem_get_backend(out: *mut devmem_backend) -> devmem_status {
+    guard(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out is NULL");
+        }
+        let kind = match crate::backend::get()?.name() {
+            "level_zero" => devmem_backend::LevelZero,
+            _ => devmem_backend::Cuda,
+        };
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", kind) }
+    })
+}
+
+/// Hands devmem the Level Zero context and devices to work in (a `ze_context_handle_t` and
+/// `n` `ze_device_handle_t`s, e.g. from SYCL's `get_native`); device ordinal i is
+/// `devices[i]`. Memory mapped in one Level Zero context is invisible in another, so an
+/// application whose queues use their own context must call this before devmem's first
+/// allocation. Without it devmem uses the driver's default context, or creates one.
+#[no_mangle]
+pub extern "C" fn devmem_set_level_zero_context(
+    context: *mut c_void,
+    devices: *const *mut c_void,
+    n: usize,
+) -> devmem_status {
+    guard(|| {
+        if context.is_null() {
+            bail!(NullPointer, "context is NULL");
+        }
+        if devices.is_null() || n == 0 {
+            bail!(
+                NullPointer,
+                "devices is NULL or n is 0: name at least one device"
+            );
+        }
+        if crate::backend::is_loaded() {
+            bail!(
+                InvalidState,
+                "the backend is already loaded; hand over the context before the first allocation"
+            );
+        }
+        // SAFETY: the caller passes `n` readable device handles.
+        let list = unsafe { std::slice::from_raw_parts(devices, n) };
+        if list.iter().any(|d| d.is_null()) {
+            bail!(NullPointer, "a device handle is NULL");
+        }
+        crate::backend::level_zero::hand_over(
+            context as usize,
+            list.iter().map(|d| *d as usize).collect(),
+        );
+        crate::backend::select(devmem_backend::LevelZero)
+    })
 }
 
 /// Copies the calling thread's last error message, NUL-terminated and truncated to fit, into

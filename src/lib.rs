@@ -21,6 +21,7 @@ pub mod ffi;
 mod logging;
 pub(crate) mod offload;
 
+pub use crate::backend::devmem_backend;
 pub use crate::core::{
     devmem_allocation_callback, devmem_allocation_info, devmem_counter, devmem_state, devmem_stats,
     devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN, DEVMEM_TAG_BUFFER_LEN,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, HostMemory};
 use crate::error::{bail, devmem_status, Error, Result};
 
 /// Backups are made of blocks of this size (the device granularity on current GPUs).
@@ -365,8 +365,11 @@ fn grow_worker(backend: &dyn Backend, device: i32, threads: usize) {
             s.in_flight_blocks += s.chunk_bytes / HOST_BLOCK;
             s.chunk_bytes
         };
-        let prepared = map_and_populate(len, threads)
-            .and_then(|(ptr, len)| register_chunk(backend, device, ptr, len).map(|()| ptr));
+        let prepared = match backend.host_memory() {
+            HostMemory::Register => map_and_populate(len, threads)
+                .and_then(|(ptr, len)| register_chunk(backend, device, ptr, len).map(|()| ptr)),
+            HostMemory::Allocate => backend.alloc_host(device, len).map(|p| p as usize),
+        };
         with_store(|s| s.in_flight_blocks -= len / HOST_BLOCK);
         match prepared {
             Ok(ptr) => add_chunk(ptr, len, device),
@@ -466,12 +469,14 @@ fn free_chunks(backend: &dyn Backend, chunks: Vec<Chunk>) -> Result<usize> {
     let mut freed = 0;
     let mut first_error = None;
     for chunk in chunks {
-        match backend.host_unregister(chunk.device, chunk.ptr as *mut u8) {
-            Ok(()) => {
-                // SAFETY: the chunk was mapped by `prepare_chunk` and no backup uses it.
-                unsafe { libc::munmap(chunk.ptr as *mut libc::c_void, chunk.len) };
-                freed += chunk.len;
-            }
+        let released = match backend.host_memory() {
+            HostMemory::Register => backend
+                .host_unregister(chunk.device, chunk.ptr as *mut u8)
+                .map(|()| unmap(chunk.ptr, chunk.len)),
+            HostMemory::Allocate => backend.free_host(chunk.device, chunk.ptr as *mut u8),
+        };
+        match released {
+            Ok(()) => freed += chunk.len,
             Err(err) => {
                 first_error.get_or_insert(err);
                 with_store(|s| {

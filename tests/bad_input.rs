@@ -21,11 +21,12 @@ macro_rules! row {
             setup(&[]);
             let status: S = $call;
             assert_eq!(status, $status, "message: {}", message());
+            let needle = tr($needle);
             assert!(
-                message().contains($needle),
+                message().contains(&needle),
                 "message {:?} lacks {:?}",
                 message(),
-                $needle
+                needle
             );
         }
     };

@@ -403,7 +403,7 @@ fn malloc_out_of_memory_is_reported_and_leaks_nothing() {
     assert!(p.is_null());
     assert_eq!(ffi::devmem_last_error_status(), devmem_status::OutOfMemory);
     assert!(
-        message().contains("CUDA_ERROR_OUT_OF_MEMORY"),
+        message().contains(&tr("CUDA_ERROR_OUT_OF_MEMORY")),
         "{}",
         message()
     );
@@ -426,7 +426,11 @@ fn copy_failure_during_sleep_leaves_everything_mapped() {
         devmem_status::Driver,
         "cuMemcpyDtoHAsync",
     );
-    assert!(message().contains("CUDA_ERROR_UNKNOWN"), "{}", message());
+    assert!(
+        message().contains(&tr("CUDA_ERROR_UNKNOWN")),
+        "{}",
+        message()
+    );
     assert_eq!(state(a), devmem_state::Mapped);
     assert_eq!(state(b), devmem_state::Mapped);
     assert_eq!(mismatches(a, 4 * MIB, 1), 0);
@@ -511,6 +515,9 @@ fn unmap_failure_during_free_keeps_the_allocation() {
 #[test]
 fn fabric_handles_fall_back_when_not_permitted() {
     setup(&[("DEVMEM_EMU_FABRIC", "1")]);
+    if level_zero() {
+        return; // CUDA only: Level Zero has no shareable-handle types to fall back through
+    }
     let p = alloc(2 * MIB, "weights");
     assert_eq!(
         emu().calls("cuMemCreate"),
@@ -533,7 +540,7 @@ fn device_without_vmm_is_unsupported() {
     expect_err(
         ffi::devmem_malloc(MIB, 0, &mut p),
         devmem_status::Unsupported,
-        "virtual memory management",
+        "virtual memory",
     );
     assert!(p.is_null(), "out-pointers are written only on success");
 }
@@ -568,7 +575,7 @@ fn stub_driver_without_symbols_is_a_driver_error() {
     expect_err(
         ffi::devmem_device_count(&mut count),
         devmem_status::Driver,
-        "lacks symbol cuInit",
+        "lacks symbol",
     );
 }
 
@@ -838,6 +845,9 @@ fn callbacks_and_iteration() {
 #[test]
 fn low_level_create_and_map_over_a_caller_reservation() {
     setup(&[]);
+    if level_zero() {
+        return; // vLLM's primitives over a range reserved through the CUDA driver
+    }
     // Reserve a range the way vLLM does, through the driver (the emulator here).
     let p = alloc(2 * MIB, "x"); // gives this thread the primary context
                                  // SAFETY: the emulator's cuMemAddressReserve with a valid out-pointer.

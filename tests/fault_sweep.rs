@@ -36,7 +36,33 @@ const FUNCTIONS: &[&str] = &[
     "cuEventRecord",
     "cuEventSynchronize",
 ];
+/// The same for the Level Zero backend.
+const ZE_FUNCTIONS: &[&str] = &[
+    "zeVirtualMemReserve",
+    "zeVirtualMemFree",
+    "zePhysicalMemCreate",
+    "zePhysicalMemDestroy",
+    "zeVirtualMemMap",
+    "zeVirtualMemUnmap",
+    "zeMemAllocHost",
+    "zeMemFree",
+    "zeCommandListAppendMemoryCopy",
+    "zeCommandListAppendSignalEvent",
+    "zeEventHostSynchronize",
+    "zeEventHostReset",
+    "zeEventPoolCreate",
+    "zeEventCreate",
+    "zeCommandListCreateImmediate",
+];
 const CODES: &[u32] = &[2, 999];
+
+fn functions() -> &'static [&'static str] {
+    if level_zero() {
+        ZE_FUNCTIONS
+    } else {
+        FUNCTIONS
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -119,7 +145,7 @@ fn run(op: Op, world: &mut World) -> devmem_status {
 }
 
 fn counts() -> Vec<u64> {
-    FUNCTIONS.iter().map(|f| emu().calls(f)).collect()
+    functions().iter().map(|f| emu().calls(f)).collect()
 }
 
 /// Every allocation is mapped exactly when its state says so, and mapped ones hold their bytes.
@@ -192,7 +218,7 @@ fn sweep(op: Op) -> usize {
     cleanup(world);
     let mut injected = 0;
     let mut runs = 0;
-    for (f, name) in FUNCTIONS.iter().enumerate() {
+    for (f, name) in functions().iter().enumerate() {
         let calls = after[f] - before[f];
         for nth in 1..=calls {
             for &code in CODES {
@@ -217,6 +243,7 @@ fn sweep(op: Op) -> usize {
                         message()
                     );
                     let base = name.trim_end_matches("_v2");
+                    let base = if level_zero() { name } else { base };
                     assert!(
                         message().contains(base),
                         "{what}: message {:?} does not name {base}",

@@ -1,4 +1,5 @@
-//! A CUDA driver emulator: a shared library exporting the driver entry points devmem uses,
+//! A GPU driver emulator: a shared library exporting the CUDA driver and Level Zero entry points
+//! devmem uses (both faces share one emulated memory),
 //! implemented on host memory with real virtual-memory semantics, so devmem's real backend code
 //! runs in CI without a GPU.
 //!
@@ -103,6 +104,10 @@ struct Config {
     fabric: bool,
     rdma: bool,
     vmm: bool,
+    /// Level Zero drivers the loader reports (`DEVMEM_EMU_ZE_DRIVERS`, default 1).
+    ze_drivers: u32,
+    /// Whether zeDriverGetDefaultContext answers (`DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT=1`: no).
+    ze_default_context: bool,
 }
 
 fn env_flag(name: &str) -> bool {
@@ -139,6 +144,11 @@ impl Config {
             fabric: env_flag("DEVMEM_EMU_FABRIC"),
             rdma: env_flag("DEVMEM_EMU_RDMA"),
             vmm: !env_flag("DEVMEM_EMU_NO_VMM"),
+            ze_drivers: std::env::var("DEVMEM_EMU_ZE_DRIVERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            ze_default_context: !env_flag("DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT"),
         }
     }
 }
@@ -147,6 +157,8 @@ struct Physical {
     fd: c_int,
     size: usize,
     device: i32,
+    /// The Level Zero context it was created in (0 for CUDA).
+    context: usize,
 }
 
 struct Mapping {
@@ -165,11 +177,14 @@ struct Emu {
     config: Config,
     capacity: Vec<usize>,
     used: Vec<usize>,
-    reservations: BTreeMap<u64, usize>,
+    /// start -> (size, Level Zero context or 0 for CUDA)
+    reservations: BTreeMap<u64, (usize, usize)>,
     handles: HashMap<u64, Physical>,
     mappings: BTreeMap<u64, Mapping>,
     host: HashMap<usize, usize>,
     registered: HashMap<usize, usize>,
+    ze_initialized: bool,
+    ze_contexts: Vec<usize>,
     events: u64,
     next_event: usize,
     streams: u64,
@@ -219,6 +234,8 @@ fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
             mappings: BTreeMap::new(),
             host: HashMap::new(),
             registered: HashMap::new(),
+            ze_initialized: false,
+            ze_contexts: Vec::new(),
             events: 0,
             next_event: 0x4e00_0000,
             streams: 0,
@@ -284,7 +301,7 @@ impl Emu {
         self.reservations
             .range(..=va)
             .next_back()
-            .is_some_and(|(base, len)| va + size as u64 <= base + *len as u64)
+            .is_some_and(|(base, (len, _))| va + size as u64 <= base + *len as u64)
     }
 
     fn overlaps_mapping(&self, va: u64, size: usize) -> bool {
@@ -439,23 +456,15 @@ pub unsafe extern "C" fn cuMemGetAllocationGranularity(
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAddressReserve(
-    ptr: *mut CUdeviceptr,
-    size: usize,
-    alignment: usize,
-    _addr: CUdeviceptr,
-    _flags: u64,
-) -> R {
-    with_context("cuMemAddressReserve", |emu, _| {
-        let granularity = emu.config.granularity;
-        if ptr.is_null() || size == 0 || !size.is_multiple_of(granularity) {
-            return INVALID_VALUE;
+impl Emu {
+    /// Reserves `size` bytes aligned to `alignment` (at least the granularity).
+    fn reserve(&mut self, size: usize, alignment: usize, context: usize) -> Result<u64, R> {
+        let granularity = self.config.granularity;
+        if size == 0 || !size.is_multiple_of(granularity) {
+            return Err(INVALID_VALUE);
         }
         let align = alignment.max(granularity);
-        let Some(span) = size.checked_add(align) else {
-            return OUT_OF_MEMORY;
-        };
+        let span = size.checked_add(align).ok_or(OUT_OF_MEMORY)?;
         // SAFETY: a fresh anonymous mapping; no existing memory is affected.
         let raw = unsafe {
             libc::mmap(
@@ -468,7 +477,7 @@ pub unsafe extern "C" fn cuMemAddressReserve(
             )
         };
         if raw == libc::MAP_FAILED {
-            return OUT_OF_MEMORY;
+            return Err(OUT_OF_MEMORY);
         }
         let start = raw as usize;
         let aligned = start.next_multiple_of(align);
@@ -482,23 +491,194 @@ pub unsafe extern "C" fn cuMemAddressReserve(
                 libc::munmap((aligned + size) as *mut c_void, tail);
             }
         }
-        emu.reservations.insert(aligned as u64, size);
-        // SAFETY: checked non-NULL above.
-        unsafe { put(ptr, aligned as u64) }
+        self.reservations.insert(aligned as u64, (size, context));
+        Ok(aligned as u64)
+    }
+
+    fn free_va(&mut self, ptr: u64, size: usize) -> R {
+        if self.reservations.get(&ptr).map(|r| r.0) != Some(size)
+            || self.overlaps_mapping(ptr, size)
+        {
+            return INVALID_VALUE;
+        }
+        self.reservations.remove(&ptr);
+        // SAFETY: the range is a reservation this emulator made and nothing maps it.
+        unsafe { libc::munmap(ptr as *mut c_void, size) };
+        SUCCESS
+    }
+
+    /// Creates `size` bytes of "device memory" (a memfd) on `device`.
+    fn create(&mut self, device: i32, size: usize, context: usize) -> Result<u64, R> {
+        if !self.device_ok(device) {
+            return Err(INVALID_DEVICE);
+        }
+        if size == 0 || !size.is_multiple_of(self.config.granularity) {
+            return Err(INVALID_VALUE);
+        }
+        let d = device as usize;
+        if self.used[d] + size > self.capacity[d] {
+            return Err(OUT_OF_MEMORY);
+        }
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"cuemu".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(OUT_OF_MEMORY);
+        }
+        // SAFETY: fd was just created.
+        if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
+            // SAFETY: closing the fd created above.
+            unsafe { libc::close(fd) };
+            return Err(OUT_OF_MEMORY);
+        }
+        self.used[d] += size;
+        self.next_handle += 1;
+        let id = self.next_handle;
+        self.handles.insert(
+            id,
+            Physical {
+                fd,
+                size,
+                device,
+                context,
+            },
+        );
+        Ok(id)
+    }
+
+    fn release(&mut self, handle: u64) -> R {
+        let Some(physical) = self.handles.remove(&handle) else {
+            return INVALID_VALUE;
+        };
+        self.used[physical.device as usize] -= physical.size;
+        // SAFETY: the fd belongs to this handle and is closed once; mappings keep their pages.
+        unsafe { libc::close(physical.fd) };
+        SUCCESS
+    }
+
+    /// Maps a handle at `ptr` inside a reservation, without access.
+    fn map(&mut self, ptr: u64, size: usize, handle: u64) -> R {
+        let Some(physical) = self.handles.get(&handle) else {
+            return INVALID_HANDLE;
+        };
+        if size != physical.size {
+            return INVALID_VALUE;
+        }
+        if !self.in_reservation(ptr, size) || self.overlaps_mapping(ptr, size) {
+            return INVALID_VALUE;
+        }
+        // SAFETY: the range lies inside a reservation of this emulator and is not mapped.
+        let raw = unsafe {
+            libc::mmap(
+                ptr as *mut c_void,
+                size,
+                libc::PROT_NONE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                physical.fd,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return OUT_OF_MEMORY;
+        }
+        self.mappings.insert(
+            ptr,
+            Mapping {
+                size,
+                accessible: false,
+            },
+        );
+        SUCCESS
+    }
+
+    fn set_access(&mut self, ptr: u64, size: usize) -> R {
+        match self.mappings.get_mut(&ptr) {
+            Some(m) if m.size == size => {
+                // SAFETY: the range is a mapping this emulator made.
+                let rc = unsafe {
+                    libc::mprotect(ptr as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE)
+                };
+                if rc != 0 {
+                    return INVALID_VALUE;
+                }
+                m.accessible = true;
+                SUCCESS
+            }
+            _ => INVALID_VALUE,
+        }
+    }
+
+    fn unmap(&mut self, ptr: u64, size: usize) -> R {
+        if self.mappings.get(&ptr).map(|m| m.size) != Some(size) {
+            return INVALID_VALUE;
+        }
+        // SAFETY: replacing a mapping this emulator made with an inaccessible one, keeping the
+        // reservation.
+        let raw = unsafe {
+            libc::mmap(
+                ptr as *mut c_void,
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return INVALID_VALUE;
+        }
+        self.mappings.remove(&ptr);
+        SUCCESS
+    }
+
+    /// Whether `[p, p+len)` touches a reservation (device address space).
+    fn is_device_range(&self, p: u64, len: usize) -> bool {
+        let end = p + len as u64;
+        self.reservations
+            .range(..end)
+            .next_back()
+            .is_some_and(|(base, (size, _))| base + *size as u64 > p)
+    }
+
+    /// Copies `len` bytes; device ranges must be mapped with access.
+    fn copy(&self, dst: u64, src: u64, len: usize) -> R {
+        if dst == 0 || src == 0 {
+            return INVALID_VALUE;
+        }
+        for p in [dst, src] {
+            if self.is_device_range(p, len) && !self.accessible(p, len) {
+                return INVALID_VALUE;
+            }
+        }
+        // SAFETY: device ranges were checked to be accessible mappings; host ranges belong to
+        // the caller.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+        SUCCESS
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut CUdeviceptr,
+    size: usize,
+    alignment: usize,
+    _addr: CUdeviceptr,
+    _flags: u64,
+) -> R {
+    with_context("cuMemAddressReserve", |emu, _| {
+        if ptr.is_null() {
+            return INVALID_VALUE;
+        }
+        match emu.reserve(size, alignment, 0) {
+            // SAFETY: checked non-NULL above.
+            Ok(va) => unsafe { put(ptr, va) },
+            Err(rc) => rc,
+        }
     })
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> R {
-    with_context("cuMemAddressFree", |emu, _| {
-        if emu.reservations.get(&ptr) != Some(&size) || emu.overlaps_mapping(ptr, size) {
-            return INVALID_VALUE;
-        }
-        emu.reservations.remove(&ptr);
-        // SAFETY: the range is a reservation this emulator made and nothing maps it.
-        unsafe { libc::munmap(ptr as *mut c_void, size) };
-        SUCCESS
-    })
+    with_context("cuMemAddressFree", |emu, _| emu.free_va(ptr, size))
 }
 
 #[no_mangle]
@@ -519,8 +699,7 @@ pub unsafe extern "C" fn cuMemCreate(
         {
             return INVALID_VALUE;
         }
-        let device = prop.location.id;
-        if !emu.device_ok(device) {
+        if !emu.device_ok(prop.location.id) {
             return INVALID_DEVICE;
         }
         if prop.requestedHandleTypes == CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_FABRIC {
@@ -530,44 +709,17 @@ pub unsafe extern "C" fn cuMemCreate(
                 NOT_SUPPORTED
             };
         }
-        if size == 0 || !size.is_multiple_of(emu.config.granularity) {
-            return INVALID_VALUE;
+        match emu.create(prop.location.id, size, 0) {
+            // SAFETY: checked non-NULL above.
+            Ok(id) => unsafe { put(handle, id) },
+            Err(rc) => rc,
         }
-        let d = device as usize;
-        if emu.used[d] + size > emu.capacity[d] {
-            return OUT_OF_MEMORY;
-        }
-        // SAFETY: memfd_create with a static name.
-        let fd = unsafe { libc::memfd_create(c"cuemu".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return OUT_OF_MEMORY;
-        }
-        // SAFETY: fd was just created.
-        if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
-            // SAFETY: closing the fd created above.
-            unsafe { libc::close(fd) };
-            return OUT_OF_MEMORY;
-        }
-        emu.used[d] += size;
-        emu.next_handle += 1;
-        let id = emu.next_handle;
-        emu.handles.insert(id, Physical { fd, size, device });
-        // SAFETY: checked non-NULL above.
-        unsafe { put(handle, id) }
     })
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> R {
-    with_context("cuMemRelease", |emu, _| {
-        let Some(physical) = emu.handles.remove(&handle) else {
-            return INVALID_VALUE;
-        };
-        emu.used[physical.device as usize] -= physical.size;
-        // SAFETY: the fd belongs to this handle and is closed once; mappings keep their pages.
-        unsafe { libc::close(physical.fd) };
-        SUCCESS
-    })
+    with_context("cuMemRelease", |emu, _| emu.release(handle))
 }
 
 #[no_mangle]
@@ -579,37 +731,10 @@ pub extern "C" fn cuMemMap(
     flags: u64,
 ) -> R {
     with_context("cuMemMap", |emu, _| {
-        let Some(physical) = emu.handles.get(&handle) else {
-            return INVALID_HANDLE;
-        };
-        if offset != 0 || flags != 0 || size != physical.size {
+        if offset != 0 || flags != 0 {
             return INVALID_VALUE;
         }
-        if !emu.in_reservation(ptr, size) || emu.overlaps_mapping(ptr, size) {
-            return INVALID_VALUE;
-        }
-        // SAFETY: the range lies inside a reservation of this emulator and is not mapped.
-        let raw = unsafe {
-            libc::mmap(
-                ptr as *mut c_void,
-                size,
-                libc::PROT_NONE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                physical.fd,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return OUT_OF_MEMORY;
-        }
-        emu.mappings.insert(
-            ptr,
-            Mapping {
-                size,
-                accessible: false,
-            },
-        );
-        SUCCESS
+        emu.map(ptr, size, handle)
     })
 }
 
@@ -629,47 +754,13 @@ pub unsafe extern "C" fn cuMemSetAccess(
         if descs.iter().any(|d| !emu.device_ok(d.location.id)) {
             return INVALID_DEVICE;
         }
-        match emu.mappings.get_mut(&ptr) {
-            Some(m) if m.size == size => {
-                // SAFETY: the range is a mapping this emulator made.
-                if unsafe {
-                    libc::mprotect(ptr as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE)
-                } != 0
-                {
-                    return INVALID_VALUE;
-                }
-                m.accessible = true;
-                SUCCESS
-            }
-            _ => INVALID_VALUE,
-        }
+        emu.set_access(ptr, size)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> R {
-    with_context("cuMemUnmap", |emu, _| {
-        if emu.mappings.get(&ptr).map(|m| m.size) != Some(size) {
-            return INVALID_VALUE;
-        }
-        // SAFETY: replacing a mapping this emulator made with an inaccessible one, keeping the
-        // reservation.
-        let raw = unsafe {
-            libc::mmap(
-                ptr as *mut c_void,
-                size,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return INVALID_VALUE;
-        }
-        emu.mappings.remove(&ptr);
-        SUCCESS
-    })
+    with_context("cuMemUnmap", |emu, _| emu.unmap(ptr, size))
 }
 
 #[no_mangle]
@@ -712,14 +803,6 @@ pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> R {
     })
 }
 
-fn host_ok(emu: &Emu, p: usize, len: usize) -> bool {
-    // Pinned buffers from cuMemHostAlloc, or any other host memory (pageable copies work too).
-    emu.host
-        .iter()
-        .any(|(base, size)| p >= *base && p + len <= base + size)
-        || !emu.accessible(p as u64, 1)
-}
-
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     dst: *mut c_void,
@@ -728,13 +811,10 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     _stream: CUstream,
 ) -> R {
     with_context("cuMemcpyDtoHAsync_v2", |emu, _| {
-        if dst.is_null() || !emu.accessible(src, len) || !host_ok(emu, dst as usize, len) {
+        if !emu.is_device_range(src, len) {
             return INVALID_VALUE;
         }
-        // SAFETY: the source is an accessible mapping of at least `len` bytes; the destination
-        // is host memory the caller owns.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.cast::<u8>(), len) };
-        SUCCESS
+        emu.copy(dst as u64, src, len)
     })
 }
 
@@ -746,12 +826,10 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     _stream: CUstream,
 ) -> R {
     with_context("cuMemcpyHtoDAsync_v2", |emu, _| {
-        if src.is_null() || !emu.accessible(dst, len) {
+        if !emu.is_device_range(dst, len) {
             return INVALID_VALUE;
         }
-        // SAFETY: as above, in the other direction.
-        unsafe { std::ptr::copy_nonoverlapping(src.cast::<u8>(), dst as *mut u8, len) };
-        SUCCESS
+        emu.copy(dst, src as u64, len)
     })
 }
 
@@ -855,6 +933,516 @@ pub extern "C" fn cuEventDestroy_v2(event: CUevent) -> R {
         }
         emu.events = emu.events.saturating_sub(1);
         SUCCESS
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Level Zero face: the same memory, reached through the loader's entry points
+// ---------------------------------------------------------------------------------------------
+
+type Z = u32;
+const ZE_SUCCESS: Z = 0;
+const ZE_OUT_OF_HOST_MEMORY: Z = 0x7000_0002;
+const ZE_OUT_OF_DEVICE_MEMORY: Z = 0x7000_0003;
+const ZE_UNINITIALIZED: Z = 0x7800_0001;
+const ZE_UNSUPPORTED_FEATURE: Z = 0x7800_0003;
+const ZE_INVALID_ARGUMENT: Z = 0x7800_0004;
+const ZE_INVALID_NULL_HANDLE: Z = 0x7800_0005;
+const ZE_INVALID_NULL_POINTER: Z = 0x7800_0007;
+
+const ZE_DRIVER: usize = 0x7c00_0000;
+const ZE_DEFAULT_CONTEXT: usize = 0x7b00_0000;
+
+fn ze_device(i: i32) -> usize {
+    0x7d00_0000 + usize::try_from(i).unwrap_or(0) * 0x100
+}
+
+fn ze_device_index(emu: &Emu, handle: *mut c_void) -> Option<i32> {
+    (0..emu.config.devices).find(|d| ze_device(*d) == handle as usize)
+}
+
+/// Maps the CUDA-face result codes of the shared helpers to `ze_result_t`.
+fn ze_code(rc: R) -> Z {
+    match rc {
+        SUCCESS => ZE_SUCCESS,
+        OUT_OF_MEMORY => ZE_OUT_OF_DEVICE_MEMORY,
+        INVALID_HANDLE => ZE_INVALID_NULL_HANDLE,
+        _ => ZE_INVALID_ARGUMENT,
+    }
+}
+
+fn ze_call(name: &str, f: impl FnOnce(&mut Emu) -> Z) -> Z {
+    call(name, |emu| {
+        if !emu.ze_initialized && name != "zeInit" {
+            return ZE_UNINITIALIZED;
+        }
+        f(emu)
+    })
+}
+
+fn ze_context_ok(emu: &Emu, ctx: *mut c_void) -> bool {
+    let c = ctx as usize;
+    (c == ZE_DEFAULT_CONTEXT && emu.config.ze_default_context) || emu.ze_contexts.contains(&c)
+}
+
+#[no_mangle]
+pub extern "C" fn zeInit(_flags: u32) -> Z {
+    call("zeInit", |emu| {
+        emu.ze_initialized = true;
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeDriverGet(count: *mut u32, drivers: *mut *mut c_void) -> Z {
+    ze_call("zeDriverGet", |emu| {
+        if count.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        let n = emu.config.ze_drivers;
+        // SAFETY: out-pointers per the specification; `drivers` has `*count` entries.
+        unsafe {
+            if !drivers.is_null() {
+                for i in 0..(*count).min(n) {
+                    *drivers.add(i as usize) = (ZE_DRIVER + i as usize * 0x100) as *mut c_void;
+                }
+            }
+            *count = n;
+        }
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeDeviceGet(
+    driver: *mut c_void,
+    count: *mut u32,
+    devices: *mut *mut c_void,
+) -> Z {
+    ze_call("zeDeviceGet", |emu| {
+        if driver.is_null() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if count.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        // Only the first driver has devices.
+        let n = if driver as usize == ZE_DRIVER {
+            emu.config.devices.max(0) as u32
+        } else {
+            0
+        };
+        // SAFETY: out-pointers per the specification.
+        unsafe {
+            if !devices.is_null() {
+                for i in 0..(*count).min(n) {
+                    *devices.add(i as usize) = ze_device(i as i32) as *mut c_void;
+                }
+            }
+            *count = n;
+        }
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeDriverGetDefaultContext(driver: *mut c_void) -> *mut c_void {
+    let mut out = std::ptr::null_mut();
+    call("zeDriverGetDefaultContext", |emu| {
+        if emu.config.ze_default_context && driver as usize == ZE_DRIVER {
+            out = ZE_DEFAULT_CONTEXT as *mut c_void;
+        }
+        SUCCESS
+    });
+    out
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeContextCreate(
+    driver: *mut c_void,
+    desc: *const c_void,
+    ctx: *mut *mut c_void,
+) -> Z {
+    ze_call("zeContextCreate", |emu| {
+        if driver.is_null() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if desc.is_null() || ctx.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        let c = ZE_DEFAULT_CONTEXT + 0x1000 + emu.ze_contexts.len() * 0x100;
+        emu.ze_contexts.push(c);
+        // SAFETY: out-pointer per the specification.
+        unsafe { *ctx = c as *mut c_void };
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeDeviceGetMemoryProperties(
+    device: *mut c_void,
+    count: *mut u32,
+    props: *mut u8,
+) -> Z {
+    ze_call("zeDeviceGetMemoryProperties", |emu| {
+        let Some(d) = ze_device_index(emu, device) else {
+            return ZE_INVALID_NULL_HANDLE;
+        };
+        if count.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        // SAFETY: ze_device_memory_properties_t: stype(4) pNext(8, at 8) flags(4, at 16)
+        // maxClockRate(4) maxBusWidth(4) totalSize(8, at 32) name[256]: 296 bytes each.
+        unsafe {
+            if !props.is_null() && *count >= 1 {
+                (props.add(32) as *mut u64).write_unaligned(emu.capacity[d as usize] as u64);
+            }
+            *count = 1;
+        }
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeDeviceGetCommandQueueGroupProperties(
+    device: *mut c_void,
+    count: *mut u32,
+    props: *mut u8,
+) -> Z {
+    ze_call("zeDeviceGetCommandQueueGroupProperties", |emu| {
+        if ze_device_index(emu, device).is_none() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if count.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        // ze_command_queue_group_properties_t: stype(4) pNext(8, at 8) flags(4, at 16)
+        // maxMemoryFillPatternSize(8, at 24) numQueues(4, at 32): 40 bytes each. Group 0
+        // computes (flag 1), group 1 copies (flag 2).
+        // SAFETY: the caller passes `*count` entries.
+        unsafe {
+            if !props.is_null() {
+                for (i, flags) in [1u32, 2u32].iter().enumerate().take(*count as usize) {
+                    (props.add(i * 40 + 16) as *mut u32).write_unaligned(*flags);
+                    (props.add(i * 40 + 32) as *mut u32).write_unaligned(1);
+                }
+            }
+            *count = 2;
+        }
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeVirtualMemQueryPageSize(
+    ctx: *mut c_void,
+    device: *mut c_void,
+    _size: usize,
+    page: *mut usize,
+) -> Z {
+    ze_call("zeVirtualMemQueryPageSize", |emu| {
+        if !ze_context_ok(emu, ctx) || ze_device_index(emu, device).is_none() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if !emu.config.vmm {
+            return ZE_UNSUPPORTED_FEATURE;
+        }
+        // SAFETY: out-pointer per the specification.
+        unsafe { put(page, emu.config.granularity) };
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeVirtualMemReserve(
+    ctx: *mut c_void,
+    _start: *const c_void,
+    size: usize,
+    out: *mut *mut c_void,
+) -> Z {
+    ze_call("zeVirtualMemReserve", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if out.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        match emu.reserve(size, 0, ctx as usize) {
+            Ok(va) => {
+                // SAFETY: out-pointer per the specification.
+                unsafe { *out = va as *mut c_void };
+                ZE_SUCCESS
+            }
+            Err(rc) => ze_code(rc),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeVirtualMemFree(ctx: *mut c_void, ptr: *const c_void, size: usize) -> Z {
+    ze_call("zeVirtualMemFree", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if emu.reservations.get(&(ptr as u64)).map(|r| r.1) != Some(ctx as usize) {
+            return ZE_INVALID_ARGUMENT;
+        }
+        ze_code(emu.free_va(ptr as u64, size))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zePhysicalMemCreate(
+    ctx: *mut c_void,
+    device: *mut c_void,
+    desc: *const u8,
+    out: *mut *mut c_void,
+) -> Z {
+    ze_call("zePhysicalMemCreate", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        let Some(d) = ze_device_index(emu, device) else {
+            return ZE_INVALID_NULL_HANDLE;
+        };
+        if desc.is_null() || out.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        // SAFETY: ze_physical_mem_desc_t: stype(4) pNext(8, at 8) flags(4, at 16) size(8, at 24).
+        let size = unsafe { (desc.add(24) as *const usize).read_unaligned() };
+        match emu.create(d, size, ctx as usize) {
+            Ok(id) => {
+                // SAFETY: out-pointer per the specification.
+                unsafe { *out = id as usize as *mut c_void };
+                ZE_SUCCESS
+            }
+            Err(rc) => ze_code(rc),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zePhysicalMemDestroy(ctx: *mut c_void, handle: *mut c_void) -> Z {
+    ze_call("zePhysicalMemDestroy", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        ze_code(emu.release(handle as u64))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeVirtualMemMap(
+    ctx: *mut c_void,
+    ptr: *const c_void,
+    size: usize,
+    handle: *mut c_void,
+    offset: usize,
+    access: u32,
+) -> Z {
+    ze_call("zeVirtualMemMap", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        // Memory of one context is invisible in another: both sides must be this context's.
+        let va = ptr as u64;
+        let reservation_ctx = emu
+            .reservations
+            .range(..=va)
+            .next_back()
+            .map(|(_, (_, c))| *c);
+        let handle_ctx = emu.handles.get(&(handle as u64)).map(|p| p.context);
+        if reservation_ctx != Some(ctx as usize) || handle_ctx != Some(ctx as usize) || offset != 0
+        {
+            return ZE_INVALID_ARGUMENT;
+        }
+        let rc = emu.map(va, size, handle as u64);
+        if rc != SUCCESS {
+            return ze_code(rc);
+        }
+        if access == 1 {
+            return ze_code(emu.set_access(va, size));
+        }
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeVirtualMemUnmap(ctx: *mut c_void, ptr: *const c_void, size: usize) -> Z {
+    ze_call("zeVirtualMemUnmap", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        ze_code(emu.unmap(ptr as u64, size))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeMemAllocHost(
+    ctx: *mut c_void,
+    desc: *const c_void,
+    size: usize,
+    _align: usize,
+    out: *mut *mut c_void,
+) -> Z {
+    ze_call("zeMemAllocHost", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if desc.is_null() || out.is_null() || size == 0 {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        // SAFETY: a fresh anonymous mapping.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return ZE_OUT_OF_HOST_MEMORY;
+        }
+        emu.host.insert(raw as usize, size);
+        // SAFETY: out-pointer per the specification.
+        unsafe { *out = raw };
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeMemFree(ctx: *mut c_void, p: *mut c_void) -> Z {
+    ze_call("zeMemFree", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        match emu.host.remove(&(p as usize)) {
+            Some(size) => {
+                // SAFETY: a mapping made by zeMemAllocHost, freed once.
+                unsafe { libc::munmap(p, size) };
+                ZE_SUCCESS
+            }
+            None => ZE_INVALID_ARGUMENT,
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeCommandListCreateImmediate(
+    ctx: *mut c_void,
+    device: *mut c_void,
+    desc: *const c_void,
+    out: *mut *mut c_void,
+) -> Z {
+    ze_call("zeCommandListCreateImmediate", |emu| {
+        if !ze_context_ok(emu, ctx) || ze_device_index(emu, device).is_none() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if desc.is_null() || out.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        emu.streams += 1;
+        // SAFETY: out-pointer per the specification.
+        unsafe { *out = (0x5d00_0000 + emu.streams as usize * 0x10) as *mut c_void };
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeCommandListAppendMemoryCopy(
+    list: *mut c_void,
+    dst: *mut c_void,
+    src: *const c_void,
+    size: usize,
+    _signal: *mut c_void,
+    _waits: u32,
+    _wait_events: *mut *mut c_void,
+) -> Z {
+    ze_call("zeCommandListAppendMemoryCopy", |emu| {
+        if list.is_null() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        ze_code(emu.copy(dst as u64, src as u64, size))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeCommandListAppendSignalEvent(list: *mut c_void, event: *mut c_void) -> Z {
+    ze_call("zeCommandListAppendSignalEvent", |_| {
+        if list.is_null() || event.is_null() {
+            ZE_INVALID_NULL_HANDLE
+        } else {
+            ZE_SUCCESS
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeEventPoolCreate(
+    ctx: *mut c_void,
+    desc: *const c_void,
+    _n: u32,
+    _devices: *mut *mut c_void,
+    out: *mut *mut c_void,
+) -> Z {
+    ze_call("zeEventPoolCreate", |emu| {
+        if !ze_context_ok(emu, ctx) {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if desc.is_null() || out.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        emu.next_event += 0x1000;
+        // SAFETY: out-pointer per the specification.
+        unsafe { *out = emu.next_event as *mut c_void };
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn zeEventCreate(
+    pool: *mut c_void,
+    desc: *const u8,
+    out: *mut *mut c_void,
+) -> Z {
+    ze_call("zeEventCreate", |emu| {
+        if pool.is_null() {
+            return ZE_INVALID_NULL_HANDLE;
+        }
+        if desc.is_null() || out.is_null() {
+            return ZE_INVALID_NULL_POINTER;
+        }
+        // SAFETY: ze_event_desc_t: stype(4) pNext(8, at 8) index(4, at 16).
+        let index = unsafe { (desc.add(16) as *const u32).read_unaligned() } as usize;
+        emu.events += 1;
+        // SAFETY: out-pointer per the specification.
+        unsafe { *out = (pool as usize + 0x10 + index * 0x10) as *mut c_void };
+        ZE_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeEventHostSynchronize(event: *mut c_void, _timeout: u64) -> Z {
+    ze_call("zeEventHostSynchronize", |_| {
+        if event.is_null() {
+            ZE_INVALID_NULL_HANDLE
+        } else {
+            ZE_SUCCESS
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn zeEventHostReset(event: *mut c_void) -> Z {
+    ze_call("zeEventHostReset", |_| {
+        if event.is_null() {
+            ZE_INVALID_NULL_HANDLE
+        } else {
+            ZE_SUCCESS
+        }
     })
 }
 

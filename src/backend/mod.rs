@@ -11,6 +11,41 @@ use parking_lot::Mutex;
 use crate::error::Result;
 
 pub mod cuda;
+pub mod level_zero;
+
+/// How a backend provides pinned host memory for the host store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostMemory {
+    /// devmem maps and populates host memory, then registers it with the driver (CUDA).
+    Register,
+    /// The driver allocates it ([`Backend::alloc_host`]; Level Zero's `zeMemAllocHost`).
+    Allocate,
+}
+
+/// Which backend to load.
+#[allow(non_camel_case_types)]
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum devmem_backend {
+    /// CUDA when a CUDA driver with at least one device loads, else Level Zero.
+    Auto = 0,
+    /// The CUDA driver (`libcuda.so.1`).
+    Cuda = 1,
+    /// Level Zero (`libze_loader.so.1`).
+    LevelZero = 2,
+}
+
+impl devmem_backend {
+    /// Maps a raw integer to a backend kind.
+    pub fn from_raw(raw: i32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Auto),
+            1 => Some(Self::Cuda),
+            2 => Some(Self::LevelZero),
+            _ => None,
+        }
+    }
+}
 
 /// What devmem needs from a driver with virtual memory management.
 ///
@@ -58,6 +93,30 @@ pub trait Backend: Send + Sync {
     /// Waits until every copy queued before the marker has finished, then forgets the marker.
     fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()>;
 
+    /// How this backend provides pinned host memory.
+    fn host_memory(&self) -> HostMemory {
+        HostMemory::Register
+    }
+
+    /// Allocates pinned host memory (backends whose [`host_memory`](Self::host_memory) is
+    /// `Allocate`).
+    fn alloc_host(&self, _device: i32, _len: usize) -> Result<*mut u8> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!("the {} backend registers host memory instead", self.name()),
+        ))
+    }
+
+    /// Frees memory from [`alloc_host`](Self::alloc_host).
+    fn free_host(&self, _device: i32, _ptr: *mut u8) -> Result<()> {
+        self.alloc_host(0, 0).map(drop)
+    }
+
+    /// A line for logs: which driver library, which context.
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+
     /// Maps an existing handle at `va` and grants access; undoes the mapping if access fails.
     fn map_with_access(&self, device: i32, va: u64, size: usize, handle: u64) -> Result<()> {
         self.map(device, va, size, handle)?;
@@ -84,6 +143,78 @@ pub trait Backend: Send + Sync {
 }
 
 static BACKEND: Mutex<Option<Arc<dyn Backend>>> = Mutex::new(None);
+static CHOICE: Mutex<Option<devmem_backend>> = Mutex::new(None);
+
+/// Environment variable choosing the backend: `cuda`, `level_zero` or `auto`.
+pub const BACKEND_ENV: &str = "DEVMEM_BACKEND";
+
+/// Chooses the backend before first use. Changing it once a backend is loaded is refused.
+pub fn select(kind: devmem_backend) -> Result<()> {
+    let loaded = BACKEND.lock();
+    if let Some(backend) = loaded.as_ref() {
+        let same = matches!(
+            (kind, backend.name()),
+            (devmem_backend::Auto, _)
+                | (devmem_backend::Cuda, "cuda")
+                | (devmem_backend::LevelZero, "level_zero")
+        );
+        if !same {
+            return Err(crate::error::Error::new(
+                crate::error::devmem_status::InvalidState,
+                format!("the {} backend is already in use; choose the backend before the first allocation", backend.name()),
+            ));
+        }
+        return Ok(());
+    }
+    *CHOICE.lock() = Some(kind);
+    Ok(())
+}
+
+/// Whether a backend is loaded.
+pub fn is_loaded() -> bool {
+    BACKEND.lock().is_some()
+}
+
+fn choice() -> Result<devmem_backend> {
+    if let Some(kind) = *CHOICE.lock() {
+        return Ok(kind);
+    }
+    match std::env::var(BACKEND_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(devmem_backend::Auto),
+        Ok("cuda") => Ok(devmem_backend::Cuda),
+        Ok("level_zero") | Ok("levelzero") | Ok("ze") => Ok(devmem_backend::LevelZero),
+        Ok(other) => Err(crate::error::Error::new(
+            crate::error::devmem_status::InvalidArgument,
+            format!("{BACKEND_ENV}={other} is not one of cuda, level_zero, auto"),
+        )),
+    }
+}
+
+fn load(kind: devmem_backend) -> Result<Arc<dyn Backend>> {
+    match kind {
+        devmem_backend::Cuda => Ok(Arc::new(cuda::CudaBackend::load()?)),
+        devmem_backend::LevelZero => Ok(Arc::new(level_zero::LevelZeroBackend::load()?)),
+        devmem_backend::Auto => {
+            // CUDA first; Level Zero only when no CUDA driver or no CUDA device is there.
+            let cuda_err = match cuda::CudaBackend::load() {
+                Ok(b) if b.device_count() > 0 => return Ok(Arc::new(b)),
+                Ok(_) => crate::error::Error::new(
+                    crate::error::devmem_status::InvalidDevice,
+                    "the CUDA driver reports no device",
+                ),
+                Err(e) if e.status == crate::error::devmem_status::DriverNotFound => e,
+                Err(e) => return Err(e),
+            };
+            match level_zero::LevelZeroBackend::load() {
+                Ok(b) => Ok(Arc::new(b)),
+                Err(ze_err) => Err(crate::error::Error::new(
+                    cuda_err.status,
+                    format!("{}; Level Zero: {}", cuda_err.message, ze_err.message),
+                )),
+            }
+        }
+    }
+}
 
 /// The process-wide backend, loaded on first use. A failed load is not cached, so a caller
 /// that fixes its environment can retry.
@@ -93,10 +224,10 @@ pub fn get() -> Result<Arc<dyn Backend>> {
     if let Some(backend) = slot.as_ref() {
         return Ok(Arc::clone(backend));
     }
-    let backend: Arc<dyn Backend> = Arc::new(cuda::CudaBackend::load()?);
+    let backend = load(choice()?)?;
     log::info!(
         "devmem: using the {} backend with {} device(s)",
-        backend.name(),
+        backend.describe(),
         backend.device_count()
     );
     *slot = Some(Arc::clone(&backend));

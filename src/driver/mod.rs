@@ -2,3 +2,4 @@
 //! nothing here keeps state beyond the open library.
 
 pub mod cuda;
+pub mod ze;

@@ -27,10 +27,70 @@ pub fn emulator_path() -> PathBuf {
     path
 }
 
+/// Whether this run drives the Level Zero backend (`DEVMEM_TEST_BACKEND=level_zero`): the
+/// conformance suite runs once per backend against the emulator's two faces.
+pub fn level_zero() -> bool {
+    std::env::var("DEVMEM_TEST_BACKEND").as_deref() == Ok("level_zero")
+}
+
+/// CUDA driver names and texts the tests use, and their Level Zero counterparts.
+const LEVEL_ZERO_NAMES: &[(&str, &str)] = &[
+    ("cuMemAddressReserve", "zeVirtualMemReserve"),
+    ("cuMemAddressFree", "zeVirtualMemFree"),
+    ("cuMemCreate", "zePhysicalMemCreate"),
+    ("cuMemRelease", "zePhysicalMemDestroy"),
+    ("cuMemMap", "zeVirtualMemMap"),
+    ("cuMemUnmap", "zeVirtualMemUnmap"),
+    ("cuMemcpyDtoHAsync_v2", "zeCommandListAppendMemoryCopy"),
+    ("cuMemcpyHtoDAsync_v2", "zeCommandListAppendMemoryCopy"),
+    ("cuMemcpyDtoHAsync", "zeCommandListAppendMemoryCopy"),
+    ("cuMemcpyHtoDAsync", "zeCommandListAppendMemoryCopy"),
+    ("cuEventSynchronize", "zeEventHostSynchronize"),
+    ("cuEventRecord", "zeCommandListAppendSignalEvent"),
+    ("cuMemHostRegister_v2", "zeMemAllocHost"),
+    ("cuMemHostRegister", "zeMemAllocHost"),
+    ("cuMemHostUnregister", "zeMemFree"),
+    (
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY",
+    ),
+    ("CUDA_ERROR_UNKNOWN", "ZE_RESULT_ERROR_UNKNOWN"),
+    ("DEVMEM_CUDA_LIBRARY", "DEVMEM_ZE_LIBRARY"),
+];
+
+/// A CUDA driver name or error text as the backend under test spells it.
+pub fn tr(text: &str) -> String {
+    if !level_zero() {
+        return text.to_string();
+    }
+    LEVEL_ZERO_NAMES
+        .iter()
+        .find(|(cuda, _)| *cuda == text)
+        .map_or_else(|| text.to_string(), |(_, ze)| ze.to_string())
+}
+
+/// A CUDA error code as the backend under test returns it (2: out of memory, 999: unknown).
+fn tr_code(code: u32) -> u32 {
+    match (level_zero(), code) {
+        (true, 2) => 0x7000_0003,
+        (true, 999) => 0x7fff_fffe,
+        _ => code,
+    }
+}
+
 /// Points devmem at the emulator with the given extra environment. Call before any devmem call.
 pub fn setup(extra: &[(&str, &str)]) {
     // SAFETY (of set_var): called at the start of a single-threaded test process.
     std::env::set_var("DEVMEM_CUDA_LIBRARY", emulator_path());
+    if level_zero() {
+        std::env::set_var("DEVMEM_BACKEND", "level_zero");
+        std::env::set_var("DEVMEM_ZE_LIBRARY", emulator_path());
+        for (k, v) in extra {
+            if *k == "DEVMEM_CUDA_LIBRARY" {
+                std::env::set_var("DEVMEM_ZE_LIBRARY", v);
+            }
+        }
+    }
     // Small host-store chunks keep the tests' host memory low; tests may override.
     std::env::set_var("DEVMEM_HOST_CHUNK_MB", "32");
     std::env::set_var("DEVMEM_HOST_THREADS", "2");
@@ -97,13 +157,16 @@ impl Emu {
 
     /// Fails the `nth` next call of `name` with `code`.
     pub fn inject(&self, name: &str, nth: u64, code: u32) {
-        let name = CString::new(name).expect("name");
+        let name = CString::new(tr(name)).expect("name");
         // SAFETY: valid NUL-terminated name.
-        assert_eq!(unsafe { (self.inject)(name.as_ptr(), nth, code) }, 0);
+        assert_eq!(
+            unsafe { (self.inject)(name.as_ptr(), nth, tr_code(code)) },
+            0
+        );
     }
 
     pub fn calls(&self, name: &str) -> u64 {
-        let name = CString::new(name).expect("name");
+        let name = CString::new(tr(name)).expect("name");
         // SAFETY: valid NUL-terminated name.
         unsafe { (self.calls)(name.as_ptr()) }
     }
@@ -143,6 +206,8 @@ pub fn message() -> String {
 #[track_caller]
 pub fn expect_err(status: devmem_status, expected: devmem_status, needle: &str) {
     assert_eq!(status, expected, "message: {}", message());
+    let needle = tr(needle);
+    let needle = needle.as_str();
     let msg = message();
     assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
 }
