@@ -56,11 +56,44 @@ static void *symbol(const char *name) {
   return sym;
 }
 
+typedef int (*init_fn)(unsigned);
+typedef int (*ctx_get_fn)(void **);
+typedef int (*ctx_set_fn)(void *);
+typedef int (*retain_fn)(void **, int);
+
+/* The copies below go through the CUDA driver (the emulator's CUDA face when devmem runs on
+ * its Level Zero face, where both share one memory): make sure a context is current. */
+static void ensure_copy_context(void) {
+  static int done;
+  if (done) return;
+  done = 1;
+  init_fn init;
+  ctx_get_fn get;
+  ctx_set_fn set;
+  retain_fn retain;
+  void *sym_ = symbol("cuInit");
+  memcpy(&init, &sym_, sizeof init);
+  sym_ = symbol("cuCtxGetCurrent");
+  memcpy(&get, &sym_, sizeof get);
+  sym_ = symbol("cuCtxSetCurrent");
+  memcpy(&set, &sym_, sizeof set);
+  sym_ = symbol("cuDevicePrimaryCtxRetain");
+  memcpy(&retain, &sym_, sizeof retain);
+  void *ctx = NULL;
+  CHECK(init(0) == 0);
+  CHECK(get(&ctx) == 0);
+  if (!ctx) {
+    CHECK(retain(&ctx, 0) == 0);
+    CHECK(set(ctx) == 0);
+  }
+}
+
 static uint8_t pattern(uint64_t seed, size_t i) { return (uint8_t)((seed * 31u + i * 7u) % 251u); }
 
 #define CHUNK (16 * MIB)
 
 void device_fill(void *ptr, size_t len, uint64_t seed) {
+  ensure_copy_context();
   htod_fn htod;
   void *sym_ = symbol("cuMemcpyHtoD_v2");
   memcpy(&htod, &sym_, sizeof htod);
@@ -79,6 +112,7 @@ void device_fill(void *ptr, size_t len, uint64_t seed) {
 }
 
 size_t device_mismatches(void *ptr, size_t len, uint64_t seed) {
+  ensure_copy_context();
   dtoh_fn dtoh;
   void *sym_ = symbol("cuMemcpyDtoH_v2");
   memcpy(&dtoh, &sym_, sizeof dtoh);

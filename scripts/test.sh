@@ -18,11 +18,14 @@ cargo build --workspace -j "$jobs"
 cargo build --workspace --release -j "$jobs"
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -j "$jobs" --quiet
-step "Rust tests against the emulator (cargo nextest: one process per test)"
+step "Rust tests against the emulator's CUDA face (cargo nextest: one process per test)"
 cargo nextest run --workspace -j "$jobs" --no-fail-fast
+step "the same Rust tests against the emulator's Level Zero face"
+DEVMEM_TEST_BACKEND=level_zero cargo nextest run --workspace -j "$jobs" --no-fail-fast
 
 step "Python package tests against the emulator (source tree, library from target/release)"
 (cd bindings/python && PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
+(cd bindings/python && DEVMEM_TEST_BACKEND=level_zero PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
 step "Python package installed with one pip command into build/venv (bundles libdevmem.so)"
 rm -rf build/venv
 python3 -m venv build/venv
@@ -31,7 +34,7 @@ ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so
 (cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
 
 step "install the package into build/prefix"
-rm -rf build/pkg build/prefix build/ctests build/ctests-asan
+rm -rf build/pkg build/prefix build/ctests build/ctests-asan build/ctests-ze
 cmake -S . -B build/pkg -DCMAKE_INSTALL_PREFIX="$PWD/build/prefix" >/dev/null
 cmake --install build/pkg
 valgrind_opt=OFF
@@ -41,6 +44,11 @@ cmake -S ctests -B build/ctests -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
   -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_VALGRIND="$valgrind_opt" -DDEVMEM_SOAK_CYCLES=10 >/dev/null
 cmake --build build/ctests -j "$jobs"
 ctest --test-dir build/ctests --output-on-failure -j "$jobs"
+step "C tests against the installed package and the emulator's Level Zero face"
+cmake -S ctests -B build/ctests-ze -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
+  -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_BACKEND=level_zero -DDEVMEM_SOAK_CYCLES=10 >/dev/null
+cmake --build build/ctests-ze -j "$jobs"
+ctest --test-dir build/ctests-ze --output-on-failure -j "$jobs"
 step "C tests under AddressSanitizer and UBSan, against the emulator"
 cmake -S ctests -B build/ctests-asan -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
   -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_SANITIZE=ON -DDEVMEM_SOAK_CYCLES=5 >/dev/null

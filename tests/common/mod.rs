@@ -166,7 +166,12 @@ impl Emu {
     }
 
     pub fn calls(&self, name: &str) -> u64 {
-        let name = CString::new(tr(name)).expect("name");
+        self.calls_exactly(&tr(name))
+    }
+
+    /// Calls of exactly `name` (no translation to the backend under test).
+    pub fn calls_exactly(&self, name: &str) -> u64 {
+        let name = CString::new(name).expect("name");
         // SAFETY: valid NUL-terminated name.
         unsafe { (self.calls)(name.as_ptr()) }
     }

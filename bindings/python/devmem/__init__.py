@@ -9,6 +9,7 @@ library's own log level, Python's ``logging`` logger ``"devmem"`` this package's
 """
 
 from ._lib import (
+    Backend,
     BufferTooSmallError,
     DevmemError,
     DriverError,
@@ -37,6 +38,7 @@ from .api import (
     TagStats,
     TransferResult,
     allocation_info,
+    backend,
     allocations,
     current_tag,
     device_count,
@@ -49,6 +51,8 @@ from .api import (
     mem_get_info,
     offload,
     release_host_store,
+    select_backend,
+    set_level_zero_context,
     reserve_host_store,
     set_current_tag,
     set_host_policy,
@@ -62,14 +66,14 @@ from .api import (
 from .profiling import MemoryProfilingResult, MemorySnapshot, TagUsage, memory_profiling
 
 __all__ = [
-    "Allocation", "BufferTooSmallError", "Counter", "CuMemAllocator", "DEFAULT_TAG", "DevmemError",
+    "Allocation", "Backend", "BufferTooSmallError", "Counter", "CuMemAllocator", "DEFAULT_TAG", "DevmemError",
     "DriverError", "DriverNotFoundError", "HostOutOfMemoryError", "InvalidArgumentError",
     "InvalidDeviceError", "InvalidStateError", "InvalidTagError", "LibraryNotFoundError",
     "MemoryProfilingResult", "MemorySnapshot", "NullPointerError", "OutOfMemoryError", "PanicError",
     "HostPolicy", "State", "Status", "TagStats", "TagUsage", "TransferResult", "UnknownPointerError",
-    "UnsupportedError", "allocation_info", "allocations", "current_tag", "device_count", "discard",
+    "UnsupportedError", "allocation_info", "backend", "allocations", "current_tag", "device_count", "discard",
     "free", "granularity", "host_policy", "last_transfer", "library_path", "malloc", "mem_get_info",
-    "memory_profiling", "offload", "pause", "region", "release_host_store", "reserve_host_store", "resume",
+    "memory_profiling", "offload", "pause", "region", "release_host_store", "select_backend", "set_level_zero_context", "reserve_host_store", "resume",
     "set_current_tag", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
 ]
 

@@ -58,6 +58,14 @@ class Status(enum.IntEnum):
     UNSUPPORTED = 13
 
 
+class Backend(enum.IntEnum):
+    """``devmem_backend``: which driver devmem uses."""
+
+    AUTO = 0
+    CUDA = 1
+    LEVEL_ZERO = 2
+
+
 class HostPolicy(enum.IntEnum):
     """``devmem_host_policy``: what happens to the host store after a wake."""
 
@@ -260,6 +268,9 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_set_host_policy": (c_int32, [c_int]),
     "devmem_get_host_policy": (c_int32, [POINTER(c_int32)]),
     "devmem_reserve_host_store": (c_int32, [c_size_t, c_int]),
+    "devmem_select_backend": (c_int32, [c_int]),
+    "devmem_get_backend": (c_int32, [POINTER(c_int32)]),
+    "devmem_set_level_zero_context": (c_int32, [c_void_p, POINTER(c_void_p), c_size_t]),
     "devmem_last_error_message": (c_size_t, [c_char_p, c_size_t]),
     "devmem_last_error_status": (c_int32, []),
     "devmem_status_string": (c_char_p, [c_int]),

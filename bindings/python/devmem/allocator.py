@@ -157,6 +157,8 @@ class CuMemAllocator:
             offload_tags = (CuMemAllocator.default_tag,)
         elif isinstance(offload_tags, str):
             offload_tags = (offload_tags,)
+        # Level Zero has no device-wide synchronise; PyTorch's does it for every stream.
+        self._synchronize()
         api.sleep(offload_tags)
         gc.collect()
         self._empty_cache()
@@ -172,6 +174,17 @@ class CuMemAllocator:
     def get_current_usage(self) -> int:
         """Bytes of all live devmem allocations, awake or asleep."""
         return api.stats().bytes.current
+
+    def _synchronize(self) -> None:
+        try:
+            torch = _torch()
+        except ImportError:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        xpu = getattr(torch, "xpu", None)
+        if xpu is not None and xpu.is_available() and getattr(xpu, "is_initialized", lambda: True)():
+            xpu.synchronize()
 
     def _empty_cache(self) -> None:
         try:

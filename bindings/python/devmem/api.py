@@ -273,3 +273,32 @@ def reserve_host_store(nbytes: int, wait: bool = False) -> None:
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
         raise TypeError("nbytes must be a non-negative int")
     call("devmem_reserve_host_store", nbytes, 1 if wait else 0)
+
+
+def select_backend(backend: "_lib.Backend") -> None:
+    """Chooses the backend before the first allocation: ``Backend.AUTO`` (CUDA when a CUDA
+    driver with a device loads, else Level Zero), ``Backend.CUDA`` or ``Backend.LEVEL_ZERO``.
+    ``DEVMEM_BACKEND=cuda|level_zero|auto`` does the same from the environment."""
+    if not isinstance(backend, int) or isinstance(backend, bool):
+        raise TypeError(f"backend must be a devmem.Backend, not {type(backend).__name__}")
+    call("devmem_select_backend", int(backend))
+
+
+def backend() -> "_lib.Backend":
+    """The backend in use (loading it if needed)."""
+    out = ctypes.c_int32()
+    call("devmem_get_backend", ctypes.byref(out))
+    return _lib.Backend(out.value)
+
+
+def set_level_zero_context(context: int, devices: "list[int]") -> None:
+    """Hands devmem the Level Zero context and devices (native handles as ints, e.g. from
+    SYCL's ``get_native``) before its first allocation, so devmem maps memory in the context the
+    application's queues use."""
+    if not isinstance(context, int) or isinstance(context, bool):
+        raise TypeError("context must be an int (a ze_context_handle_t)")
+    handles = list(devices)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in handles):
+        raise TypeError("devices must be ints (ze_device_handle_t)")
+    array = (ctypes.c_void_p * max(len(handles), 1))(*handles)
+    call("devmem_set_level_zero_context", ctypes.c_void_p(context), array, len(handles))

@@ -18,6 +18,11 @@ if not BUNDLED and "DEVMEM_LIBRARY" not in os.environ and (RELEASE / "libdevmem.
 if os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1":
     os.environ.setdefault("DEVMEM_CUDA_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
     os.environ.setdefault("DEVMEM_EMU_CAPACITY", "2G")
+    # DEVMEM_TEST_BACKEND=level_zero: the same tests on the emulator's Level Zero face.
+    if os.environ.get("DEVMEM_TEST_BACKEND") == "level_zero":
+        os.environ.setdefault("DEVMEM_BACKEND", "level_zero")
+        os.environ.setdefault("DEVMEM_ZE_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
+LEVEL_ZERO = os.environ.get("DEVMEM_BACKEND") == "level_zero"
 
 EMULATED = os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1"
 HEADER = ROOT / "include" / "devmem.h"

@@ -25,6 +25,8 @@ TYPES = {
     "const char *const *": ctypes.POINTER(ctypes.c_char_p),
     "devmem_status": ctypes.c_int32,
     "devmem_host_policy *": ctypes.POINTER(ctypes.c_int32),
+    "devmem_backend *": ctypes.POINTER(ctypes.c_int32),
+    "void *const *": ctypes.POINTER(ctypes.c_void_p),
     "struct devmem_stats *": ctypes.POINTER(_lib.Stats),
     "struct devmem_transfer *": ctypes.POINTER(_lib.Transfer),
     "struct devmem_allocation_info *": ctypes.POINTER(_lib.AllocationInfo),
@@ -102,6 +104,8 @@ def test_status_and_state_values_match_header():
         assert re.search(rf"DEVMEM_STATUS_{status.name} = {status.value},", text), status
     for state in _lib.State:
         assert re.search(rf"DEVMEM_STATE_{state.name} = {state.value},", text), state
+    for backend in _lib.Backend:
+        assert re.search(rf"DEVMEM_BACKEND_{backend.name} = {backend.value},", text), backend
     for policy in _lib.HostPolicy:
         assert re.search(rf"DEVMEM_HOST_POLICY_{policy.name} = {policy.value},", text), policy
     assert f"#define DEVMEM_MAX_TAG_LEN {_lib.MAX_TAG_LEN}" in text

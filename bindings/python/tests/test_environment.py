@@ -38,6 +38,7 @@ def test_missing_driver_is_driver_not_found():
         "except devmem.DriverNotFoundError as e:\n"
         "    print('RAISED', e)\n",
         DEVMEM_CUDA_LIBRARY="/nonexistent/libcuda.so.1",
+        DEVMEM_ZE_LIBRARY="/nonexistent/libcuda.so.1",
     )
     assert out.returncode == 0, out.stderr
     assert "RAISED DRIVER_NOT_FOUND" in out.stdout and "/nonexistent/libcuda.so.1" in out.stdout
