@@ -630,6 +630,40 @@ impl Emu {
         SUCCESS
     }
 
+    /// Allocates `size` bytes of page-locked-looking host memory.
+    fn alloc_host(&mut self, size: usize) -> Result<*mut c_void, R> {
+        if size == 0 {
+            return Err(INVALID_VALUE);
+        }
+        // SAFETY: a fresh anonymous mapping.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(OUT_OF_MEMORY);
+        }
+        self.host.insert(raw as usize, size);
+        Ok(raw)
+    }
+
+    fn free_host(&mut self, p: *mut c_void) -> R {
+        match self.host.remove(&(p as usize)) {
+            Some(size) => {
+                // SAFETY: a mapping made by `alloc_host`, freed once.
+                unsafe { libc::munmap(p, size) };
+                SUCCESS
+            }
+            None => INVALID_VALUE,
+        }
+    }
+
     /// Whether `[p, p+len)` touches a reservation (device address space).
     fn is_device_range(&self, p: u64, len: usize) -> bool {
         let end = p + len as u64;
@@ -766,41 +800,20 @@ pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> R {
 #[no_mangle]
 pub unsafe extern "C" fn cuMemHostAlloc(pp: *mut *mut c_void, size: usize, _flags: c_uint) -> R {
     with_context("cuMemHostAlloc", |emu, _| {
-        if pp.is_null() || size == 0 {
+        if pp.is_null() {
             return INVALID_VALUE;
         }
-        // SAFETY: a fresh anonymous mapping.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return OUT_OF_MEMORY;
+        match emu.alloc_host(size) {
+            // SAFETY: checked non-NULL above.
+            Ok(raw) => unsafe { put(pp, raw) },
+            Err(rc) => rc,
         }
-        emu.host.insert(raw as usize, size);
-        // SAFETY: checked non-NULL above.
-        unsafe { put(pp, raw) }
     })
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> R {
-    with_context("cuMemFreeHost", |emu, _| {
-        match emu.host.remove(&(p as usize)) {
-            Some(size) => {
-                // SAFETY: the mapping was made by cuMemHostAlloc and is freed once.
-                unsafe { libc::munmap(p, size) };
-                SUCCESS
-            }
-            None => INVALID_VALUE,
-        }
-    })
+    with_context("cuMemFreeHost", |emu, _| emu.free_host(p))
 }
 
 #[no_mangle]
@@ -1289,27 +1302,18 @@ pub unsafe extern "C" fn zeMemAllocHost(
         if !ze_context_ok(emu, ctx) {
             return ZE_INVALID_NULL_HANDLE;
         }
-        if desc.is_null() || out.is_null() || size == 0 {
+        if desc.is_null() || out.is_null() {
             return ZE_INVALID_NULL_POINTER;
         }
-        // SAFETY: a fresh anonymous mapping.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return ZE_OUT_OF_HOST_MEMORY;
+        match emu.alloc_host(size) {
+            Ok(raw) => {
+                // SAFETY: out-pointer per the specification.
+                unsafe { *out = raw };
+                ZE_SUCCESS
+            }
+            Err(OUT_OF_MEMORY) => ZE_OUT_OF_HOST_MEMORY,
+            Err(rc) => ze_code(rc),
         }
-        emu.host.insert(raw as usize, size);
-        // SAFETY: out-pointer per the specification.
-        unsafe { *out = raw };
-        ZE_SUCCESS
     })
 }
 
@@ -1319,14 +1323,7 @@ pub extern "C" fn zeMemFree(ctx: *mut c_void, p: *mut c_void) -> Z {
         if !ze_context_ok(emu, ctx) {
             return ZE_INVALID_NULL_HANDLE;
         }
-        match emu.host.remove(&(p as usize)) {
-            Some(size) => {
-                // SAFETY: a mapping made by zeMemAllocHost, freed once.
-                unsafe { libc::munmap(p, size) };
-                ZE_SUCCESS
-            }
-            None => ZE_INVALID_ARGUMENT,
-        }
+        ze_code(emu.free_host(p))
     })
 }
 
