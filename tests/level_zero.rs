@@ -204,3 +204,41 @@ fn a_device_without_virtual_memory() {
         "no virtual memory support",
     );
 }
+
+#[test]
+fn vllm_primitives_over_a_level_zero_reservation() {
+    level_zero_env(&[]);
+    let p = alloc(2 * MIB, "x"); // loads the backend in the default context
+    type Reserve = unsafe extern "C" fn(*mut c_void, *const c_void, usize, *mut *mut c_void) -> u32;
+    type Free = unsafe extern "C" fn(*mut c_void, *const c_void, usize) -> u32;
+    // SAFETY: the emulator library, for its Level Zero entry points.
+    let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("emulator");
+    // SAFETY: types match the Level Zero prototypes.
+    let reserve: libloading::Symbol<Reserve> =
+        unsafe { lib.get(b"zeVirtualMemReserve\0") }.expect("sym");
+    // SAFETY: as above.
+    let free_va: libloading::Symbol<Free> = unsafe { lib.get(b"zeVirtualMemFree\0") }.expect("sym");
+    let ctx = DEFAULT_CONTEXT as *mut c_void;
+    let mut va: *mut c_void = ptr::null_mut();
+    // SAFETY: valid out-pointer, the context devmem uses.
+    assert_eq!(unsafe { reserve(ctx, ptr::null(), 4 * MIB, &mut va) }, 0);
+    let mut handle: std::ffi::c_ulonglong = 0;
+    assert_eq!(
+        ffi::create_and_map(0, 4 * MIB as isize, va as u64, &mut handle),
+        0,
+        "{}",
+        message()
+    );
+    fill(va as u64, 4 * MIB, 5);
+    assert_eq!(mismatches(va as u64, 4 * MIB, 5), 0);
+    assert_eq!(
+        ffi::unmap_and_release(0, 4 * MIB as isize, va as u64, &mut handle),
+        0,
+        "{}",
+        message()
+    );
+    // SAFETY: frees the reservation made above.
+    assert_eq!(unsafe { free_va(ctx, va, 4 * MIB) }, 0);
+    free_all(&[p]);
+    release_store_and_assert_clean();
+}
