@@ -186,26 +186,27 @@ impl Store {
                 }
             }
         }
-        let backup = Backup {
-            extents: extents
-                .into_iter()
-                .map(|(id, at, n)| {
-                    let chunk = self
-                        .chunks
-                        .get_mut(&id)
-                        .expect("the run was found in this chunk");
-                    chunk.used[at..at + n].iter_mut().for_each(|b| *b = true);
-                    chunk.used_blocks += n;
-                    Extent {
-                        chunk: id,
-                        first_block: at,
-                        blocks: n,
-                        ptr: chunk.ptr + at * HOST_BLOCK,
-                    }
-                })
-                .collect(),
-        };
-        self.used_blocks += need;
+        let mut backup = Backup::default();
+        for (id, at, n) in extents {
+            // The runs were found in these chunks under the same lock, so each is there.
+            let Some(chunk) = self.chunks.get_mut(&id) else {
+                continue;
+            };
+            chunk.used[at..at + n].iter_mut().for_each(|b| *b = true);
+            chunk.used_blocks += n;
+            self.used_blocks += n;
+            backup.extents.push(Extent {
+                chunk: id,
+                first_block: at,
+                blocks: n,
+                ptr: chunk.ptr + at * HOST_BLOCK,
+            });
+        }
+        let taken: usize = backup.extents.iter().map(|e| e.blocks).sum();
+        if taken < need {
+            self.put_back(backup);
+            return None;
+        }
         Some(backup)
     }
 
