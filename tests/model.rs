@@ -67,6 +67,19 @@ fn tag_name(thread: Option<usize>, tag: usize) -> String {
     }
 }
 
+/// What a sleep does in the model: mapped allocations of offloaded tags keep their bytes, the
+/// others lose them.
+fn model_sleep(model: &mut [Model], offload: &[bool; 3]) {
+    for m in model.iter_mut().filter(|m| m.state == devmem_state::Mapped) {
+        if offload[m.tag] {
+            m.state = devmem_state::Offloaded;
+        } else {
+            m.state = devmem_state::Discarded;
+            m.contents = None;
+        }
+    }
+}
+
 fn apply(step: &Step, model: &mut Vec<Model>) {
     apply_as(None, step, model);
 }
@@ -123,25 +136,11 @@ fn apply_as(thread: Option<usize>, step: &Step, model: &mut Vec<Model>) {
                     ok(ffi::devmem_discard(list.as_ptr(), 1));
                 }
             }
-            for m in model.iter_mut().filter(|m| m.state == devmem_state::Mapped) {
-                if offload[m.tag] {
-                    m.state = devmem_state::Offloaded;
-                } else {
-                    m.state = devmem_state::Discarded;
-                    m.contents = None;
-                }
-            }
+            model_sleep(model, offload);
         }
         Step::Sleep { offload } => {
             ok(sleep(&tag_list(offload)));
-            for m in model.iter_mut().filter(|m| m.state == devmem_state::Mapped) {
-                if offload[m.tag] {
-                    m.state = devmem_state::Offloaded;
-                } else {
-                    m.state = devmem_state::Discarded;
-                    m.contents = None;
-                }
-            }
+            model_sleep(model, offload);
         }
         Step::Offload { tag } => {
             let n = name(*tag);
