@@ -298,6 +298,10 @@ fn blocks_for(len: usize) -> usize {
 /// background grower if needed.
 fn request_blocks(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) {
     let start = with_store(|s| {
+        if !s.growing {
+            // An error from a growth that has finished belongs to the operation that saw it.
+            s.grow_error = None;
+        }
         let upcoming = s.free_blocks() + (s.want_blocks - s.held_blocks);
         if free_needed > upcoming {
             let chunk_blocks = s.chunk_bytes / HOST_BLOCK;
@@ -306,7 +310,6 @@ fn request_blocks(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) {
         }
         if s.want_blocks > s.held_blocks && !s.growing {
             s.growing = true;
-            s.grow_error = None;
             Some(s.threads)
         } else {
             None
@@ -371,12 +374,14 @@ fn grow_worker(backend: &dyn Backend, device: i32, threads: usize) {
                 .and_then(|(ptr, len)| register_chunk(backend, device, ptr, len).map(|()| ptr)),
             HostMemory::Allocate => backend.alloc_host(device, len).map(|p| p as usize),
         };
-        with_store(|s| s.in_flight_blocks -= len / HOST_BLOCK);
+        // The chunk leaves the in-flight count in the same critical section that records its
+        // outcome, so no other worker can claim its place between a failure and the error.
         match prepared {
             Ok(ptr) => add_chunk(ptr, len, device),
             Err(err) => {
                 log::error!("devmem: growing the host store: {err}");
                 with_store(|s| {
+                    s.in_flight_blocks -= len / HOST_BLOCK;
                     s.want_blocks = s.held_blocks + s.in_flight_blocks;
                     s.grow_error.get_or_insert(err);
                 });
@@ -389,6 +394,7 @@ fn grow_worker(backend: &dyn Backend, device: i32, threads: usize) {
 
 fn add_chunk(ptr: usize, len: usize, device: i32) {
     with_store(|s| {
+        s.in_flight_blocks -= len / HOST_BLOCK;
         let id = s.next_id;
         s.next_id += 1;
         let blocks = len / HOST_BLOCK;
