@@ -50,6 +50,9 @@ class TagUsage:
     offloaded: int = 0
     discarded: int = 0
 
+    def __sub__(self, other: "TagUsage") -> "TagUsage":
+        return TagUsage(self.mapped - other.mapped, self.offloaded - other.offloaded, self.discarded - other.discarded)
+
 
 @dataclass
 class MemorySnapshot:
@@ -100,11 +103,7 @@ class MemorySnapshot:
         if self.device != other.device:
             raise ValueError(f"the two snapshots are of different devices: {self.device} vs {other.device}")
         tags = {
-            t: TagUsage(
-                self.devmem_tags.get(t, TagUsage()).mapped - other.devmem_tags.get(t, TagUsage()).mapped,
-                self.devmem_tags.get(t, TagUsage()).offloaded - other.devmem_tags.get(t, TagUsage()).offloaded,
-                self.devmem_tags.get(t, TagUsage()).discarded - other.devmem_tags.get(t, TagUsage()).discarded,
-            )
+            t: self.devmem_tags.get(t, TagUsage()) - other.devmem_tags.get(t, TagUsage())
             for t in set(self.devmem_tags) | set(other.devmem_tags)
         }
         return MemorySnapshot(
