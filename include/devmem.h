@@ -238,6 +238,28 @@ devmem_status devmem_malloc(size_t size, int device, void **out);
 // Frees an allocation in any state (mapped, offloaded, discarded).
 devmem_status devmem_free(void *ptr);
 
+// Gives the device memory of the allocation starting at `ptr` back to the driver for good,
+// keeping its address range reserved until `devmem_free(ptr)`, so nothing else can be placed
+// there. For a caching allocator's free segment that it will never hand out again (vLLM trims
+// the pools it no longer allocates from this way). A trimmed allocation leaves lookups,
+// iteration, statistics, sleep and wake; `on_free` is called now, not at the later free.
+// Writes the device bytes released to `*freed` when `freed` is not NULL.
+// `DEVMEM_STATUS_INVALID_STATE` when `ptr` was already trimmed.
+devmem_status devmem_trim(void *ptr, size_t *freed);
+
+// Writes to `*out` the host address holding the saved bytes `[ptr, ptr+len)` of an offloaded
+// allocation, or NULL when the allocation containing `ptr` is not offloaded (mapped or
+// discarded). The address stays valid until the allocation is woken or freed; reading it
+// after that is undefined. `DEVMEM_STATUS_UNSUPPORTED` when the range is split across host
+// chunks (use `devmem_copy_backup`), `DEVMEM_STATUS_INVALID_ARGUMENT` when the range is empty
+// or leaves the allocation.
+devmem_status devmem_backup_pointer(const void *ptr, size_t len, void **out);
+
+// Copies the saved bytes `[ptr, ptr+len)` of an offloaded allocation into `dst` (`len` bytes
+// of host memory) and writes 1 to `*copied`; writes 0 and copies nothing when the allocation
+// containing `ptr` is not offloaded.
+devmem_status devmem_copy_backup(const void *ptr, size_t len, void *dst, int *copied);
+
 // Sets the calling thread's tag: later allocations from this thread carry it. Tags are UTF-8,
 // 1 to `DEVMEM_MAX_TAG_LEN` bytes. Threads that never set one use `"default"`.
 devmem_status devmem_set_current_tag(const char *tag);
@@ -264,6 +286,11 @@ devmem_status devmem_discard(const char *const *tags, size_t n);
 // full) the mappings made by this call are undone, every backup is kept, and the call can be
 // retried.
 devmem_status devmem_wake_up(const char *const *tags, size_t n);
+
+// Wakes every sleeping allocation whose tag is *not* among the `n` tags in `deferred` (all of
+// them when `n` is 0), as `devmem_wake_up` does: vLLM's rule that a wake restores every tag
+// except the deferrable ones (weights, KV cache) it was not asked for.
+devmem_status devmem_wake_up_except(const char *const *deferred, size_t n);
 
 // Writes what the last sleep, offload, discard or wake (from any thread) did to `*out`.
 devmem_status devmem_get_last_transfer(struct devmem_transfer *out);

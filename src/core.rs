@@ -174,9 +174,18 @@ struct Callbacks {
     user_data: usize,
 }
 
+/// An address range whose physical memory was trimmed for good: still reserved, so the driver
+/// cannot hand it to another allocation, until its owner frees it.
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    size: usize,
+    device: i32,
+}
+
 #[derive(Default)]
 struct Registry {
     allocations: BTreeMap<u64, Allocation>,
+    retired: BTreeMap<u64, Retired>,
     per_tag: HashMap<Arc<str>, devmem_stats>,
     total: devmem_stats,
     callbacks: Callbacks,
@@ -367,6 +376,9 @@ fn notify(callback: devmem_allocation_callback, info: &devmem_allocation_info, u
 /// Frees an allocation in any state. Unknown pointers are counted and reported.
 pub fn free(ptr: u64) -> Result<()> {
     let backend = backend::get()?;
+    if free_retired(&*backend, ptr)? {
+        return Ok(());
+    }
     let found = with_registry(|reg| reg.allocations.get(&ptr).map(|a| (a.info(), reg.callbacks)));
     let Some((info, callbacks)) = found else {
         UNKNOWN_FREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -439,6 +451,89 @@ pub fn free(ptr: u64) -> Result<()> {
     }
     log::debug!("devmem: freed {size} bytes at {ptr:#x}");
     Ok(())
+}
+
+/// Frees the reservation of a trimmed allocation; `false` when `ptr` is not one.
+fn free_retired(backend: &dyn Backend, ptr: u64) -> Result<bool> {
+    let _op = OPS.lock();
+    let Some(retired) = with_registry(|reg| reg.retired.remove(&ptr)) else {
+        return Ok(false);
+    };
+    if let Err(err) = backend.free_va(retired.device, ptr, retired.size) {
+        with_registry(|reg| reg.retired.insert(ptr, retired));
+        return Err(err.context(format!("freeing the trimmed reservation at {ptr:#x}")));
+    }
+    log::debug!("devmem: freed the trimmed reservation at {ptr:#x}");
+    Ok(true)
+}
+
+/// Gives the physical memory (or host backup) of the allocation starting at `ptr` back for
+/// good, for a caching allocator's free segment that will never be handed out again. The
+/// address range stays reserved until [`free`] is called on `ptr`, so no later allocation can
+/// land there; meanwhile the allocation no longer appears in lookups, statistics, sleep or
+/// wake. Returns the bytes of device memory released.
+pub fn trim(ptr: u64) -> Result<usize> {
+    let backend = backend::get()?;
+    let found = with_registry(|reg| reg.allocations.get(&ptr).map(|a| (a.info(), reg.callbacks)));
+    let Some((info, callbacks)) = found else {
+        let retired = with_registry(|reg| reg.retired.contains_key(&ptr));
+        if retired {
+            bail!(
+                InvalidState,
+                "pointer {ptr:#x} was already trimmed; free it to release its address range"
+            );
+        }
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} is not the start of a live devmem allocation"
+        );
+    };
+    notify(callbacks.on_free, &info, callbacks.user_data);
+    let _op = OPS.lock();
+    let Some((device, size, state, handle)) = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.device, a.size, a.state, a.handle))
+    }) else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} was freed by another thread meanwhile"
+        );
+    };
+    let context = || format!("trimming {ptr:#x}");
+    if state == devmem_state::Mapped {
+        backend.synchronize(device)?;
+        backend
+            .unmap(device, ptr, size)
+            .map_err(|e| e.context(context()))?;
+    }
+    if let Some(handle) = handle {
+        if let Err(err) = backend.release(device, handle) {
+            with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, Some(handle), None));
+            return Err(err.context(context()));
+        }
+    }
+    let removed = with_registry(|reg| {
+        let mut allocation = reg.allocations.remove(&ptr)?;
+        reg.account(
+            &allocation.tag,
+            allocation.size,
+            Some(allocation.state),
+            None,
+        );
+        reg.retired.insert(ptr, Retired { size, device });
+        Some(allocation.backup.take())
+    });
+    if let Some(Some(backup)) = removed {
+        offload::give_back(backup);
+    }
+    let freed = if state == devmem_state::Mapped {
+        size
+    } else {
+        0
+    };
+    log::debug!("devmem: trimmed {size} bytes at {ptr:#x}");
+    Ok(freed)
 }
 
 /// What a sleep does to one allocation.
@@ -704,6 +799,17 @@ struct WakeTarget {
 /// ones; then one wait per device.
 pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
     let filter = tags.map(tag_set).transpose()?;
+    wake_selected(|tag| filter.as_ref().is_none_or(|f| f.contains(tag)))
+}
+
+/// Like [`wake_up`] for every sleeping allocation whose tag is *not* in `deferred`: what an
+/// engine calls when only some tags (weights, KV cache) may stay asleep after a wake.
+pub fn wake_up_except(deferred: &[String]) -> Result<devmem_transfer> {
+    let deferred = tag_set(deferred)?;
+    wake_selected(|tag| !deferred.contains(tag))
+}
+
+fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
     let backend = backend::get()?;
     let _op = OPS.lock();
     let start = Instant::now();
@@ -711,7 +817,7 @@ pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
         reg.allocations
             .values()
             .filter(|a| a.state != devmem_state::Mapped)
-            .filter(|a| filter.as_ref().is_none_or(|f| f.contains(&*a.tag)))
+            .filter(|a| select(&a.tag))
             .map(|a| WakeTarget {
                 va: a.va,
                 size: a.size,
@@ -814,6 +920,90 @@ fn roll_back_wake(backend: &dyn Backend, targets: &[WakeTarget], mapped: &[(usiz
             });
         }
     }
+}
+
+/// The host pieces holding `[ptr, ptr+len)` of an offloaded allocation, as (offset into the
+/// range, host address, bytes); `None` when the allocation holding `ptr` is not offloaded.
+fn backup_pieces(
+    reg: &Registry,
+    ptr: u64,
+    len: usize,
+) -> Result<Option<Vec<(usize, usize, usize)>>> {
+    let Some(a) = reg.lookup(ptr) else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} is not inside any live devmem allocation"
+        );
+    };
+    let end = a.va + a.size as u64;
+    if len == 0 || ptr.checked_add(len as u64).is_none_or(|e| e > end) {
+        bail!(
+            InvalidArgument,
+            "range {ptr:#x}+{len} is empty or runs past the allocation at {:#x} ({} bytes)",
+            a.va,
+            a.size
+        );
+    }
+    let Some(backup) = a
+        .backup
+        .as_ref()
+        .filter(|_| a.state == devmem_state::Offloaded)
+    else {
+        return Ok(None);
+    };
+    let (lo, hi) = (ptr, ptr + len as u64);
+    let pieces = backup
+        .pieces(a.va, a.size)
+        .into_iter()
+        .filter_map(|(va, host, n)| {
+            let start = va.max(lo);
+            let stop = (va + n as u64).min(hi);
+            (start < stop).then(|| {
+                (
+                    (start - lo) as usize,
+                    host as usize + (start - va) as usize,
+                    (stop - start) as usize,
+                )
+            })
+        })
+        .collect();
+    Ok(Some(pieces))
+}
+
+/// The host address holding the saved bytes `[ptr, ptr+len)` of an offloaded allocation, for
+/// reading them in place; `None` when the allocation is not offloaded. The address stays valid
+/// until the allocation is woken or freed. Fails with `Unsupported` when the range is split
+/// across host chunks (use [`copy_backup`]).
+pub fn backup_pointer(ptr: u64, len: usize) -> Result<Option<usize>> {
+    let pieces = with_registry(|reg| backup_pieces(reg, ptr, len))?;
+    match pieces.as_deref() {
+        None => Ok(None),
+        Some([(0, host, n)]) if *n == len => Ok(Some(*host)),
+        Some(p) => bail!(
+            Unsupported,
+            "the saved bytes of {ptr:#x}+{len} lie in {} separate host chunks; copy them instead",
+            p.len()
+        ),
+    }
+}
+
+/// Copies the saved bytes `[ptr, ptr+len)` of an offloaded allocation to `dst`; `false` (and
+/// nothing written) when the allocation is not offloaded.
+///
+/// # Safety
+/// `dst` must be valid for `len` bytes of writes.
+pub unsafe fn copy_backup(ptr: u64, len: usize, dst: *mut u8) -> Result<bool> {
+    // Held so no wake, free or sleep hands the backup back while it is read.
+    let _op = OPS.lock();
+    let Some(pieces) = with_registry(|reg| backup_pieces(reg, ptr, len))? else {
+        return Ok(false);
+    };
+    for (offset, host, n) in pieces {
+        // SAFETY: `host..host+n` lies in a backup the registry holds and OPS keeps alive; the
+        // caller guarantees `dst..dst+len` is writable and `offset + n <= len`.
+        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, dst.add(offset), n) };
+    }
+    Ok(true)
 }
 
 /// Statistics for `tag`, or for every tag when `None`.

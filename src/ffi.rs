@@ -267,6 +267,72 @@ pub extern "C" fn devmem_free(ptr: *mut c_void) -> devmem_status {
     })
 }
 
+/// Gives the device memory of the allocation starting at `ptr` back to the driver for good,
+/// keeping its address range reserved until `devmem_free(ptr)`, so nothing else can be placed
+/// there. For a caching allocator's free segment that it will never hand out again (vLLM trims
+/// the pools it no longer allocates from this way). A trimmed allocation leaves lookups,
+/// iteration, statistics, sleep and wake; `on_free` is called now, not at the later free.
+/// Writes the device bytes released to `*freed` when `freed` is not NULL.
+/// `DEVMEM_STATUS_INVALID_STATE` when `ptr` was already trimmed.
+#[no_mangle]
+pub extern "C" fn devmem_trim(ptr: *mut c_void, freed: *mut usize) -> devmem_status {
+    guard(|| {
+        if ptr.is_null() {
+            bail!(NullPointer, "ptr is NULL");
+        }
+        let n = core::trim(ptr as u64)?;
+        if !freed.is_null() {
+            // SAFETY: checked non-NULL above.
+            unsafe { write_out(freed, "freed", n) }?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes to `*out` the host address holding the saved bytes `[ptr, ptr+len)` of an offloaded
+/// allocation, or NULL when the allocation containing `ptr` is not offloaded (mapped or
+/// discarded). The address stays valid until the allocation is woken or freed; reading it
+/// after that is undefined. `DEVMEM_STATUS_UNSUPPORTED` when the range is split across host
+/// chunks (use `devmem_copy_backup`), `DEVMEM_STATUS_INVALID_ARGUMENT` when the range is empty
+/// or leaves the allocation.
+#[no_mangle]
+pub extern "C" fn devmem_backup_pointer(
+    ptr: *const c_void,
+    len: usize,
+    out: *mut *mut c_void,
+) -> devmem_status {
+    guard(|| {
+        if ptr.is_null() || out.is_null() {
+            bail!(NullPointer, "ptr and out must not be NULL");
+        }
+        let host = core::backup_pointer(ptr as u64, len)?;
+        let host = host.map_or(ptr::null_mut(), |h| h as *mut c_void);
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", host) }
+    })
+}
+
+/// Copies the saved bytes `[ptr, ptr+len)` of an offloaded allocation into `dst` (`len` bytes
+/// of host memory) and writes 1 to `*copied`; writes 0 and copies nothing when the allocation
+/// containing `ptr` is not offloaded.
+#[no_mangle]
+pub extern "C" fn devmem_copy_backup(
+    ptr: *const c_void,
+    len: usize,
+    dst: *mut c_void,
+    copied: *mut c_int,
+) -> devmem_status {
+    guard(|| {
+        if ptr.is_null() || dst.is_null() || copied.is_null() {
+            bail!(NullPointer, "ptr, dst and copied must not be NULL");
+        }
+        // SAFETY: the caller passes `len` writable bytes at `dst`.
+        let done = unsafe { core::copy_backup(ptr as u64, len, dst.cast::<u8>()) }?;
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(copied, "copied", c_int::from(done)) }
+    })
+}
+
 /// Sets the calling thread's tag: later allocations from this thread carry it. Tags are UTF-8,
 /// 1 to `DEVMEM_MAX_TAG_LEN` bytes. Threads that never set one use `"default"`.
 #[no_mangle]
@@ -350,6 +416,18 @@ pub extern "C" fn devmem_wake_up(tags: *const *const c_char, n: usize) -> devmem
         // SAFETY: the caller passes `n` tag pointers.
         let tags = unsafe { tags_from_c(tags, n) }?;
         core::wake_up(Some(&tags)).map(drop)
+    })
+}
+
+/// Wakes every sleeping allocation whose tag is *not* among the `n` tags in `deferred` (all of
+/// them when `n` is 0), as `devmem_wake_up` does: vLLM's rule that a wake restores every tag
+/// except the deferrable ones (weights, KV cache) it was not asked for.
+#[no_mangle]
+pub extern "C" fn devmem_wake_up_except(deferred: *const *const c_char, n: usize) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers (or n == 0).
+        let tags = unsafe { tags_from_c(deferred, n) }?;
+        core::wake_up_except(&tags).map(drop)
     })
 }
 
