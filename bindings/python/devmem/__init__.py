@@ -30,7 +30,7 @@ from ._lib import (
     UnsupportedError,
     library_path,
 )
-from .allocator import CuMemAllocator, pause, region, resume
+from .allocator import DEFERRABLE_TAGS, AllocationData, CuMemAllocator, pause, region, resume
 from .api import (
     DEFAULT_TAG,
     Allocation,
@@ -62,10 +62,15 @@ from .api import (
     use_tag,
     version,
     wake_up,
+    wake_up_except,
+    trim,
+    backup_pointer,
+    copy_backup,
 )
 from .profiling import MemoryProfilingResult, MemorySnapshot, TagUsage, memory_profiling
 
 __all__ = [
+    "AllocationData", "DEFERRABLE_TAGS", "trim", "wake_up_except", "backup_pointer", "copy_backup",
     "Allocation", "Backend", "BufferTooSmallError", "Counter", "CuMemAllocator", "DEFAULT_TAG", "DevmemError",
     "DriverError", "DriverNotFoundError", "HostOutOfMemoryError", "InvalidArgumentError",
     "InvalidDeviceError", "InvalidStateError", "InvalidTagError", "LibraryNotFoundError",

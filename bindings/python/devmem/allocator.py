@@ -13,7 +13,9 @@ import contextlib
 import gc
 import logging
 import threading
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import _lib, api
 from ._lib import InvalidStateError, Status, encode_tag
@@ -40,12 +42,82 @@ def _device_module(torch: Any) -> Tuple[Any, Any]:
     raise RuntimeError("no CUDA or XPU device is available to PyTorch")
 
 
-class CuMemAllocator:
-    """vLLM's ``CuMemAllocator``, on devmem: same method names and semantics.
+#: Tags a selective wake may leave asleep; any wake restores every other tag (vLLM's rule).
+DEFERRABLE_TAGS: Tuple[str, ...] = ("weights", "kv_cache")
 
-    ``use_memory_pool(tag)`` routes PyTorch allocations made in its body to devmem with that
-    tag; ``sleep(offload_tags)`` saves the listed tags to host memory and discards the rest;
-    ``wake_up(tags)`` brings them back at the same addresses.
+
+@dataclass(frozen=True)
+class AllocationData:
+    """One entry of :attr:`CuMemAllocator.pointer_to_data`, shaped like vLLM's.
+
+    ``handle`` is ``(device, size, ptr, physical handle)``; the physical handle is 0 while
+    asleep. ``cpu_backup_tensor`` is always None: devmem keeps backups in its own pinned host
+    store (read them with :func:`devmem.torch_memory_saver.torch_memory_saver.get_cpu_backup`);
+    ``is_offloaded`` says whether one exists.
+    """
+
+    handle: Tuple[int, int, int, int]
+    tag: str
+    cpu_backup_tensor: None = None
+    is_asleep: bool = False
+    is_offloaded: bool = False
+
+    @staticmethod
+    def of(a: api.Allocation) -> "AllocationData":
+        return AllocationData(
+            handle=(a.device, a.size, a.ptr, a.handle),
+            tag=a.tag,
+            is_asleep=a.state != _lib.State.MAPPED,
+            is_offloaded=a.state == _lib.State.OFFLOADED,
+        )
+
+
+class PointerToData(Mapping):
+    """A read-only, live view of devmem's allocation table keyed by start address, in the
+    shape of vLLM's ``CuMemAllocator.pointer_to_data``. Every read asks the library; nothing
+    is cached, so the view never disagrees with it."""
+
+    def __getitem__(self, ptr: int) -> AllocationData:
+        if not isinstance(ptr, int) or isinstance(ptr, bool):
+            raise KeyError(ptr)
+        try:
+            a = api.allocation_info(ptr)
+        except _lib.UnknownPointerError:
+            raise KeyError(ptr) from None
+        if a.ptr != ptr:
+            raise KeyError(ptr)
+        return AllocationData.of(a)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([a.ptr for a in api.allocations()])
+
+    def __len__(self) -> int:
+        return api.stats().allocations.current
+
+    def items(self) -> Any:  # one pass over the table instead of one lookup per key
+        return [(a.ptr, AllocationData.of(a)) for a in api.allocations()]
+
+    def values(self) -> Any:
+        return [AllocationData.of(a) for a in api.allocations()]
+
+    def __repr__(self) -> str:
+        return f"PointerToData({dict(self.items())!r})"
+
+
+class CuMemAllocator:
+    """vLLM's ``CuMemAllocator`` (the ``MemAllocator`` protocol of vLLM 0.33), on devmem.
+
+    * ``use_memory_pool(tag)``: PyTorch allocations in the body come from devmem with that tag.
+      Each entry gets a fresh pool, as in vLLM; re-entering a tag releases (trims) the free
+      cached segments of its older pools, and leaving a pool trims its own, because
+      ``empty_cache`` does not release memory that live pools hold.
+    * ``cudagraph_pool()``: a context manager yielding the pool id to capture graphs into,
+      with allocations tagged ``"cudagraph"``.
+    * ``sleep(offload_tags)`` saves the listed tags and discards the rest; ``wake_up(tags)``
+      restores ``tags`` and every tag outside :data:`DEFERRABLE_TAGS`; ``discard(tags)``.
+      Sleeping or discarding an allocation that is already asleep keeps its policy and logs a
+      warning. Errors are :class:`devmem.DevmemError`, a ``RuntimeError``.
+    * ``get_current_usage()`` and a read-only ``pointer_to_data`` view.
     """
 
     instance: Optional["CuMemAllocator"] = None
@@ -76,10 +148,19 @@ class CuMemAllocator:
     def __init__(self) -> None:
         _lib.load()
         self.current_tag: str = CuMemAllocator.default_tag
-        # tag -> (MemPool, pluggable allocator wrapper)
-        self.allocator_and_pools: Dict[str, Tuple[Any, Any]] = {}
+        # tag -> [(MemPool, pluggable allocator wrapper)], oldest first
+        self.allocator_and_pools: Dict[str, List[Tuple[Any, Any]]] = {}
+        # device -> graph MemPool, per tag
+        self._graph_pools: Dict[Tuple[str, int], Any] = {}
         self._allocator: Any = None
         self._released = False
+        self._known_tags: Set[str] = set()
+        self._pointer_to_data = PointerToData()
+
+    @property
+    def pointer_to_data(self) -> PointerToData:
+        """Read-only live view: start address -> :class:`AllocationData`."""
+        return self._pointer_to_data
 
     # -- pools ---------------------------------------------------------------------------
 
@@ -89,20 +170,18 @@ class CuMemAllocator:
             self._allocator = pluggable(_lib.library_path(), "my_malloc", "my_free")
         return self._allocator
 
-    def _pool(self, tag: str) -> Any:
+    def _check_open(self) -> None:
         if self._released:
             raise InvalidStateError(
                 Status.INVALID_STATE,
                 "release_pools() was called: this allocator's pools are gone; "
                 "sleep/wake_up still work on existing allocations",
             )
-        entry = self.allocator_and_pools.get(tag)
-        if entry is None:
-            device, _ = _device_module(_torch())
-            allocator = self._pluggable()
-            entry = (device.MemPool(allocator.allocator()), allocator)
-            self.allocator_and_pools[tag] = entry
-        return entry[0]
+
+    def _new_pool(self, device: Any) -> Tuple[Any, Any]:
+        """A MemPool on the current device (a pool belongs to the device it is created on)."""
+        allocator = self._pluggable()
+        return device.MemPool(allocator.allocator()), allocator
 
     @contextlib.contextmanager
     def _tagged(self, tag: str) -> Iterator[None]:
@@ -110,6 +189,7 @@ class CuMemAllocator:
         off; restores both and the allocator configuration afterwards, also on exceptions."""
         old_tag = self.current_tag
         old_thread_tag = api.current_tag()
+        self._known_tags.add(tag)
         with expandable_segments_disabled():
             self.current_tag = tag
             api.set_current_tag(tag)
@@ -122,58 +202,142 @@ class CuMemAllocator:
     @contextlib.contextmanager
     def use_memory_pool(self, tag: Optional[str] = None) -> Iterator[None]:
         """PyTorch allocations in the body come from devmem, tagged ``tag`` (default
-        ``"default"``). Expandable segments are off for the body; the previous allocator
-        configuration and tag are restored afterwards, also when the body raises."""
+        ``"default"``), from a pool created for this entry on the current device. Expandable
+        segments are off for the body; the previous allocator configuration and tag are
+        restored afterwards, also when the body raises."""
         if tag is None:
             tag = CuMemAllocator.default_tag
         encode_tag(tag)
+        self._check_open()
         device, _ = _device_module(_torch())
-        pool = self._pool(tag)
-        with self._tagged(tag), device.use_mem_pool(pool):
-            yield
+        if tag != self.current_tag:
+            # Older pools of this tag are never allocated from again.
+            for pool, _alloc in self.allocator_and_pools.get(tag, []):
+                self._trim(pool)
+        entry = self._new_pool(device)
+        # Kept alive for the allocator's life (pytorch/pytorch#146431).
+        self.allocator_and_pools.setdefault(tag, []).append(entry)
+        with self._tagged(tag):
+            with device.use_mem_pool(entry[0]):
+                yield
+            self._trim(entry[0])
 
-    def cudagraph_pool(self, tag: str = "cudagraph") -> Any:
-        """The devmem ``MemPool`` for graph capture under ``tag``. Pass its ``id`` as
-        ``torch.cuda.graph(g, pool=...)`` with the thread's devmem tag set to ``tag``, or use
-        :meth:`capture_graph`, which does both, so graph memory is tagged and sleeps too."""
+    def _trim(self, pool: Any) -> int:
+        """Releases the free cached segments of ``pool`` (one no longer allocated from) for
+        good; their address ranges stay reserved until PyTorch frees the segments."""
+        freed = 0
+        for segment in pool.snapshot():
+            if segment.get("allocated_size", 1) != 0:
+                continue
+            ptr = int(segment["address"])
+            try:
+                info = api.allocation_info(ptr)
+            except _lib.UnknownPointerError:
+                continue  # not devmem's, or trimmed already
+            if info.ptr != ptr or info.state != _lib.State.MAPPED:
+                continue  # asleep segments keep their policy, as in vLLM
+            freed += api.trim(ptr)
+        if freed:
+            logger.debug("devmem: trimmed %d free bytes from a pool", freed)
+        return freed
+
+    @contextlib.contextmanager
+    def cudagraph_pool(self, tag: str = "cudagraph") -> Iterator[Tuple[int, int]]:
+        """Yields the id of the devmem pool (one per tag and device) to capture CUDA graphs
+        into, with the thread's allocations tagged ``tag`` for the body, as vLLM's does::
+
+            with allocator.cudagraph_pool() as pool:
+                with torch.cuda.graph(g, pool=pool):
+                    ...
+        """
         encode_tag(tag)
-        return self._pool(tag)
+        self._check_open()
+        device, _ = _device_module(_torch())
+        key = (tag, int(device.current_device()))
+        pool = self._graph_pools.get(key)
+        if pool is None:
+            entry = self._new_pool(device)
+            self.allocator_and_pools.setdefault(tag, []).append(entry)
+            pool = self._graph_pools[key] = entry[0]
+        with self._tagged(tag):
+            yield pool.id
 
     @contextlib.contextmanager
     def capture_graph(self, graph: Any, tag: str = "cudagraph", **kwargs: Any) -> Iterator[None]:
         """``torch.cuda.graph(graph, pool=<devmem pool for tag>, **kwargs)`` with the tag set, so
         the graph's memory comes from devmem and sleeps with ``tag``."""
         torch = _torch()
-        pool = self.cudagraph_pool(tag)
-        with self._tagged(tag), torch.cuda.graph(graph, pool=pool.id, **kwargs):
+        with self.cudagraph_pool(tag) as pool_id, torch.cuda.graph(graph, pool=pool_id, **kwargs):
             yield
 
     # -- sleep mode ----------------------------------------------------------------------
 
-    def sleep(self, offload_tags: Union[None, str, Tuple[str, ...], list] = None) -> None:
+    def sleep(self, offload_tags: Union[None, str, Tuple[str, ...], List[str]] = None) -> None:
         """Releases all device memory devmem holds; tags in ``offload_tags`` (default
-        ``("default",)``) are saved to host memory first, the rest are discarded."""
+        ``("default",)``) are saved to host memory first, the rest are discarded.
+
+        PyTorch's ``gc.collect()`` and ``empty_cache()`` (which return the regular caching
+        allocator's unused memory, as vLLM's sleep does) run on a helper thread while the
+        library copies with the GIL released, so they add nothing to the sleep's time."""
         if offload_tags is None:
             offload_tags = (CuMemAllocator.default_tag,)
-        elif isinstance(offload_tags, str):
-            offload_tags = (offload_tags,)
+        tags = _lib.normalize_tags(offload_tags, "offload_tags")
         # Level Zero has no device-wide synchronise; PyTorch's does it for every stream.
         self._synchronize()
-        api.sleep(offload_tags)
-        gc.collect()
-        self._empty_cache()
+        with _alongside(self._collect_and_empty_cache):
+            api.sleep(tags)
+        self._warn_policy_conflicts(offload=tags)
 
-    def wake_up(self, tags: Optional[Union[str, list, tuple]] = None) -> None:
-        """Maps the memory of ``tags`` (all when None) again and restores offloaded bytes."""
-        api.wake_up(tags)
+    def discard(self, tags: Union[str, Tuple[str, ...], List[str]]) -> None:
+        """Releases the mapped memory of ``tags`` without saving it. Allocations of ``tags``
+        already asleep with a host backup keep it (a warning says so)."""
+        names = _lib.normalize_tags(tags)
+        conflicts = [t for t in names if api.stats(t).offloaded_bytes.current]
+        self._synchronize()
+        api.discard(names)
+        if conflicts:
+            logger.warning(
+                "devmem: discard cannot change the policy of already-asleep allocations of %s; "
+                "their host backups were kept", conflicts,
+            )
 
-    def discard(self, tags: Union[str, list, tuple]) -> None:
-        """Releases the memory of ``tags`` without saving it."""
-        api.discard(tags)
+    def wake_up(self, tags: Optional[Union[str, List[str], Tuple[str, ...]]] = None) -> None:
+        """Maps sleeping memory again and restores offloaded bytes: every tag when ``tags`` is
+        None, else ``tags`` plus every tag outside :data:`DEFERRABLE_TAGS` (vLLM's rule: only
+        weights and KV cache may stay asleep). When the device is full, PyTorch's cached memory
+        is returned and the wake retried once; a wake that still fails keeps every backup."""
+        wake = self._wake_call(tags)
+        try:
+            wake()
+        except _lib.OutOfMemoryError:
+            logger.info("devmem: wake found the device full; returning PyTorch's cached memory and retrying")
+            self._collect_and_empty_cache()
+            wake()
+
+    @staticmethod
+    def _wake_call(tags: Any) -> Callable[[], Any]:
+        if tags is None:
+            return lambda: api.wake_up(None)
+        names = _lib.normalize_tags(tags)
+        deferred = [t for t in DEFERRABLE_TAGS if t not in names]
+        return lambda: api.wake_up_except(deferred)
 
     def get_current_usage(self) -> int:
         """Bytes of all live devmem allocations, awake or asleep."""
         return api.stats().bytes.current
+
+    def _warn_policy_conflicts(self, offload: List[str]) -> None:
+        wanted = set(offload)
+        conflicts = []
+        for tag in sorted(self._known_tags | api.seen_tags | wanted):
+            s = api.stats(tag)
+            if (tag in wanted and s.discarded_bytes.current) or (tag not in wanted and s.offloaded_bytes.current):
+                conflicts.append(tag)
+        if conflicts:
+            logger.warning(
+                "devmem: sleep cannot change the policy of already-asleep allocations of %s; "
+                "the existing policy was kept", conflicts,
+            )
 
     def _synchronize(self) -> None:
         try:
@@ -186,7 +350,9 @@ class CuMemAllocator:
         if xpu is not None and xpu.is_available() and getattr(xpu, "is_initialized", lambda: True)():
             xpu.synchronize()
 
-    def _empty_cache(self) -> None:
+    @staticmethod
+    def _collect_and_empty_cache() -> None:
+        gc.collect()
         try:
             torch = _torch()
         except ImportError:
@@ -203,8 +369,9 @@ class CuMemAllocator:
         self._released = True
         if not self.allocator_and_pools and self._allocator is None:
             return
-        entries = list(self.allocator_and_pools.values())
+        entries = [e for es in self.allocator_and_pools.values() for e in es]
         self.allocator_and_pools.clear()
+        self._graph_pools.clear()
         pools = [e[0] for e in entries]
         allocators = [e[1] for e in entries]
         if self._allocator is not None:
@@ -220,6 +387,38 @@ class CuMemAllocator:
         pools.clear()  # phase 1: pools go while their allocators are alive
         gc.collect()
         allocators.clear()  # phase 2: now the allocator wrappers
+
+    def close(self) -> None:
+        """Alias of :meth:`release_pools` (vLLM's name)."""
+        self.release_pools()
+
+
+@contextlib.contextmanager
+def _alongside(work: Callable[[], None]) -> Iterator[None]:
+    """Runs ``work`` on a helper thread while the body runs; its errors are logged, never
+    raised (it is housekeeping). The body's own exception wins."""
+    errors: List[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as err:  # pragma: no cover - logged below
+            errors.append(err)
+
+    helper = threading.Thread(target=target, name="devmem-housekeeping", daemon=True)
+    try:
+        helper.start()
+    except RuntimeError:  # the OS refused a thread: do the work inline afterwards
+        helper = None
+    try:
+        yield
+    finally:
+        if helper is None:
+            target()
+        else:
+            helper.join()
+        for err in errors:
+            logger.warning("devmem: gc/empty_cache alongside sleep failed: %r", err)
 
 
 # --------------------------------------------------------------------------------------------

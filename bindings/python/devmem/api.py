@@ -89,9 +89,15 @@ def version() -> str:
     return _lib.load().devmem_version().decode()
 
 
+#: Every tag set through this package (the candidates for per-tag checks that must not walk
+#: the whole allocation table on a hot path).
+seen_tags: "set[str]" = {DEFAULT_TAG}
+
+
 def set_current_tag(tag: str) -> None:
     """Sets the calling thread's tag for later allocations."""
     call("devmem_set_current_tag", encode_tag(tag))
+    seen_tags.add(tag)
 
 
 def current_tag() -> str:
@@ -187,6 +193,59 @@ def wake_up(tags: Optional[TagsArg] = None) -> TransferResult:
         result.bytes_mapped / 2**30, result.bytes_restored / 2**30, result.seconds,
     )
     return result
+
+
+def wake_up_except(deferred: TagsArg) -> TransferResult:
+    """Wakes every sleeping allocation whose tag is not in ``deferred`` (everything when it is
+    empty); vLLM's rule that only the deferrable tags may stay asleep after a wake."""
+    array, n = tag_array(normalize_tags(deferred, "deferred"))
+    call("devmem_wake_up_except", array, n)
+    result = last_transfer()
+    logger.info(
+        "devmem: wake mapped %.2f GiB, restored %.2f GiB in %.3f s",
+        result.bytes_mapped / 2**30, result.bytes_restored / 2**30, result.seconds,
+    )
+    return result
+
+
+def trim(ptr: int) -> int:
+    """Gives the device memory of the allocation starting at ``ptr`` back for good, keeping
+    its address range reserved until :func:`free`; for a caching allocator's free segment that
+    will never be handed out again. Returns the device bytes released."""
+    if not isinstance(ptr, int) or isinstance(ptr, bool):
+        raise TypeError(f"ptr must be int, not {type(ptr).__name__}")
+    out = ctypes.c_size_t()
+    call("devmem_trim", ctypes.c_void_p(ptr), ctypes.byref(out))
+    return int(out.value)
+
+
+def _check_range(ptr: Any, nbytes: Any) -> None:
+    for name, value in (("ptr", ptr), ("nbytes", nbytes)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if nbytes <= 0 or nbytes >= 1 << 64:
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, f"nbytes {nbytes} is out of range")
+
+
+def backup_pointer(ptr: int, nbytes: int) -> Optional[int]:
+    """The host address holding the saved bytes ``[ptr, ptr+nbytes)`` of an offloaded
+    allocation, or None when it is not offloaded. Valid until the allocation is woken or
+    freed. Raises :class:`UnsupportedError` when the range spans several host chunks."""
+    _check_range(ptr, nbytes)
+    out = ctypes.c_void_p()
+    call("devmem_backup_pointer", ctypes.c_void_p(ptr), nbytes, ctypes.byref(out))
+    return out.value or None
+
+
+def copy_backup(ptr: int, nbytes: int, dst: int) -> bool:
+    """Copies the saved bytes ``[ptr, ptr+nbytes)`` of an offloaded allocation to host
+    address ``dst``; False (nothing written) when the allocation is not offloaded."""
+    _check_range(ptr, nbytes)
+    if not isinstance(dst, int) or isinstance(dst, bool):
+        raise TypeError(f"dst must be int, not {type(dst).__name__}")
+    copied = ctypes.c_int()
+    call("devmem_copy_backup", ctypes.c_void_p(ptr), nbytes, ctypes.c_void_p(dst), ctypes.byref(copied))
+    return bool(copied.value)
 
 
 def stats(tag: Optional[str] = None) -> TagStats:

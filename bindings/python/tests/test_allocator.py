@@ -27,9 +27,10 @@ def test_vllm_sleep_semantics():
     assert devmem.allocation_info(w).state == devmem.State.OFFLOADED
     assert devmem.allocation_info(kv).state == devmem.State.DISCARDED
     assert alloc.get_current_usage() == 6 * MIB
+    # vLLM's rule: a selective wake restores every tag outside ("weights", "kv_cache").
     alloc.wake_up(["kv_cache"])
-    assert devmem.allocation_info(w).state == devmem.State.OFFLOADED
-    alloc.wake_up()
+    assert devmem.allocation_info(w).state == devmem.State.MAPPED
+    assert devmem.allocation_info(kv).state == devmem.State.MAPPED
     assert ctypes.string_at(w, 2 * MIB) == b"\x5a" * (2 * MIB)
     alloc.sleep("kv_cache")  # a str is one tag
     alloc.wake_up()
@@ -56,7 +57,8 @@ def test_release_pools_is_final_for_pools_but_not_for_sleep():
     alloc.release_pools()
     alloc.release_pools()  # twice is fine
     with pytest.raises(devmem.InvalidStateError, match="release_pools"):
-        alloc.cudagraph_pool()
+        with alloc.cudagraph_pool():
+            pass
     with devmem.use_tag("x"):
         p = devmem.malloc(MIB)
     alloc.sleep("x")
