@@ -1,0 +1,304 @@
+"""torch_memory_saver's public API on devmem, for SGLang, slime and verl.
+
+    from devmem.torch_memory_saver import torch_memory_saver
+    with torch_memory_saver.region(tag="kv_cache"):
+        kv = torch.empty(..., device="cuda")
+    torch_memory_saver.pause("kv_cache")
+    torch_memory_saver.resume("kv_cache")
+
+Names and defaults are torch_memory_saver's, so code written for it runs unchanged:
+``region(tag="default", enable_cpu_backup=False)`` discards on pause unless a CPU backup is
+asked for (devmem's own :func:`devmem.region` defaults to keeping a backup instead).
+
+Code that imports ``torch_memory_saver`` and cannot be edited gets this module with
+``PYTHONPATH=$(python -m devmem.torch_memory_saver --pythonpath)`` (child processes inherit
+it), or in-process with :func:`install`.
+
+Only ``hook_mode="torch"`` exists: every allocation in a region comes from devmem's
+pluggable allocator. Unsupported torch_memory_saver options (``"preload"``, disk backups,
+``cpu_backup_backend="mmap"``, ``retain_cpu_backup=True``) raise with the alternative named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+
+from .. import _lib, api
+from ..allocator import CuMemAllocator, _device_module, _torch
+
+logger = logging.getLogger("devmem")
+
+_TAG_DEFAULT = "default"
+#: Suffix of the devmem tag that holds a tag's allocations made with a CPU backup.
+BACKUP_SUFFIX = ":cpu_backup"
+SHIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_tms_shim")
+
+
+def devmem_tag(tag: str, enable_cpu_backup: bool) -> str:
+    """The devmem tag for allocations of ``tag`` made with or without a CPU backup (one
+    torch_memory_saver tag may hold both kinds)."""
+    if not isinstance(tag, str):
+        raise TypeError(f"tag must be str, not {type(tag).__name__}")
+    name = tag + BACKUP_SUFFIX if enable_cpu_backup else tag
+    _lib.encode_tag(name, "tag")
+    return name
+
+
+class TorchMemorySaver:
+    """torch_memory_saver's ``TorchMemorySaver`` on devmem (use the ``torch_memory_saver``
+    singleton of this module)."""
+
+    def __init__(self) -> None:
+        self._hook_mode = "torch"
+        self._margin = 0
+        self._lock = threading.Lock()
+        self._tags: Set[Tuple[str, bool]] = set()  # (tag, enable_cpu_backup) ever used
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """Always True, as in torch_memory_saver."""
+        return True
+
+    @property
+    def hook_mode(self) -> str:
+        return self._hook_mode
+
+    @hook_mode.setter
+    def hook_mode(self, mode: str) -> None:
+        if mode != "torch":
+            raise ValueError(
+                f"devmem's torch_memory_saver supports hook_mode='torch' only, not {mode!r}: allocations are "
+                "routed through PyTorch's pluggable allocator inside region()/cuda_graph(); there is no "
+                "LD_PRELOAD interception"
+            )
+        self._hook_mode = mode
+
+    @property
+    def memory_margin_bytes(self) -> int:
+        return self._margin
+
+    @memory_margin_bytes.setter
+    def memory_margin_bytes(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"memory_margin_bytes must be a non-negative int, not {value!r}")
+        self._margin = value
+
+    @property
+    def retain_cpu_backup(self) -> bool:
+        return False
+
+    @retain_cpu_backup.setter
+    def retain_cpu_backup(self, value: bool) -> None:
+        if value:
+            raise NotImplementedError(
+                "retain_cpu_backup=True is not supported by devmem: a backup goes back to devmem's host store "
+                "at resume (set devmem.HostPolicy.KEEP to keep the pinned memory for the next pause)"
+            )
+
+    def set_disk_backup_dir(self, path: str) -> None:
+        raise NotImplementedError("devmem has no disk backups; use enable_cpu_backup=True")
+
+    # -- regions ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_backup_options(enable_cpu_backup: Any, enable_disk_backup: Any, cpu_backup_backend: Any) -> None:
+        if not isinstance(enable_cpu_backup, bool):
+            raise TypeError("enable_cpu_backup must be bool")
+        if enable_disk_backup:
+            raise NotImplementedError("devmem has no disk backups; use enable_cpu_backup=True")
+        if cpu_backup_backend is None:
+            return
+        if not enable_cpu_backup:
+            raise ValueError("cpu_backup_backend requires enable_cpu_backup=True")
+        if cpu_backup_backend != "pinned":
+            raise ValueError(
+                f"cpu_backup_backend={cpu_backup_backend!r} is not supported: devmem's backups always live in "
+                "its pinned host store (cpu_backup_backend='pinned')"
+            )
+
+    def _remember(self, tag: str, enable_cpu_backup: bool) -> str:
+        name = devmem_tag(tag, enable_cpu_backup)
+        with self._lock:
+            self._tags.add((tag, enable_cpu_backup))
+        return name
+
+    @contextlib.contextmanager
+    def region(
+        self,
+        tag: str = _TAG_DEFAULT,
+        enable_cpu_backup: bool = False,
+        enable_disk_backup: bool = False,
+        cpu_backup_backend: Optional[str] = None,
+    ) -> Iterator[None]:
+        """Tensors allocated in the body can be paused: their device memory is released by
+        :meth:`pause` (saved to host memory first with ``enable_cpu_backup=True``, dropped
+        otherwise) and mapped again at the same addresses by :meth:`resume`."""
+        self._check_backup_options(enable_cpu_backup, enable_disk_backup, cpu_backup_backend)
+        name = self._remember(tag, enable_cpu_backup)
+        with CuMemAllocator.get_instance().use_memory_pool(name):
+            yield
+
+    @contextlib.contextmanager
+    def cuda_graph(
+        self,
+        cuda_graph: Any,
+        pool: Any = None,
+        stream: Any = None,
+        capture_error_mode: str = "global",
+        tag: str = _TAG_DEFAULT,
+        enable_cpu_backup: bool = False,
+        cpu_backup_backend: Optional[str] = None,
+    ) -> Iterator[None]:
+        """``torch.cuda.graph`` whose memory is pauseable under ``tag``. Graphs of one tag share
+        devmem's graph pool for that tag; a ``pool`` passed here is not used (memory from it
+        could not be paused), which is logged."""
+        self._check_backup_options(enable_cpu_backup, False, cpu_backup_backend)
+        torch = _torch()
+        name = self._remember(tag, enable_cpu_backup)
+        if pool is not None:
+            logger.info("devmem: cuda_graph(tag=%r) captures into devmem's pool for the tag, not the given pool", tag)
+        with CuMemAllocator.get_instance().cudagraph_pool(name) as pool_id:
+            with torch.cuda.graph(cuda_graph, pool=pool_id, stream=stream, capture_error_mode=capture_error_mode):
+                yield
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[None]:
+        """Allocations in the body come from PyTorch's own allocator (a throwaway pool), not
+        from devmem, even inside a region."""
+        torch = _torch()
+        device, _ = _device_module(torch)
+        pool = device.MemPool()
+        previous = api.current_tag()
+        try:
+            with device.use_mem_pool(pool):
+                yield
+        finally:
+            api.set_current_tag(previous)
+            del pool
+
+    # -- pause / resume --------------------------------------------------------------------
+
+    def _targets(self, tag: Optional[str]) -> Tuple[List[str], List[str]]:
+        """(devmem tags to offload, devmem tags to discard) for ``tag`` (every tag when None)."""
+        if tag is not None and not isinstance(tag, str):
+            raise TypeError(f"tag must be str or None, not {type(tag).__name__}")
+        with self._lock:
+            pairs = sorted(p for p in self._tags if tag is None or p[0] == tag)
+        keep = [devmem_tag(t, True) for t, backup in pairs if backup]
+        drop = [devmem_tag(t, False) for t, backup in pairs if not backup]
+        return keep, drop
+
+    def pause(self, tag: Optional[str] = None) -> None:
+        """Releases the device memory of ``tag``'s regions (every region when None)."""
+        keep, drop = self._targets(tag)
+        CuMemAllocator.get_instance()._synchronize()
+        if keep:
+            api.offload(keep)
+        if drop:
+            api.discard(drop)
+
+    def resume(self, tag: Optional[str] = None) -> None:
+        """Maps the memory of ``tag``'s regions (every region when None) again at the same
+        addresses and restores backed-up bytes. With ``memory_margin_bytes`` set, refuses (with
+        :class:`devmem.OutOfMemoryError`, nothing changed) when that much device memory would
+        not stay free."""
+        keep, drop = self._targets(tag)
+        names = keep + drop
+        if not names:
+            return
+        if self._margin:
+            self._check_margin(names)
+        api.wake_up(names)
+
+    def _check_margin(self, names: List[str]) -> None:
+        need: Dict[int, int] = {}
+        for a in api.allocations():
+            if a.tag in names and a.state != _lib.State.MAPPED:
+                need[a.device] = need.get(a.device, 0) + a.size
+        for device, nbytes in need.items():
+            free, _ = api.mem_get_info(device)
+            if free < nbytes + self._margin:
+                raise _lib.OutOfMemoryError(
+                    _lib.Status.OUT_OF_MEMORY,
+                    f"resume needs {nbytes} bytes on device {device} and memory_margin_bytes={self._margin} "
+                    f"to stay free, but only {free} are free; nothing was resumed",
+                )
+
+    # -- backups ---------------------------------------------------------------------------
+
+    def get_cpu_backup(self, x: Any, zero_copy: bool = False) -> Any:
+        """The paused bytes of tensor ``x`` as a CPU tensor of the same dtype and shape, or None
+        when ``x`` has no backup (not paused, or its region had no CPU backup). With
+        ``zero_copy=True`` the result aliases devmem's host store and is valid only until the
+        next resume or free of ``x``'s memory; when the bytes are split across host chunks a
+        copy is returned instead (logged)."""
+        torch = _torch()
+        if not (x.is_cuda or getattr(x, "is_xpu", False)):
+            raise ValueError(f"get_cpu_backup needs a device tensor, got one on {x.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"get_cpu_backup needs a contiguous tensor (shape {tuple(x.shape)}, stride {x.stride()})")
+        nbytes = x.numel() * x.element_size()
+        if nbytes == 0:
+            return torch.empty_like(x, device="cpu")
+        ptr = x.data_ptr()
+        if zero_copy:
+            try:
+                host = api.backup_pointer(ptr, nbytes)
+            except _lib.UnsupportedError as err:
+                logger.warning("devmem: get_cpu_backup(zero_copy=True) returns a copy: %s", err.message)
+            else:
+                if host is None:
+                    return None
+                raw = (ctypes.c_uint8 * nbytes).from_address(host)
+                return torch.frombuffer(raw, dtype=torch.uint8).view(x.dtype).view(x.shape)
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if not api.copy_backup(ptr, nbytes, out.data_ptr()):
+            return None
+        return out.view(x.dtype).view(x.shape)
+
+
+def configure_subprocess() -> Any:
+    """Context manager: child processes started in the body import this module as
+    ``torch_memory_saver`` (the shim directory is put on ``PYTHONPATH``)."""
+    return _pythonpath_with_shim()
+
+
+@contextlib.contextmanager
+def _pythonpath_with_shim() -> Iterator[None]:
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = SHIM_DIR + (os.pathsep + old if old else "")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def install() -> None:
+    """Makes ``import torch_memory_saver`` in this process return this module."""
+    module = sys.modules[__name__]
+    existing = sys.modules.get("torch_memory_saver")
+    shim = existing is not None and os.path.abspath(getattr(existing, "__file__", "") or "").startswith(SHIM_DIR)
+    if existing is not None and existing is not module and not shim:
+        raise RuntimeError(
+            f"torch_memory_saver is already imported from {getattr(existing, '__file__', existing)!r}; "
+            "call devmem.torch_memory_saver.install() before anything imports it"
+        )
+    # ``import torch_memory_saver.testing_utils`` then resolves through this package's path.
+    sys.modules["torch_memory_saver"] = module
+
+
+#: The process-wide instance, as ``from torch_memory_saver import torch_memory_saver``.
+torch_memory_saver = TorchMemorySaver()
+
+__all__ = ["TorchMemorySaver", "configure_subprocess", "devmem_tag", "install", "torch_memory_saver"]

@@ -1,0 +1,201 @@
+"""devmem as a vLLM sleep-mode backend, loaded through the ``vllm.general_plugins`` entry point.
+
+Turn it on with ``vllm serve ... --enable-sleep-mode --sleep-mode-backend devmem`` (or
+``LLM(..., enable_sleep_mode=True, sleep_mode_backend="devmem")``). vLLM calls :func:`register`
+in every process it starts; it
+
+* registers the backend ``devmem`` with vLLM's ``SleepModeBackendFactory``, and
+* routes ``vllm.device_allocator.get_mem_allocator_instance()`` to devmem's
+  :class:`devmem.CuMemAllocator` in the processes whose engine selected that backend, so the
+  weights, KV cache and runtime pools vLLM opens are devmem's. No vLLM file is changed on disk.
+
+Which allocator a process gets is decided once, at its first ``get_mem_allocator_instance()``
+call, from the vLLM config in effect: ``get_current_vllm_config_or_none()``, else the
+``vllm_config`` of the caller (vLLM's GPU worker opens its first pool before it enters its
+config context), else ``DEVMEM_VLLM_ALLOCATOR=1|0``. A later call that sees another choice
+raises, because mixing two allocators in one process would leave memory neither can sleep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, Callable, List, Optional
+
+logger = logging.getLogger("devmem")
+
+BACKEND_NAME = "devmem"
+#: Environment override for processes where no vLLM config is visible: "1" devmem, "0" vLLM's.
+ENV_ALLOCATOR = "DEVMEM_VLLM_ALLOCATOR"
+#: Modules that bind ``get_mem_allocator_instance`` by name at import time.
+_BINDERS = ("vllm.v1.worker.gpu_worker", "vllm.compilation.cudagraph_pool")
+
+_lock = threading.Lock()
+_choice: Optional[bool] = None  # True: devmem's allocator; decided at the first call
+_original: Optional[Callable[[], Any]] = None
+
+
+def _config_selects_devmem(config: Any) -> Optional[bool]:
+    model_config = getattr(config, "model_config", None)
+    backend = getattr(model_config, "sleep_mode_backend", None)
+    return None if backend is None else backend == BACKEND_NAME
+
+
+def _caller_config() -> Any:
+    """The ``vllm_config`` of the frame that asked for the allocator (``self.vllm_config`` of
+    a worker, or a local ``vllm_config``), if any."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            break
+        local = frame.f_locals
+        config = local.get("vllm_config")
+        if config is None and "self" in local:
+            config = getattr(local["self"], "vllm_config", None)
+        if config is not None:
+            return config
+        frame = frame.f_back
+    return None
+
+
+def _select() -> bool:
+    global _choice
+    seen: Optional[bool] = None
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        seen = _config_selects_devmem(get_current_vllm_config_or_none())
+    except ImportError:  # pragma: no cover - older vLLM
+        pass
+    if seen is None:
+        seen = _config_selects_devmem(_caller_config())
+    if seen is None and os.environ.get(ENV_ALLOCATOR) in ("0", "1"):
+        seen = os.environ[ENV_ALLOCATOR] == "1"
+    with _lock:
+        if _choice is None:
+            _choice = bool(seen)
+            logger.info("devmem: vLLM's sleep-mode allocator in this process is %s", "devmem" if _choice else "vLLM's")
+        elif seen is not None and seen != _choice:
+            raise RuntimeError(
+                f"devmem: this process already uses {'devmem' if _choice else 'vLLM'}'s sleep-mode allocator, "
+                f"but the vLLM config now selects sleep_mode_backend="
+                f"{BACKEND_NAME if seen else 'another backend'}; one process cannot mix them "
+                f"(set {ENV_ALLOCATOR}=1 or 0 to decide before the first pool is opened)"
+            )
+        return _choice
+
+
+def get_mem_allocator_instance() -> Any:
+    """vLLM's ``get_mem_allocator_instance``, answering devmem's allocator when devmem is the
+    selected sleep-mode backend."""
+    if _select():
+        from .allocator import CuMemAllocator
+
+        return CuMemAllocator.get_instance()
+    assert _original is not None
+    return _original()
+
+
+def _patch_allocator_lookup() -> None:
+    global _original
+    import vllm.device_allocator as device_allocator
+
+    current = device_allocator.get_mem_allocator_instance
+    if current is get_mem_allocator_instance:
+        return
+    _original = current
+    device_allocator.get_mem_allocator_instance = get_mem_allocator_instance
+    for name in _BINDERS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "get_mem_allocator_instance", None) is current:
+            module.get_mem_allocator_instance = get_mem_allocator_instance
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: registers the ``devmem`` sleep-mode backend and
+    routes the allocator lookup. Safe to call more than once."""
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+
+    if BACKEND_NAME not in SleepModeBackendFactory._registry:
+        SleepModeBackendFactory.register_backend(BACKEND_NAME, __name__, "DevmemSleepModeBackend")
+    _patch_allocator_lookup()
+
+
+def _backend_base() -> Any:
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackend
+
+    return SleepModeBackend
+
+
+class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
+    """vLLM's sleep-mode levels on devmem.
+
+    * ``suspend(1)``: weights, runtime state and graph pools are saved to host memory, the KV
+      cache (and any other tag) is discarded; every byte devmem holds goes back to the driver.
+    * ``suspend(2)``: as level 1, but weights are discarded too (reloaded by vLLM on wake).
+    * ``resume(tags)``: maps memory again and restores backups; ``tags`` may defer
+      ``weights`` and ``kv_cache``, every other tag always comes back.
+    * ``discard(tags)``: releases those tags without saving them (``release_kv_cache_memory``).
+    """
+
+    def _allocator(self) -> Any:
+        from .allocator import CuMemAllocator
+
+        allocator = get_mem_allocator_instance() if _original is not None else CuMemAllocator.get_instance()
+        if not isinstance(allocator, CuMemAllocator):
+            raise RuntimeError(
+                "devmem: sleep_mode_backend='devmem' but this process's pools come from vLLM's allocator; "
+                f"set {ENV_ALLOCATOR}=1 so devmem's allocator is chosen before the first pool is opened"
+            )
+        return allocator
+
+    def suspend(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, not {level!r}")
+        allocator = self._allocator()
+        offload_tags: List[str] = ["runtime", "cudagraph"]
+        if level == 1:
+            offload_tags.insert(0, "weights")
+        self._state = "SUSPENDED"
+        allocator.sleep(offload_tags=tuple(offload_tags))
+
+    def resume(self, tags: Optional[List[str]] = None) -> None:
+        allocator = self._allocator()
+        self._state = "RESUMING"
+        allocator.wake_up(tags)
+        self._state = "RUNNING"
+
+    def discard(self, tags: Any) -> None:
+        self._allocator().discard(tags)
+        self._state = "SUSPENDED"
+
+    @classmethod
+    def is_supported(cls) -> bool:
+        try:
+            from . import api
+
+            return api.device_count() > 0
+        except Exception as err:  # the library or driver is missing: not supported here
+            logger.info("devmem: sleep-mode backend unavailable: %s", err)
+            return False
+
+    @classmethod
+    def preserves_communicators(cls) -> bool:
+        # NCCL's buffers are not devmem allocations; communicators are never torn down.
+        return True
+
+    @classmethod
+    def preserves_compiled_artifacts(cls) -> bool:
+        # Only device memory is released; compiled kernels live in the process.
+        return True
+
+    @classmethod
+    def preserves_graphs_with_communicators(cls) -> bool:
+        # Communicators survive and every address comes back unchanged.
+        return True
+
+    @classmethod
+    def supports_durable_storage(cls) -> bool:
+        return False

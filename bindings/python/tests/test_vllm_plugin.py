@@ -1,0 +1,172 @@
+"""devmem's vLLM plugin against vLLM 0.33's real plugin loader and sleep-mode backend module,
+extracted from the release wheel (conformance/vllm_tree.py says what is stubbed and why):
+entry-point discovery, registration, allocator routing, and suspend/resume/discard driving
+devmem on the emulator."""
+
+import importlib
+import importlib.metadata
+import os
+import pathlib
+import sys
+
+import pytest
+
+import devmem
+from conftest import EMULATED, ROOT
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+from conformance import vllm_tree  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not EMULATED, reason="reads device memory through host pointers")
+MIB = 1 << 20
+CACHE = pathlib.Path(os.environ.get("DEVMEM_VLLM_CACHE", ROOT / "build" / "vllm-wheel"))
+
+
+class _ModelConfig:
+    def __init__(self, backend):
+        self.sleep_mode_backend = backend
+
+
+class _VllmConfig:
+    def __init__(self, backend):
+        self.model_config = _ModelConfig(backend)
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory):
+    """vLLM's real modules on sys.path, plugins loaded through vLLM's own loader."""
+    try:
+        wheel = vllm_tree.wheel(str(CACHE))
+    except Exception as err:  # pragma: no cover - no registry reachable
+        pytest.skip(f"cannot download the vLLM {vllm_tree.VERSION} wheel: {err}")
+    dest = tmp_path_factory.mktemp("vllm")
+    vllm_tree.build(str(dest), wheel)
+    sys.path.insert(0, str(dest))
+    pyproject = ROOT / "bindings" / "python" / "pyproject.toml"
+    group = importlib.metadata.entry_points(group="vllm.general_plugins")
+    if "devmem" not in [e.name for e in group]:  # a source-tree run: declare it as pip would
+        vllm_tree.entry_point_dist(str(dest), str(pyproject))
+    saved = {k: v for k, v in sys.modules.items() if k == "vllm" or k.startswith("vllm.")}
+    for k in saved:
+        del sys.modules[k]
+    importlib.invalidate_caches()
+    import vllm.plugins
+
+    vllm.plugins.load_general_plugins()
+    yield sys.modules["vllm"]
+    sys.path.remove(str(dest))
+    for k in [k for k in sys.modules if k == "vllm" or k.startswith("vllm.")]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    import devmem.vllm_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_choice", None)
+    monkeypatch.delenv(plugin.ENV_ALLOCATOR, raising=False)
+    yield plugin
+    importlib.import_module("vllm.config").set_for_test(None)
+
+
+def test_entry_point_is_discovered_and_registers_the_backend(vllm):
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackend, SleepModeBackendFactory
+
+    eps = {e.name: e.value for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    assert eps.get("devmem") == "devmem.vllm_plugin:register"
+    cls = SleepModeBackendFactory.get_backend_class("devmem")
+    assert issubclass(cls, SleepModeBackend) and cls.__name__ == "DevmemSleepModeBackend"
+    assert cls.is_supported()
+    assert (cls.preserves_communicators(), cls.supports_durable_storage()) == (True, False)
+    backend = SleepModeBackendFactory.create_backend(_ModelConfig("devmem"))
+    assert backend.state() == "RUNNING"
+    # Loading twice (vLLM may) registers once.
+    devmem.vllm_plugin.register()
+    assert SleepModeBackendFactory.get_backend_class("cumem").__name__ == "CuMemBackend"
+
+
+def test_allocator_follows_the_selected_backend(vllm, fresh_choice):
+    import vllm.device_allocator as da
+
+    importlib.import_module("vllm.config").set_for_test(_VllmConfig("devmem"))
+    assert da.get_mem_allocator_instance() is devmem.CuMemAllocator.get_instance()
+    # The choice is fixed for the process: a config that disagrees later is an error.
+    importlib.import_module("vllm.config").set_for_test(_VllmConfig("cumem"))
+    with pytest.raises(RuntimeError, match="cannot mix"):
+        da.get_mem_allocator_instance()
+
+
+def test_without_devmem_selected_vllm_keeps_its_allocator(vllm, fresh_choice):
+    import vllm.device_allocator as da
+
+    importlib.import_module("vllm.config").set_for_test(_VllmConfig("cumem"))
+    assert type(da.get_mem_allocator_instance()).__name__ == "VllmAllocatorPlaceholder"
+
+
+def test_the_callers_config_decides_before_vllm_sets_its_context(vllm, fresh_choice):
+    """vLLM's worker opens its weights pool before entering set_current_vllm_config."""
+    import vllm.device_allocator as da
+
+    class Worker:
+        vllm_config = _VllmConfig("devmem")
+
+        def _maybe_get_memory_pool_context(self):
+            return da.get_mem_allocator_instance()
+
+    assert Worker()._maybe_get_memory_pool_context() is devmem.CuMemAllocator.get_instance()
+
+
+def test_suspend_resume_discard_drive_devmem(vllm, fresh_choice):
+    import ctypes
+
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+
+    importlib.import_module("vllm.config").set_for_test(_VllmConfig("devmem"))
+    backend = SleepModeBackendFactory.create_backend(_ModelConfig("devmem"))
+    ptrs = {}
+    for tag, byte in (("weights", 1), ("runtime", 2), ("cudagraph", 3), ("kv_cache", 4)):
+        with devmem.use_tag(tag):
+            ptrs[tag] = devmem.malloc(4 * MIB)
+        ctypes.memset(ptrs[tag], byte, 4 * MIB)
+
+    def state(tag):
+        return devmem.allocation_info(ptrs[tag]).state
+
+    free0 = devmem.mem_get_info()[0]
+    backend.suspend(level=1)
+    assert backend.state() == "SUSPENDED"
+    assert devmem.mem_get_info()[0] - free0 == 16 * MIB, "every byte goes back"
+    assert [state(t) for t in ("weights", "runtime", "cudagraph")] == [devmem.State.OFFLOADED] * 3
+    assert state("kv_cache") == devmem.State.DISCARDED
+    backend.resume(["weights"])
+    assert backend.state() == "RUNNING"
+    assert state("runtime") == devmem.State.MAPPED and state("kv_cache") == devmem.State.DISCARDED
+    for tag, byte in (("weights", 1), ("runtime", 2), ("cudagraph", 3)):
+        assert ctypes.string_at(ptrs[tag], 4 * MIB) == bytes([byte]) * (4 * MIB), tag
+    backend.resume(["kv_cache"])
+    backend.discard(("kv_cache",))  # release_kv_cache_memory
+    assert state("kv_cache") == devmem.State.DISCARDED and state("weights") == devmem.State.MAPPED
+    assert backend.state() == "SUSPENDED"
+    backend.resume(None)
+    backend.suspend(level=2)
+    assert state("weights") == devmem.State.DISCARDED, "level 2 discards weights"
+    assert state("runtime") == devmem.State.OFFLOADED
+    backend.resume()
+    with pytest.raises(ValueError, match="level"):
+        backend.suspend(level=3)
+    for p in ptrs.values():
+        devmem.free(p)
+
+
+def test_backend_refuses_when_pools_came_from_vllm(vllm, fresh_choice):
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+
+    importlib.import_module("vllm.config").set_for_test(_VllmConfig("cumem"))
+    import vllm.device_allocator as da
+
+    da.get_mem_allocator_instance()  # the process chose vLLM's allocator
+    backend = SleepModeBackendFactory.create_backend(_ModelConfig("devmem"))
+    importlib.import_module("vllm.config").set_for_test(None)
+    with pytest.raises(RuntimeError, match="DEVMEM_VLLM_ALLOCATOR"):
+        backend.suspend(1)
