@@ -8,6 +8,13 @@ buffer, CUDA events) at the start and the end of the run; every (scenario, polic
 a fresh child process, so each first sleep is really cold (empty host store, nothing cached).
 Results are ratios against the raw bandwidth of the same run.
 
+Entries (--entries): how sleep and wake are called. ``module`` (devmem.sleep/wake_up),
+``CuMemAllocator`` (the class vLLM's worker calls), ``vllm_backend`` (devmem's vLLM sleep-mode
+backend, suspend(1)/resume; needs vLLM's plugin modules on PYTHONPATH, see
+bindings/python/conformance/vllm_tree.py), ``torch_memory_saver`` (pause/resume of
+devmem.torch_memory_saver regions) and ``vllm_cumem`` (vLLM 0.33's own CuMemAllocator, built
+by vllm_tree with with_cumem=True; for comparison, no target). Each record has an ``entry``.
+
 Scenarios (weights are offloaded, the KV cache is discarded):
   S1: weights 8 GiB in 256 tensors + KV cache 16 GiB in 64 tensors
   S2: weights 4 GiB in 2048 tensors + KV cache 4 GiB in 64 tensors
@@ -35,6 +42,10 @@ SCENARIOS = {
     "S3": dict(w_bytes=32 * GIB, w_n=512, kv_bytes=32 * GIB, kv_n=64),
 }
 POLICIES = ("keep", "release", "reserve")
+#: How sleep and wake are called: devmem's module API, the class vLLM's worker calls, devmem's
+#: vLLM sleep-mode backend (suspend(1)/resume), the torch_memory_saver module (pause/resume),
+#: and vLLM 0.33's own CuMemAllocator for comparison (needs its wheel, see --vllm-tree).
+ENTRIES = ("module", "CuMemAllocator", "vllm_backend", "torch_memory_saver", "vllm_cumem")
 WARM_CYCLES = 3
 
 
@@ -86,7 +97,42 @@ def raw_bandwidth(torch, nbytes=4 * GIB, repeats=5):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_child(scenario, policy):
+def entry_ops(entry, torch):
+    """(context for allocating weights, context for the KV cache, sleep(), wake(), release())
+    through the entry point ``entry``."""
+    import devmem
+
+    if entry == "torch_memory_saver":
+        from devmem.torch_memory_saver import torch_memory_saver as tms
+
+        return (lambda: tms.region("weights", enable_cpu_backup=True), lambda: tms.region("kv_cache"),
+                tms.pause, tms.resume, lambda: devmem.CuMemAllocator.get_instance().release_pools())
+    if entry == "vllm_cumem":
+        from vllm.device_allocator.cumem import CuMemAllocator as VllmAllocator
+
+        v = VllmAllocator.get_instance()
+        return (lambda: v.use_memory_pool("weights"), lambda: v.use_memory_pool("kv_cache"),
+                lambda: v.sleep(offload_tags=("weights",)), v.wake_up, v.release_pools)
+    alloc = devmem.CuMemAllocator.get_instance()
+    pools = (lambda: alloc.use_memory_pool("weights"), lambda: alloc.use_memory_pool("kv_cache"))
+    if entry == "module":
+        return pools + (lambda: devmem.sleep(("weights",)), devmem.wake_up, alloc.release_pools)
+    if entry == "CuMemAllocator":
+        return pools + (lambda: alloc.sleep(offload_tags=("weights",)), alloc.wake_up, alloc.release_pools)
+    if entry == "vllm_backend":
+        from devmem.vllm_plugin import DevmemSleepModeBackend
+
+        backend = DevmemSleepModeBackend()
+        return pools + (lambda: backend.suspend(1), lambda: backend.resume(None), alloc.release_pools)
+    raise ValueError(f"unknown entry {entry!r}; one of {ENTRIES}")
+
+
+def device_used(torch):
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def run_child(scenario, policy, entry):
     import torch
 
     import devmem
@@ -95,17 +141,20 @@ def run_child(scenario, policy):
     records = []
 
     def record(phase, nbytes, seconds, **extra):
-        records.append(dict(scenario=scenario, policy=policy, phase=phase, bytes=nbytes, seconds=seconds, **extra))
+        records.append(dict(scenario=scenario, policy=policy, entry=entry, phase=phase, bytes=nbytes,
+                            seconds=seconds, **extra))
 
     torch.cuda.init()
     devmem.set_host_policy(devmem.HostPolicy.RELEASE if policy == "release" else devmem.HostPolicy.KEEP)
-    alloc = devmem.CuMemAllocator.get_instance()
+    weights_pool, kv_pool, sleep, wake, release = entry_ops(entry, torch)
     w_elems = cfg["w_bytes"] // cfg["w_n"]
     kv_elems = cfg["kv_bytes"] // cfg["kv_n"]
-    with alloc.use_memory_pool("weights"):
+    used_before = device_used(torch)
+    with weights_pool():
         weights = [torch.empty(w_elems, dtype=torch.uint8, device="cuda") for _ in range(cfg["w_n"])]
-    with alloc.use_memory_pool("kv_cache"):
+    with kv_pool():
         kv = [torch.empty(kv_elems, dtype=torch.uint8, device="cuda") for _ in range(cfg["kv_n"])]
+    pooled = device_used(torch) - used_before
     gens = []
     for i, t in enumerate(weights):
         g = torch.Generator(device="cuda")
@@ -126,9 +175,11 @@ def run_child(scenario, policy):
         torch.cuda.synchronize()
         return bad
 
-    w_alloc = devmem.stats("weights").bytes.current
-    kv_alloc = devmem.stats("kv_cache").bytes.current
-    n_alloc = devmem.stats().allocations.current
+    # The entry's own bytes (vLLM's class does not allocate through devmem): what the pools
+    # took from the device, split by the requested sizes.
+    w_alloc = cfg["w_bytes"]
+    kv_alloc = pooled - w_alloc
+    n_alloc = cfg["w_n"] + cfg["kv_n"]
     rss_before = rss_bytes()
 
     if policy == "reserve":
@@ -141,15 +192,15 @@ def run_child(scenario, policy):
         torch.cuda.synchronize()
         free0, _ = torch.cuda.mem_get_info()
         t0 = time.perf_counter()
-        devmem.sleep(("weights",))
+        sleep()
         sleep_s = time.perf_counter() - t0
         free1, _ = torch.cuda.mem_get_info()
-        store = devmem.stats().host_store_bytes
+        store = devmem.stats().host_store_bytes if entry != "vllm_cumem" else 0
         # Registering pinned host memory costs the driver some device memory (page tables for
         # the host mapping, about 2 MiB per GiB seen on the H100): allow 4 MiB per GiB of store.
         freed_ok = free1 - free0 >= (w_alloc + kv_alloc) - 2 * MIB - store // 256
         t0 = time.perf_counter()
-        devmem.wake_up()
+        wake()
         wake_s = time.perf_counter() - t0
         bad = check_weights()
         rss_after = rss_bytes()
@@ -157,16 +208,16 @@ def run_child(scenario, policy):
                host_store_bytes=store, allocations=n_alloc, discarded_bytes=kv_alloc)
         record(f"{phase}_wake", w_alloc, wake_s, tensors_differing=bad, rss_before_first_sleep=rss_before,
                rss_after_wake=rss_after, host_store_after_wake=devmem.stats().host_store_bytes)
-        if bad or not freed_ok:
+        if bad or (not freed_ok and entry != "vllm_cumem"):
             print(f"CHECK FAILED: {scenario}/{policy} cycle {cycle}: {bad} tensors differ, freed {free1 - free0}",
                   file=sys.stderr)
 
-    if policy == "keep":
+    if policy == "keep" and entry == "module":
         # The baseline for the cold sleep, measured in this process after the cycles.
         threads = min(os.cpu_count() or 4, 16)
         record("populate", w_alloc, populate_seconds(w_alloc, threads), threads=threads)
 
-    if scenario == "S1" and policy == "keep":
+    if scenario == "S1" and policy == "keep" and entry == "module":
         # Discard-only: the KV cache alone, weights stay mapped.
         for _ in range(3):
             torch.cuda.synchronize()
@@ -195,7 +246,7 @@ def run_child(scenario, policy):
         record("my_free_32MiB", 32 * MIB, statistics.median(frees), p99=sorted(frees)[197])
 
     del weights, kv, scratch
-    alloc.release_pools()
+    release()
     print(json.dumps(records))
 
 
@@ -203,11 +254,7 @@ def run_child(scenario, policy):
 # Parent
 # ---------------------------------------------------------------------------------------------
 
-TARGETS = {
-    ("S1", "warm_sleep"): 0.90, ("S1", "warm_wake"): 0.90,
-    ("S3", "warm_sleep"): 0.90, ("S3", "warm_wake"): 0.90,
-    ("S2", "warm_sleep"): 0.80, ("S2", "warm_wake"): 0.80,
-}
+TARGETS = {(s, p): 0.95 for s in ("S1", "S2", "S3") for p in ("warm_sleep", "warm_wake")}
 
 
 def summarize(records, raw):
@@ -215,8 +262,8 @@ def summarize(records, raw):
     out = []
     by_key = {}
     for r in records:
-        by_key.setdefault((r["scenario"], r["policy"], r["phase"]), []).append(r)
-    for (scenario, policy, phase), rs in by_key.items():
+        by_key.setdefault((r["scenario"], r["policy"], r.get("entry", "module"), r["phase"]), []).append(r)
+    for (scenario, policy, entry, phase), rs in by_key.items():
         r = dict(rs[0])
         r["seconds"] = statistics.median(x["seconds"] for x in rs)
         r["samples"] = len(rs)
@@ -231,7 +278,7 @@ def summarize(records, raw):
             r["GBps"] = r["bytes"] / r["seconds"] / 1e9 if r["seconds"] else None
             r["ratio"] = None
         target = TARGETS.get((scenario, phase))
-        if target is not None and policy in ("keep", "reserve"):
+        if target is not None and policy in ("keep", "reserve") and entry != "vllm_cumem":
             r["target"] = f"ratio >= {target}"
             r["met"] = r["ratio"] >= target
         out.append(r)
@@ -239,7 +286,7 @@ def summarize(records, raw):
     for r in out:
         if r["phase"] == "cold_sleep" and r["policy"] == "keep":
             prep = next((x for x in out if x["scenario"] == r["scenario"] and x["policy"] == "keep"
-                         and x["phase"] == "populate"), None)
+                         and x["phase"] == "populate" and x["entry"] == r["entry"]), None)
             if prep:
                 r["populate_seconds"] = prep["seconds"]
                 r["vs_populate"] = r["seconds"] / prep["seconds"]
@@ -247,7 +294,7 @@ def summarize(records, raw):
                 r["met"] = r["vs_populate"] <= 1.3
         if r["phase"] == "cold_sleep" and r["policy"] == "reserve":
             warm = next((x for x in out if x["scenario"] == r["scenario"] and x["policy"] == "reserve"
-                         and x["phase"] == "warm_sleep"), None)
+                         and x["phase"] == "warm_sleep" and x["entry"] == r["entry"]), None)
             if warm:
                 r["vs_warm"] = r["seconds"] / warm["seconds"]
                 r["target"] = "within 10% of the warm sleep"
@@ -269,7 +316,7 @@ def summarize(records, raw):
 
 def print_table(rows, raw, device):
     print(f"\n{device}; raw pinned bandwidth: D2H {raw['d2h']:.1f} GB/s, H2D {raw['h2d']:.1f} GB/s")
-    print(f"{'scen':4} {'policy':8} {'phase':16} {'GiB':>6} {'ms':>9} {'GB/s':>7} {'ratio':>6}  target / result")
+    print(f"{'scen':4} {'entry':18} {'policy':8} {'phase':16} {'GiB':>6} {'ms':>9} {'GB/s':>7} {'ratio':>6}  target / result")
     for r in rows:
         gbps = f"{r['GBps']:.1f}" if r.get("GBps") else ""
         ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else ""
@@ -282,13 +329,14 @@ def print_table(rows, raw, device):
                 extra += f" ({r['vs_warm']:.2f}x)"
             if "rss_growth" in r:
                 extra += f" ({r['rss_growth'] / MIB:+.0f} MiB)"
-        print(f"{r['scenario']:4} {r['policy']:8} {r['phase']:16} {r['bytes'] / GIB:6.2f} {r['seconds'] * 1e3:9.3f} "
+        print(f"{r['scenario']:4} {r['entry']:18} {r['policy']:8} {r['phase']:16} {r['bytes'] / GIB:6.2f} {r['seconds'] * 1e3:9.3f} "
               f"{gbps:>7} {ratio:>6}  {extra}")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "POLICY"))
+    parser.add_argument("--child", nargs=3, metavar=("SCENARIO", "POLICY", "ENTRY"))
+    parser.add_argument("--entries", default="module,CuMemAllocator,vllm_backend,torch_memory_saver")
     parser.add_argument("--out", default=None)
     parser.add_argument("--scenarios", default="S1,S2,S3")
     parser.add_argument("--policies", default=",".join(POLICIES))
@@ -303,17 +351,17 @@ def main():
     raw_start = raw_bandwidth(torch)
     records, failures = [], []
     for scenario in args.scenarios.split(","):
-        for policy in args.policies.split(","):
-            cmd = [sys.executable, __file__, "--child", scenario, policy]
+        for policy, entry in [(p, e) for e in args.entries.split(",") for p in args.policies.split(",")]:
+            cmd = [sys.executable, __file__, "--child", scenario, policy, entry]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if out.returncode != 0 or "CHECK FAILED" in out.stderr:
-                failures.append((scenario, policy, out.stderr[-2000:]))
-                print(f"{scenario}/{policy}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+                failures.append((scenario, policy, entry, out.stderr[-2000:]))
+                print(f"{scenario}/{policy}/{entry}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
             lines = [l for l in out.stdout.splitlines() if l.startswith("[")]
             if lines:
                 records.extend(json.loads(lines[-1]))
-            print(f"{scenario}/{policy}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            print(f"{scenario}/{policy}/{entry}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     raw_end = raw_bandwidth(torch)
     raw = {k: (raw_start[k] + raw_end[k]) / 2 for k in raw_start}
     rows = summarize(records, raw)

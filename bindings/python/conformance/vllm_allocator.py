@@ -9,8 +9,9 @@ The same scenarios run against vLLM's own ``CuMemAllocator`` and against devmem'
 
 A harness provides: ``allocator``, ``alloc(tag, nbytes) -> buffer`` (``buffer.ptr``),
 ``fill(buf, byte)``, ``holds(buf, byte) -> bool``, ``free(buf)``, ``device_free() -> int``,
-``logger_name`` (where the allocator logs warnings) and ``needs_torch(what)`` (skips when the
-harness has no PyTorch pools).
+``logger_name`` (where the allocator logs warnings), ``settle(tags)`` (re-enter each tag's pool
+once, so the trimming a re-entry does happens before a measurement) and ``needs_torch(what)``
+(skips when the harness has no PyTorch pools).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def sleeping_again_keeps_the_policy_and_warns(h: Any) -> None:
 
 def usage_and_pointer_to_data_track_allocations(h: Any) -> None:
     a = h.allocator
+    h.settle(("weights", "kv_cache"))  # earlier free segments are trimmed now, not mid-count
     base = a.get_current_usage()
     w = h.alloc("weights", SIZE)
     kv = h.alloc("kv_cache", 2 * SIZE)
@@ -224,6 +226,12 @@ class TorchHarness:
     def device_free(self) -> int:
         self.torch.cuda.synchronize()
         return int(self.torch.cuda.mem_get_info()[0])
+
+    def settle(self, tags: Any) -> None:
+        for tag in tags:
+            with self.allocator.use_memory_pool(tag=tag):
+                pass
+        self.torch.cuda.synchronize()
 
     def needs_torch(self, what: str) -> None:
         return None

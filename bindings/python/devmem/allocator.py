@@ -226,7 +226,11 @@ class CuMemAllocator:
         """Releases the free cached segments of ``pool`` (one no longer allocated from) for
         good; their address ranges stay reserved until PyTorch frees the segments."""
         freed = 0
-        for segment in pool.snapshot():
+        snapshot = getattr(pool, "snapshot", None)
+        if snapshot is None:  # pragma: no cover - PyTorch before MemPool.snapshot
+            logger.warning("devmem: this PyTorch's MemPool has no snapshot(); free pool segments are not trimmed")
+            return 0
+        for segment in snapshot():
             if segment.get("allocated_size", 1) != 0:
                 continue
             ptr = int(segment["address"])

@@ -45,6 +45,9 @@ class EmulatorHarness:
     def device_free(self):
         return devmem.mem_get_info()[0]
 
+    def settle(self, tags):
+        return None
+
     def needs_torch(self, what):
         pytest.skip(f"needs PyTorch pools ({what}); runs on the GPU")
 
