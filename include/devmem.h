@@ -287,6 +287,15 @@ devmem_status devmem_discard(const char *const *tags, size_t n);
 // retried.
 devmem_status devmem_wake_up(const char *const *tags, size_t n);
 
+// In one pass (one device synchronisation, discards released while the copies run): saves
+// and releases the mapped allocations whose tag is among the `n_offload` tags in `offload`,
+// releases those among the `n_discard` tags in `discard` without saving them, and leaves
+// every other allocation mapped. A tag in both lists is `DEVMEM_STATUS_INVALID_ARGUMENT`.
+devmem_status devmem_sleep_tags(const char *const *offload,
+                                size_t n_offload,
+                                const char *const *discard,
+                                size_t n_discard);
+
 // Wakes every sleeping allocation whose tag is *not* among the `n` tags in `deferred` (all of
 // them when `n` is 0), as `devmem_wake_up` does: vLLM's rule that a wake restores every tag
 // except the deferrable ones (weights, KV cache) it was not asked for.

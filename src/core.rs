@@ -776,6 +776,28 @@ pub fn offload_tags(tags: &[String]) -> Result<devmem_transfer> {
     put_to_sleep(|tag| set.contains(tag).then_some(Action::Offload))
 }
 
+/// In one pass: saves and releases the mapped allocations of `offload`, releases those of
+/// `discard` without saving them (while the copies run), and leaves every other tag mapped.
+pub fn sleep_tags(offload: &[String], discard: &[String]) -> Result<devmem_transfer> {
+    let keep = tag_set(offload)?;
+    let drop = tag_set(discard)?;
+    if let Some(both) = keep.intersection(&drop).next() {
+        bail!(
+            InvalidArgument,
+            "tag {both:?} is listed both to offload and to discard"
+        );
+    }
+    put_to_sleep(|tag| {
+        if keep.contains(tag) {
+            Some(Action::Offload)
+        } else if drop.contains(tag) {
+            Some(Action::Discard)
+        } else {
+            None
+        }
+    })
+}
+
 /// Releases the mapped allocations of the listed tags only, dropping their contents.
 pub fn discard_tags(tags: &[String]) -> Result<devmem_transfer> {
     let set = tag_set(tags)?;

@@ -419,6 +419,26 @@ pub extern "C" fn devmem_wake_up(tags: *const *const c_char, n: usize) -> devmem
     })
 }
 
+/// In one pass (one device synchronisation, discards released while the copies run): saves
+/// and releases the mapped allocations whose tag is among the `n_offload` tags in `offload`,
+/// releases those among the `n_discard` tags in `discard` without saving them, and leaves
+/// every other allocation mapped. A tag in both lists is `DEVMEM_STATUS_INVALID_ARGUMENT`.
+#[no_mangle]
+pub extern "C" fn devmem_sleep_tags(
+    offload: *const *const c_char,
+    n_offload: usize,
+    discard: *const *const c_char,
+    n_discard: usize,
+) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n_offload` tag pointers (or 0).
+        let keep = unsafe { tags_from_c(offload, n_offload) }?;
+        // SAFETY: the caller passes `n_discard` tag pointers (or 0).
+        let release = unsafe { tags_from_c(discard, n_discard) }?;
+        core::sleep_tags(&keep, &release).map(drop)
+    })
+}
+
 /// Wakes every sleeping allocation whose tag is *not* among the `n` tags in `deferred` (all of
 /// them when `n` is 0), as `devmem_wake_up` does: vLLM's rule that a wake restores every tag
 /// except the deferrable ones (weights, KV cache) it was not asked for.

@@ -232,3 +232,56 @@ fn backups_are_readable_in_place_and_by_copy_while_offloaded() {
     free_all(&[p]);
     assert_no_device_leaks();
 }
+
+#[test]
+fn sleep_tags_offloads_discards_and_leaves_the_rest_mapped_in_one_pass() {
+    setup(&[]);
+    let w = alloc(4 * MIB, "weights");
+    let kv = alloc(4 * MIB, "kv_cache");
+    let other = alloc(4 * MIB, "other");
+    fill(w, 4 * MIB, 11);
+    fill(other, 4 * MIB, 12);
+    let syncs = emu().calls("cuCtxSynchronize");
+    let (_k, keep) = tags(&["weights"]);
+    let (_d, drop) = tags(&["kv_cache"]);
+    ok(ffi::devmem_sleep_tags(
+        keep.as_ptr(),
+        keep.len(),
+        drop.as_ptr(),
+        drop.len(),
+    ));
+    if !level_zero() {
+        // Level Zero has no device-wide synchronise to count.
+        assert_eq!(
+            emu().calls("cuCtxSynchronize") - syncs,
+            1,
+            "one device synchronisation"
+        );
+    }
+    assert_eq!(state(w), devmem_state::Offloaded);
+    assert_eq!(state(kv), devmem_state::Discarded);
+    assert_eq!(state(other), devmem_state::Mapped);
+    assert_eq!(mismatches(other, 4 * MIB, 12), 0);
+    // SAFETY: zero is a valid value of the C struct.
+    let mut t: devmem::devmem_transfer = unsafe { std::mem::zeroed() };
+    ok(ffi::devmem_get_last_transfer(&mut t));
+    assert_eq!(
+        (t.allocations, t.bytes_saved, t.bytes_discarded),
+        (2, 4 * MIB as u64, 4 * MIB as u64)
+    );
+    ok(wake(None));
+    assert_eq!(mismatches(w, 4 * MIB, 11), 0);
+    let (_b, both) = tags(&["weights"]);
+    expect_err(
+        ffi::devmem_sleep_tags(both.as_ptr(), 1, both.as_ptr(), 1),
+        devmem_status::InvalidArgument,
+        "both to offload and to discard",
+    );
+    expect_err(
+        ffi::devmem_sleep_tags(ptr::null(), 1, ptr::null(), 0),
+        devmem_status::NullPointer,
+        "NULL",
+    );
+    free_all(&[w, kv, other]);
+    assert_no_device_leaks();
+}

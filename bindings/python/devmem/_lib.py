@@ -257,6 +257,7 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_discard": (c_int32, [_TAGS, c_size_t]),
     "devmem_wake_up": (c_int32, [_TAGS, c_size_t]),
     "devmem_wake_up_except": (c_int32, [_TAGS, c_size_t]),
+    "devmem_sleep_tags": (c_int32, [_TAGS, c_size_t, _TAGS, c_size_t]),
     "devmem_trim": (c_int32, [c_void_p, POINTER(c_size_t)]),
     "devmem_backup_pointer": (c_int32, [c_void_p, c_size_t, POINTER(c_void_p)]),
     "devmem_copy_backup": (c_int32, [c_void_p, c_size_t, c_void_p, POINTER(c_int)]),
@@ -366,10 +367,14 @@ def last_message() -> str:
     return buf.value.decode("utf-8", "replace")
 
 
-def call(name: str, *args: Any) -> Any:
-    """Calls an export that returns a status; raises the matching exception on failure."""
-    lib = load()
-    status = getattr(lib, name)(*args)
+def call(name: str, *args: Any, entering: Optional[threading.Event] = None) -> Any:
+    """Calls an export that returns a status; raises the matching exception on failure.
+    ``entering`` is set right before the foreign call (which releases the GIL), so another
+    thread can start Python work that overlaps the native call instead of delaying it."""
+    fn = getattr(load(), name)
+    if entering is not None:
+        entering.set()
+    status = fn(*args)
     if status != Status.SUCCESS:
         raise error_for(status, last_message())
     return status

@@ -288,8 +288,8 @@ class CuMemAllocator:
         tags = _lib.normalize_tags(offload_tags, "offload_tags")
         # Level Zero has no device-wide synchronise; PyTorch's does it for every stream.
         self._synchronize()
-        with _alongside(self._collect_and_empty_cache):
-            api.sleep(tags)
+        with _alongside(self._collect_and_empty_cache) as entering:
+            api.sleep(tags, _entering=entering)
         self._warn_policy_conflicts(offload=tags)
 
     def discard(self, tags: Union[str, Tuple[str, ...], List[str]]) -> None:
@@ -398,12 +398,17 @@ class CuMemAllocator:
 
 
 @contextlib.contextmanager
-def _alongside(work: Callable[[], None]) -> Iterator[None]:
-    """Runs ``work`` on a helper thread while the body runs; its errors are logged, never
-    raised (it is housekeeping). The body's own exception wins."""
+def _alongside(work: Callable[[], None]) -> Iterator[threading.Event]:
+    """Runs ``work`` on a helper thread while the body's native call runs. The body sets the
+    yielded event right before that call: ``work`` (``gc.collect`` holds the GIL for tens of
+    milliseconds) starts only then, so it cannot delay the call's start and finishes while the
+    library copies with the GIL released. Errors of ``work`` are logged, never raised (it is
+    housekeeping); the body's own exception wins."""
     errors: List[BaseException] = []
+    entering = threading.Event()
 
     def target() -> None:
+        entering.wait()
         try:
             work()
         except BaseException as err:  # pragma: no cover - logged below
@@ -415,8 +420,9 @@ def _alongside(work: Callable[[], None]) -> Iterator[None]:
     except RuntimeError:  # the OS refused a thread: do the work inline afterwards
         helper = None
     try:
-        yield
+        yield entering
     finally:
+        entering.set()  # the body failed before its native call: let the helper finish
         if helper is None:
             target()
         else:

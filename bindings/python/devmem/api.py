@@ -151,12 +151,12 @@ def last_transfer() -> TransferResult:
     )
 
 
-def sleep(offload_tags: TagsArg = ()) -> TransferResult:
+def sleep(offload_tags: TagsArg = (), _entering: Any = None) -> TransferResult:
     """Releases the device memory of every mapped allocation; those whose tag is in
     ``offload_tags`` are saved to host memory first, the rest are discarded."""
     tags = normalize_tags(offload_tags, "offload_tags")
     array, n = tag_array(tags)
-    call("devmem_sleep", array, n)
+    call("devmem_sleep", array, n, entering=_entering)
     result = last_transfer()
     logger.info(
         "devmem: sleep freed %.2f GiB (%.2f GiB saved to host, %.2f GiB discarded) in %.3f s",
@@ -169,6 +169,15 @@ def offload(tags: TagsArg) -> TransferResult:
     """Saves to host memory and releases the mapped allocations of ``tags`` only."""
     array, n = tag_array(normalize_tags(tags))
     call("devmem_offload", array, n)
+    return last_transfer()
+
+
+def sleep_tags(offload: TagsArg, discard: TagsArg, _entering: Any = None) -> TransferResult:
+    """In one pass: saves and releases the mapped allocations of ``offload``, releases those of
+    ``discard`` without saving them, and leaves every other tag mapped."""
+    keep, n_keep = tag_array(normalize_tags(offload, "offload"))
+    drop, n_drop = tag_array(normalize_tags(discard, "discard"))
+    call("devmem_sleep_tags", keep, n_keep, drop, n_drop, entering=_entering)
     return last_transfer()
 
 

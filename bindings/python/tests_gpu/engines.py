@@ -57,9 +57,17 @@ def conformance(which):
 
 
 def plugin():
-    sys.path.insert(0, os.environ["VLLM_TREE"])
     import importlib
+    import importlib.metadata
 
+    from conformance import vllm_tree
+
+    tree = os.environ["VLLM_TREE"]
+    sys.path.insert(0, tree)
+    if "devmem" not in [e.name for e in importlib.metadata.entry_points(group="vllm.general_plugins")]:
+        # A source tree, not a pip install: declare the entry point as pyproject.toml does.
+        vllm_tree.entry_point_dist(tree, os.path.join(HERE, os.pardir, "pyproject.toml"))
+        importlib.invalidate_caches()
     import vllm.plugins
 
     import devmem

@@ -30,7 +30,7 @@ import threading
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from .. import _lib, api
-from ..allocator import CuMemAllocator, _device_module, _torch
+from ..allocator import CuMemAllocator, _alongside, _device_module, _torch
 
 logger = logging.getLogger("devmem")
 
@@ -197,13 +197,15 @@ class TorchMemorySaver:
         return keep, drop
 
     def pause(self, tag: Optional[str] = None) -> None:
-        """Releases the device memory of ``tag``'s regions (every region when None)."""
+        """Releases the device memory of ``tag``'s regions (every region when None), in one
+        pass; PyTorch's cached memory is returned alongside the copies, as on vLLM's sleep."""
         keep, drop = self._targets(tag)
-        CuMemAllocator.get_instance()._synchronize()
-        if keep:
-            api.offload(keep)
-        if drop:
-            api.discard(drop)
+        if not keep and not drop:
+            return
+        allocator = CuMemAllocator.get_instance()
+        allocator._synchronize()
+        with _alongside(allocator._collect_and_empty_cache) as entering:
+            api.sleep_tags(keep, drop, _entering=entering)
 
     def resume(self, tag: Optional[str] = None) -> None:
         """Maps the memory of ``tag``'s regions (every region when None) again at the same
