@@ -47,8 +47,40 @@ def main(name):
         print(f"{name}: wake all {all_s * 1e3:7.1f} ms ({w_bytes / all_s / 1e9:5.1f} GB/s) | weights alone "
               f"{w_s * 1e3:7.1f} ms ({w_bytes / w_s / 1e9:5.1f} GB/s) + kv alone {kv_s * 1e3:6.1f} ms | "
               f"after a two-call sleep {two_s * 1e3:7.1f} ms", flush=True)
+    sleep_variants(alloc)
     del w, kv
     alloc.release_pools()
+
+
+def sleep_variants(alloc):
+    """CuMemAllocator.sleep's housekeeping (gc, empty_cache) in several placements."""
+    import gc
+
+    cls = type(alloc)
+    original = cls._collect_and_empty_cache
+    for label, gen in (("full gc", 2), ("gc gen 1", 1), ("gc gen 0", 0)):
+        t0 = time.perf_counter()
+        gc.collect(gen)
+        print(f"  {label} alone: {(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
+    t0 = time.perf_counter()
+    torch.cuda.empty_cache()
+    print(f"  empty_cache alone: {(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
+
+    def run(label, housekeeping, after=None):
+        cls._collect_and_empty_cache = staticmethod(housekeeping)
+        times = []
+        for _ in range(3):
+            t = timed(lambda: (alloc.sleep(("weights",)), after and after()))
+            devmem.wake_up()
+            times.append(t)
+        print(f"  class sleep, {label}: " + " ".join(f"{x * 1e3:.1f}" for x in times) + " ms", flush=True)
+
+    run("nothing alongside", lambda: None)
+    run("full gc + empty_cache alongside", lambda: (gc.collect(), torch.cuda.empty_cache()))
+    run("gc gen 1 + empty_cache alongside", lambda: (gc.collect(1), torch.cuda.empty_cache()))
+    run("gc gen 1 alongside, empty_cache after", lambda: gc.collect(1), torch.cuda.empty_cache)
+    run("full gc alongside, empty_cache after", gc.collect, torch.cuda.empty_cache)
+    cls._collect_and_empty_cache = original
 
 
 if __name__ == "__main__":

@@ -96,8 +96,6 @@ def test_wake_retries_once_after_returning_cached_memory(monkeypatch):
     monkeypatch.setattr(type(h.allocator), "_collect_and_empty_cache", staticmethod(lambda: calls.append(1)))
     w = h.alloc("weights", contract.SIZE)
     h.allocator.sleep(("weights",))
-    assert calls == [1], "sleep runs gc and empty_cache alongside its copies"
-    calls.clear()
     hog = devmem.malloc(devmem.mem_get_info()[0])
     with pytest.raises(devmem.OutOfMemoryError):
         h.allocator.wake_up(["weights"])
@@ -106,3 +104,28 @@ def test_wake_retries_once_after_returning_cached_memory(monkeypatch):
     devmem.free(hog)
     h.allocator.wake_up(["weights"])
     h.free(w)
+
+
+def test_sleep_collects_garbage_alongside_the_native_call(monkeypatch):
+    import threading
+
+    from devmem.allocator import _alongside
+
+    h = EmulatorHarness()
+    seen = []
+    monkeypatch.setattr(type(h.allocator), "_collect", staticmethod(lambda: seen.append(threading.current_thread().name)))
+    w = h.alloc("weights", contract.SIZE)
+    h.allocator.sleep(("weights",))
+    assert seen == ["devmem-housekeeping"], "one collection, on the helper thread"
+    h.allocator.wake_up()
+    h.free(w)
+    # The helper starts only once the body signals its native call, and always finishes.
+    order = []
+    with _alongside(lambda: order.append("work")) as entering:
+        order.append("body")
+        entering.set()
+    assert order == ["body", "work"]
+    with pytest.raises(ValueError):
+        with _alongside(lambda: order.append("work after failure")):
+            raise ValueError("the body failed before its native call")
+    assert order[-1] == "work after failure"

@@ -198,13 +198,14 @@ class TorchMemorySaver:
 
     def pause(self, tag: Optional[str] = None) -> None:
         """Releases the device memory of ``tag``'s regions (every region when None), in one
-        pass; PyTorch's cached memory is returned alongside the copies, as on vLLM's sleep."""
+        pass; PyTorch's cached memory is returned too, as by CuMemAllocator.sleep."""
         keep, drop = self._targets(tag)
         if not keep and not drop:
             return
         allocator = CuMemAllocator.get_instance()
         allocator._synchronize()
-        with _alongside(allocator._collect_and_empty_cache) as entering:
+        allocator._empty_cache()
+        with _alongside(allocator._collect) as entering:
             api.sleep_tags(keep, drop, _entering=entering)
 
     def resume(self, tag: Optional[str] = None) -> None:
