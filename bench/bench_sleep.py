@@ -46,7 +46,7 @@ POLICIES = ("keep", "release", "reserve")
 #: vLLM sleep-mode backend (suspend(1)/resume), the torch_memory_saver module (pause/resume),
 #: and vLLM 0.33's own CuMemAllocator for comparison (needs its wheel, see --vllm-tree).
 ENTRIES = ("module", "CuMemAllocator", "vllm_backend", "torch_memory_saver", "vllm_cumem")
-WARM_CYCLES = 3
+WARM_CYCLES = 5
 
 
 def rss_bytes():
