@@ -396,32 +396,7 @@ pub fn free(ptr: u64) -> Result<()> {
     };
     notify(callbacks.on_free, &info, callbacks.user_data);
     let _op = OPS.lock();
-    // Another thread may have freed it while this one ran the callback.
-    let Some((device, size, state, handle)) = with_registry(|reg| {
-        reg.allocations
-            .get(&ptr)
-            .map(|a| (a.device, a.size, a.state, a.handle))
-    }) else {
-        bail!(
-            UnknownPointer,
-            "pointer {ptr:#x} was freed by another thread meanwhile"
-        );
-    };
-    let context = || format!("freeing {ptr:#x}");
-    // Each step that fails leaves the record describing exactly what is still held, so a
-    // retry of free picks up where this one stopped.
-    if state == devmem_state::Mapped {
-        backend.synchronize(device)?;
-        backend
-            .unmap(device, ptr, size)
-            .map_err(|e| e.context(context()))?;
-    }
-    if let Some(handle) = handle {
-        if let Err(err) = backend.release(device, handle) {
-            with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, Some(handle), None));
-            return Err(err.context(context()));
-        }
-    }
+    let (device, size, _) = release_device_memory(&*backend, ptr, "freeing")?;
     // The record leaves the registry before the address range goes back to the driver: once
     // freed, the driver may hand the same range to a concurrent malloc, whose record must not
     // be clobbered by this one.
@@ -436,7 +411,7 @@ pub fn free(ptr: u64) -> Result<()> {
             reg.allocations.insert(ptr, allocation);
             reg.transition(ptr, devmem_state::Discarded, None, None);
         });
-        return Err(err.context(context()));
+        return Err(err.context(format!("freeing {ptr:#x}")));
     }
     with_registry(|reg| {
         reg.account(
@@ -451,6 +426,42 @@ pub fn free(ptr: u64) -> Result<()> {
     }
     log::debug!("devmem: freed {size} bytes at {ptr:#x}");
     Ok(())
+}
+
+/// Gives back the device memory the allocation at `ptr` holds (unmapping it first when mapped;
+/// the caller holds `OPS`). Each step that fails leaves the record describing exactly what is
+/// still held, so a retry picks up where this one stopped. Returns the allocation's device,
+/// size and state before the call.
+fn release_device_memory(
+    backend: &dyn Backend,
+    ptr: u64,
+    doing: &str,
+) -> Result<(i32, usize, devmem_state)> {
+    // Another thread may have freed it while this one ran the on_free callback.
+    let Some((device, size, state, handle)) = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.device, a.size, a.state, a.handle))
+    }) else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} was freed by another thread meanwhile"
+        );
+    };
+    let context = || format!("{doing} {ptr:#x}");
+    if state == devmem_state::Mapped {
+        backend.synchronize(device)?;
+        backend
+            .unmap(device, ptr, size)
+            .map_err(|e| e.context(context()))?;
+    }
+    if let Some(handle) = handle {
+        if let Err(err) = backend.release(device, handle) {
+            with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, Some(handle), None));
+            return Err(err.context(context()));
+        }
+    }
+    Ok((device, size, state))
 }
 
 /// Frees the reservation of a trimmed allocation; `false` when `ptr` is not one.
@@ -490,29 +501,7 @@ pub fn trim(ptr: u64) -> Result<usize> {
     };
     notify(callbacks.on_free, &info, callbacks.user_data);
     let _op = OPS.lock();
-    let Some((device, size, state, handle)) = with_registry(|reg| {
-        reg.allocations
-            .get(&ptr)
-            .map(|a| (a.device, a.size, a.state, a.handle))
-    }) else {
-        bail!(
-            UnknownPointer,
-            "pointer {ptr:#x} was freed by another thread meanwhile"
-        );
-    };
-    let context = || format!("trimming {ptr:#x}");
-    if state == devmem_state::Mapped {
-        backend.synchronize(device)?;
-        backend
-            .unmap(device, ptr, size)
-            .map_err(|e| e.context(context()))?;
-    }
-    if let Some(handle) = handle {
-        if let Err(err) = backend.release(device, handle) {
-            with_registry(|reg| reg.transition(ptr, devmem_state::Discarded, Some(handle), None));
-            return Err(err.context(context()));
-        }
-    }
+    let (device, size, state) = release_device_memory(&*backend, ptr, "trimming")?;
     let removed = with_registry(|reg| {
         let mut allocation = reg.allocations.remove(&ptr)?;
         reg.account(

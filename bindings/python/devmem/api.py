@@ -196,6 +196,10 @@ def wake_up(tags: Optional[TagsArg] = None) -> TransferResult:
     else:
         array, n = tag_array(normalize_tags(tags))
         call("devmem_wake_up", array, n)
+    return _logged_wake()
+
+
+def _logged_wake() -> TransferResult:
     result = last_transfer()
     logger.info(
         "devmem: wake mapped %.2f GiB, restored %.2f GiB in %.3f s",
@@ -209,12 +213,7 @@ def wake_up_except(deferred: TagsArg) -> TransferResult:
     empty); vLLM's rule that only the deferrable tags may stay asleep after a wake."""
     array, n = tag_array(normalize_tags(deferred, "deferred"))
     call("devmem_wake_up_except", array, n)
-    result = last_transfer()
-    logger.info(
-        "devmem: wake mapped %.2f GiB, restored %.2f GiB in %.3f s",
-        result.bytes_mapped / 2**30, result.bytes_restored / 2**30, result.seconds,
-    )
-    return result
+    return _logged_wake()
 
 
 def trim(ptr: int) -> int:
