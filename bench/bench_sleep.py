@@ -44,7 +44,8 @@ SCENARIOS = {
 POLICIES = ("keep", "release", "reserve")
 #: How sleep and wake are called: devmem's module API, the class vLLM's worker calls, devmem's
 #: vLLM sleep-mode backend (suspend(1)/resume), the torch_memory_saver module (pause/resume),
-#: and vLLM 0.33's own CuMemAllocator for comparison (needs its wheel, see --vllm-tree).
+#: and vLLM 0.33's own CuMemAllocator for comparison (its modules on PYTHONPATH, built by
+#: bindings/python/conformance/vllm_tree.py with with_cumem=True).
 ENTRIES = ("module", "CuMemAllocator", "vllm_backend", "torch_memory_saver", "vllm_cumem")
 WARM_CYCLES = 5
 

@@ -465,8 +465,10 @@ fn release_device_memory(
 }
 
 /// Frees the reservation of a trimmed allocation; `false` when `ptr` is not one.
+///
+/// Runs on every free, so it takes only the registry lock: once removed from `retired`, the
+/// range belongs to this call alone (sleep and wake never touch trimmed ranges).
 fn free_retired(backend: &dyn Backend, ptr: u64) -> Result<bool> {
-    let _op = OPS.lock();
     let Some(retired) = with_registry(|reg| reg.retired.remove(&ptr)) else {
         return Ok(false);
     };

@@ -188,10 +188,6 @@ SCENARIOS: Dict[str, Callable[[Any], None]] = {
 }
 
 
-class Skip(Exception):
-    """A scenario does not apply to this harness."""
-
-
 class TorchHarness:
     """Tensors from ``allocator.use_memory_pool(tag)`` on the current CUDA device."""
 

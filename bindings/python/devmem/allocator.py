@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import _lib, api
 from ._lib import InvalidStateError, Status, encode_tag
@@ -156,7 +156,6 @@ class CuMemAllocator:
         self._graph_pools: Dict[Tuple[str, int], Any] = {}
         self._allocator: Any = None
         self._released = False
-        self._known_tags: Set[str] = set()
         self._pointer_to_data = PointerToData()
 
     @property
@@ -191,7 +190,6 @@ class CuMemAllocator:
         off; restores both and the allocator configuration afterwards, also on exceptions."""
         old_tag = self.current_tag
         old_thread_tag = api.current_tag()
-        self._known_tags.add(tag)
         with expandable_segments_disabled():
             self.current_tag = tag
             api.set_current_tag(tag)
@@ -339,7 +337,8 @@ class CuMemAllocator:
     def _warn_policy_conflicts(self, offload: List[str]) -> None:
         wanted = set(offload)
         conflicts = []
-        for tag in sorted(self._known_tags | api.seen_tags | wanted):
+        # Every tag this package set, pools' included (they go through api.set_current_tag).
+        for tag in sorted(api.seen_tags | wanted):
             s = api.stats(tag)
             if (tag in wanted and s.discarded_bytes.current) or (tag not in wanted and s.offloaded_bytes.current):
                 conflicts.append(tag)

@@ -176,13 +176,8 @@ class TorchMemorySaver:
         torch = _torch()
         device, _ = _device_module(torch)
         pool = device.MemPool()
-        previous = api.current_tag()
-        try:
-            with device.use_mem_pool(pool):
-                yield
-        finally:
-            api.set_current_tag(previous)
-            del pool
+        with device.use_mem_pool(pool):
+            yield
 
     # -- pause / resume --------------------------------------------------------------------
 
