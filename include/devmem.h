@@ -23,7 +23,10 @@
 #define DEVMEM_TAG_BUFFER_LEN 256
 
 // Backups are made of blocks of this size (the device granularity on current GPUs).
-#define HOST_BLOCK (2 << 20)
+#define BLOCK (2 << 20)
+
+// Bytes left to the rest of the process when the store grows up to the bound.
+#define HEADROOM (256 << 20)
 
 // Result of every fallible devmem function.
 //
@@ -351,6 +354,17 @@ devmem_status devmem_get_host_policy(devmem_host_policy *out);
 // sleep runs as fast as later ones. The memory is prepared in the background; with `wait`
 // non-zero the call returns once it is ready (or failed).
 devmem_status devmem_reserve_host_store(size_t bytes, int wait);
+
+// Caps the pinned host memory the host store may hold at `bytes` (0 removes the cap, and
+// `DEVMEM_HOST_LIMIT` with it). A sleep or reservation that would need more fails with
+// `DEVMEM_STATUS_HOST_OUT_OF_MEMORY` before any host memory is touched and before anything is
+// released. Independently of the cap, devmem never grows the store past what `MemAvailable`
+// and the process's memory cgroup allow (README, "Guarantees").
+devmem_status devmem_set_host_limit(uint64_t bytes);
+
+// Writes the cap on the host store to `*out` (0: no cap). Fails with
+// `DEVMEM_STATUS_INVALID_ARGUMENT` when `DEVMEM_HOST_LIMIT` is set but not a size.
+devmem_status devmem_get_host_limit(uint64_t *out);
 
 // Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
 // else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the

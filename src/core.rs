@@ -1,6 +1,10 @@
 //! The registry of live allocations, their tags and state machine, statistics, and the
 //! operations the C ABI exposes (malloc, free, sleep, offload, discard, wake).
 //!
+//! Reads top to bottom: the C types, the registry and its bookkeeping, tags, then each
+//! operation. How bytes move to and from host memory is the store's job
+//! ([`crate::store::pipeline`]); this module chooses the allocations and records the outcome.
+//!
 //! Locking: `REGISTRY` is held only for bookkeeping, never across a driver call, a copy or a
 //! user callback. `OPS` serialises the operations that change physical memory of existing
 //! allocations (free, sleep, offload, discard, wake) so two of them never work on the same
@@ -16,7 +20,8 @@ use parking_lot::Mutex;
 
 use crate::backend::{self, Backend};
 use crate::error::{bail, devmem_status, Error, Result};
-use crate::offload::{self, Backup};
+use crate::store::pipeline::{self, Left, RestoreTarget, SaveTarget};
+use crate::store::{self, Backup};
 
 /// Longest tag in bytes, not counting the terminating NUL.
 pub const DEVMEM_MAX_TAG_LEN: usize = 255;
@@ -133,6 +138,8 @@ pub type devmem_allocation_callback =
     Option<unsafe extern "C" fn(info: *const devmem_allocation_info, user_data: *mut c_void)>;
 
 struct Allocation {
+    /// Unique for the life of the process: an address can be reused, an id cannot.
+    id: u64,
     va: u64,
     size: usize,
     requested: usize,
@@ -142,10 +149,18 @@ struct Allocation {
     /// Physical memory held: always while mapped; while asleep only when a release failed, in
     /// which case wake maps it again and free releases it.
     handle: Option<u64>,
+    /// While asleep: the held handle is still mapped (a wake's rollback could not unmap it).
+    /// Wake copies the backup into it again; free unmaps it first.
+    mapped_asleep: bool,
     backup: Option<Backup>,
 }
 
 impl Allocation {
+    /// Whether physical memory is mapped at the allocation's address.
+    fn is_mapped(&self) -> bool {
+        self.state == devmem_state::Mapped || self.mapped_asleep
+    }
+
     fn info(&self) -> devmem_allocation_info {
         let mut tag = [0 as c_char; DEVMEM_TAG_BUFFER_LEN];
         for (dst, src) in tag.iter_mut().zip(self.tag.bytes().take(MAX_TAG_LEN)) {
@@ -246,10 +261,9 @@ impl Registry {
         let (tag, size, from) = (Arc::clone(&a.tag), a.size, a.state);
         a.state = state;
         a.handle = handle;
-        let old_backup = std::mem::replace(&mut a.backup, backup);
-        if let Some(backup) = old_backup {
-            offload::give_back(backup);
-        }
+        a.mapped_asleep = false;
+        // A backup replaced here goes back to the store as it drops.
+        a.backup = backup;
         if from != state {
             self.account(&tag, size, Some(from), Some(state));
         }
@@ -266,6 +280,7 @@ fn state_counter(stats: &mut devmem_stats, state: devmem_state) -> &mut devmem_c
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 static OPS: Mutex<()> = Mutex::new(());
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 static UNKNOWN_FREES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn with_registry<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
@@ -344,6 +359,7 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
     let tag = current_tag();
     let (info, callbacks) = with_registry(|reg| {
         let allocation = Allocation {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             va,
             size: rounded,
             requested: size,
@@ -351,6 +367,7 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
             tag: Arc::clone(&tag),
             state: devmem_state::Mapped,
             handle: Some(handle),
+            mapped_asleep: false,
             backup: None,
         };
         let info = allocation.info();
@@ -379,8 +396,12 @@ pub fn free(ptr: u64) -> Result<()> {
     if free_retired(&*backend, ptr)? {
         return Ok(());
     }
-    let found = with_registry(|reg| reg.allocations.get(&ptr).map(|a| (a.info(), reg.callbacks)));
-    let Some((info, callbacks)) = found else {
+    let found = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.id, a.info(), reg.callbacks))
+    });
+    let Some((id, info, callbacks)) = found else {
         UNKNOWN_FREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inside = with_registry(|reg| reg.lookup(ptr).map(|a| a.va));
         match inside {
@@ -396,11 +417,11 @@ pub fn free(ptr: u64) -> Result<()> {
     };
     notify(callbacks.on_free, &info, callbacks.user_data);
     let _op = OPS.lock();
-    let (device, size, _) = release_device_memory(&*backend, ptr, "freeing")?;
+    let (device, size, _) = release_device_memory(&*backend, ptr, id, "freeing")?;
     // The record leaves the registry before the address range goes back to the driver: once
     // freed, the driver may hand the same range to a concurrent malloc, whose record must not
     // be clobbered by this one.
-    let Some(mut allocation) = with_registry(|reg| reg.allocations.remove(&ptr)) else {
+    let Some(allocation) = with_registry(|reg| reg.allocations.remove(&ptr)) else {
         bail!(
             UnknownPointer,
             "pointer {ptr:#x} was freed by another thread meanwhile"
@@ -421,27 +442,30 @@ pub fn free(ptr: u64) -> Result<()> {
             None,
         )
     });
-    if let Some(backup) = allocation.backup.take() {
-        offload::give_back(backup);
-    }
+    drop(allocation); // its backup, if any, goes back to the store
     log::debug!("devmem: freed {size} bytes at {ptr:#x}");
     Ok(())
 }
 
-/// Gives back the device memory the allocation at `ptr` holds (unmapping it first when mapped;
-/// the caller holds `OPS`). Each step that fails leaves the record describing exactly what is
-/// still held, so a retry picks up where this one stopped. Returns the allocation's device,
-/// size and state before the call.
+/// Gives back the device memory the allocation `id` at `ptr` holds (unmapping it first when
+/// mapped; the caller holds `OPS`). Each step that fails leaves the record describing exactly
+/// what is still held, so a retry picks up where this one stopped. Returns the allocation's
+/// device, size and state before the call.
+///
+/// `id` comes from the caller's first lookup, made before the unlocked `on_free` callback: if
+/// another thread freed the allocation meanwhile and a new one took its address, the ids
+/// differ and nothing is touched.
 fn release_device_memory(
     backend: &dyn Backend,
     ptr: u64,
+    id: u64,
     doing: &str,
 ) -> Result<(i32, usize, devmem_state)> {
-    // Another thread may have freed it while this one ran the on_free callback.
-    let Some((device, size, state, handle)) = with_registry(|reg| {
+    let Some((device, size, state, handle, mapped)) = with_registry(|reg| {
         reg.allocations
             .get(&ptr)
-            .map(|a| (a.device, a.size, a.state, a.handle))
+            .filter(|a| a.id == id)
+            .map(|a| (a.device, a.size, a.state, a.handle, a.is_mapped()))
     }) else {
         bail!(
             UnknownPointer,
@@ -449,11 +473,16 @@ fn release_device_memory(
         );
     };
     let context = || format!("{doing} {ptr:#x}");
-    if state == devmem_state::Mapped {
+    if mapped {
         backend.synchronize(device)?;
         backend
             .unmap(device, ptr, size)
             .map_err(|e| e.context(context()))?;
+        with_registry(|reg| {
+            if let Some(a) = reg.allocations.get_mut(&ptr) {
+                a.mapped_asleep = false;
+            }
+        });
     }
     if let Some(handle) = handle {
         if let Err(err) = backend.release(device, handle) {
@@ -487,8 +516,12 @@ fn free_retired(backend: &dyn Backend, ptr: u64) -> Result<bool> {
 /// wake. Returns the bytes of device memory released.
 pub fn trim(ptr: u64) -> Result<usize> {
     let backend = backend::get()?;
-    let found = with_registry(|reg| reg.allocations.get(&ptr).map(|a| (a.info(), reg.callbacks)));
-    let Some((info, callbacks)) = found else {
+    let found = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.id, a.info(), reg.callbacks))
+    });
+    let Some((id, info, callbacks)) = found else {
         let retired = with_registry(|reg| reg.retired.contains_key(&ptr));
         if retired {
             bail!(
@@ -503,9 +536,9 @@ pub fn trim(ptr: u64) -> Result<usize> {
     };
     notify(callbacks.on_free, &info, callbacks.user_data);
     let _op = OPS.lock();
-    let (device, size, state) = release_device_memory(&*backend, ptr, "trimming")?;
+    let (device, size, state) = release_device_memory(&*backend, ptr, id, "trimming")?;
     let removed = with_registry(|reg| {
-        let mut allocation = reg.allocations.remove(&ptr)?;
+        let allocation = reg.allocations.remove(&ptr)?;
         reg.account(
             &allocation.tag,
             allocation.size,
@@ -513,11 +546,9 @@ pub fn trim(ptr: u64) -> Result<usize> {
             None,
         );
         reg.retired.insert(ptr, Retired { size, device });
-        Some(allocation.backup.take())
+        Some(allocation)
     });
-    if let Some(Some(backup)) = removed {
-        offload::give_back(backup);
-    }
+    drop(removed); // outside the registry lock: its backup goes back to the store
     let freed = if state == devmem_state::Mapped {
         size
     } else {
@@ -534,193 +565,52 @@ enum Action {
     Discard,
 }
 
-struct SleepTarget {
-    va: u64,
-    size: usize,
-    device: i32,
-    handle: u64,
-    action: Action,
-}
-
-/// Copies queued between two markers on one device's copy stream.
-struct Batch {
-    device: i32,
-    marker: u64,
-    /// Indices into the offload targets.
-    targets: std::ops::Range<usize>,
-}
-
-/// Offload copies are grouped into batches of about this many bytes; each batch's allocations
-/// are unmapped as soon as its copies finish, while later batches are still copying.
-const BATCH_BYTES: usize = 512 << 20;
-
-/// How far releasing one sleeping target got.
-enum Released {
-    /// Unmapped and released.
-    Fully,
-    /// Unmapped, but the driver would not release the physical memory: the handle stays held.
-    UnmappedOnly(u64, Error),
-    /// Not even unmapped: the allocation is still mapped with its contents.
-    StillMapped(Error),
-}
-
-fn release_target(backend: &dyn Backend, t: &SleepTarget) -> Released {
-    if let Err(err) = backend.unmap(t.device, t.va, t.size) {
-        return Released::StillMapped(err.context(format!("sleep: {:#x} stays mapped", t.va)));
-    }
-    match backend.release(t.device, t.handle) {
-        Ok(()) => Released::Fully,
-        Err(err) => Released::UnmappedOnly(
-            t.handle,
-            err.context(format!(
-                "sleep: {:#x} is unmapped but its physical memory is still held",
-                t.va
-            )),
-        ),
-    }
-}
-
 /// Puts mapped allocations to sleep: `select` says, per allocation, whether to offload it,
-/// discard it or leave it mapped.
-///
-/// Pipeline: wait for the devices; queue every offload copy (waiting for the host store only
-/// when it is still growing), in batches closed by a marker; release the discarded allocations
-/// while the copies run; then, batch by batch, wait for the marker and release that batch's
-/// allocations. A failure stops the pipeline: allocations not yet released stay mapped with
-/// their contents, their backups go back to the store.
+/// discard it or leave it mapped. The store's save pipeline moves the bytes; each allocation
+/// it releases is recorded here as it finishes, so a failure halfway leaves every record true.
 fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transfer> {
     let backend = backend::get()?;
     let _op = OPS.lock();
     let start = Instant::now();
-    let (offloads, discards): (Vec<SleepTarget>, Vec<SleepTarget>) = with_registry(|reg| {
-        reg.allocations
-            .values()
-            .filter(|a| a.state == devmem_state::Mapped)
-            .filter_map(|a| {
-                let action = select(&a.tag)?;
-                Some(SleepTarget {
-                    va: a.va,
-                    size: a.size,
-                    device: a.device,
-                    handle: a.handle?,
-                    action,
-                })
-            })
-            .partition(|t| t.action == Action::Offload)
-    });
-    let devices: BTreeSet<i32> = offloads.iter().chain(&discards).map(|t| t.device).collect();
-    for device in &devices {
-        backend.synchronize(*device).map_err(|e| {
-            e.context("sleep: waiting for the device before unmapping; nothing was released")
-        })?;
-    }
-    if let Some(first) = offloads.first() {
-        offload::expect(&backend, first.device, offloads.iter().map(|t| t.size));
-    }
-
-    // 1. Queue the copies.
-    let mut backups: Vec<Option<Backup>> = Vec::with_capacity(offloads.len());
-    let mut batches: Vec<Batch> = Vec::new();
-    let mut batch_start = 0;
-    let mut batch_bytes = 0;
-    let mut queue_error: Option<Error> = None;
-    for (i, t) in offloads.iter().enumerate() {
-        let queued = offload::take(&backend, t.device, t.size).and_then(|backup| {
-            let pieces = backup.pieces(t.va, t.size);
-            backups.push(Some(backup));
-            pieces.into_iter().try_for_each(|(src, dst, n)| {
-                backend
-                    .copy_to_host_async(t.device, dst, src, n)
-                    .map_err(|e| e.context(format!("sleep: saving {:#x} ({} bytes)", t.va, t.size)))
-            })
-        });
-        if let Err(err) = queued {
-            queue_error = Some(err);
-            break;
-        }
-        batch_bytes += t.size;
-        let last = i + 1 == offloads.len();
-        if last || batch_bytes >= BATCH_BYTES || offloads[i + 1].device != t.device {
-            match backend.record_copy_marker(t.device) {
-                Ok(marker) => batches.push(Batch {
-                    device: t.device,
-                    marker,
-                    targets: batch_start..i + 1,
-                }),
-                Err(err) => {
-                    queue_error = Some(err);
-                    break;
-                }
+    let mut offloads: Vec<SaveTarget> = Vec::new();
+    let mut discards: Vec<SaveTarget> = Vec::new();
+    with_registry(|reg| {
+        for a in reg.allocations.values() {
+            let (Some(action), Some(handle)) = (select(&a.tag), a.handle) else {
+                continue;
+            };
+            if a.state != devmem_state::Mapped {
+                continue;
             }
-            batch_start = i + 1;
-            batch_bytes = 0;
+            let target = SaveTarget {
+                va: a.va,
+                size: a.size,
+                device: a.device,
+                handle,
+            };
+            match action {
+                Action::Offload => offloads.push(target),
+                Action::Discard => discards.push(target),
+            }
         }
-    }
-    if let Some(err) = queue_error {
-        finish_copies(&*backend, &devices);
-        backups.into_iter().flatten().for_each(offload::give_back);
-        return Err(err.context("sleep: nothing was released"));
-    }
-
-    // 2. Release the discarded allocations while the copies run; 3. then each finished batch.
+    });
     let mut transfer = devmem_transfer::default();
-    let mut first_error: Option<Error> = None;
-    let mut commit = |t: &SleepTarget, kept: Option<u64>, backup: Option<Backup>| {
-        let state = match t.action {
-            Action::Offload => devmem_state::Offloaded,
-            Action::Discard => devmem_state::Discarded,
+    let saved = pipeline::save(&backend, &offloads, &discards, |t, backup, kept| {
+        let state = if backup.is_some() {
+            devmem_state::Offloaded
+        } else {
+            devmem_state::Discarded
         };
         transfer.allocations += 1;
         if kept.is_none() {
             transfer.bytes_freed += t.size as u64;
         }
-        match t.action {
-            Action::Offload => transfer.bytes_saved += t.size as u64,
-            Action::Discard => transfer.bytes_discarded += t.size as u64,
+        match state {
+            devmem_state::Offloaded => transfer.bytes_saved += t.size as u64,
+            _ => transfer.bytes_discarded += t.size as u64,
         }
         with_registry(|reg| reg.transition(t.va, state, kept, backup));
-    };
-    let mut release =
-        |t: &SleepTarget, backup: Option<Backup>| -> Option<(Error, Option<Backup>)> {
-            match release_target(&*backend, t) {
-                Released::Fully => {
-                    commit(t, None, backup);
-                    None
-                }
-                Released::UnmappedOnly(handle, err) => {
-                    commit(t, Some(handle), backup);
-                    Some((err, None))
-                }
-                Released::StillMapped(err) => Some((err, backup)),
-            }
-        };
-    for t in &discards {
-        if let Some((err, _)) = release(t, None) {
-            first_error = Some(err);
-            break;
-        }
-    }
-    for batch in &batches {
-        if first_error.is_none() {
-            if let Err(err) = backend.wait_copy_marker(batch.device, batch.marker) {
-                first_error = Some(err.context("sleep: waiting for the copies to host memory"));
-            }
-        }
-        for i in batch.targets.clone() {
-            if first_error.is_some() {
-                break;
-            }
-            let backup = backups[i].take();
-            if let Some((err, unused)) = release(&offloads[i], backup) {
-                backups[i] = unused;
-                first_error = Some(err);
-            }
-        }
-    }
-    if first_error.is_some() {
-        finish_copies(&*backend, &devices);
-        backups.into_iter().flatten().for_each(offload::give_back);
-    }
+    });
     transfer.seconds = start.elapsed().as_secs_f64();
     with_registry(|reg| reg.last_transfer = transfer);
     log::info!(
@@ -730,16 +620,7 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
         transfer.bytes_discarded,
         transfer.seconds
     );
-    first_error.map_or(Ok(transfer), Err)
-}
-
-/// Waits for every queued copy on `devices` before host memory they target is reused.
-fn finish_copies(backend: &dyn Backend, devices: &BTreeSet<i32>) {
-    for device in devices {
-        if let Err(err) = backend.wait_copies(*device) {
-            log::error!("devmem: waiting for copies on device {device} after a failure: {err}");
-        }
-    }
+    saved.map(|()| transfer)
 }
 
 fn tag_set(tags: &[String]) -> Result<BTreeSet<&str>> {
@@ -795,15 +676,6 @@ pub fn discard_tags(tags: &[String]) -> Result<devmem_transfer> {
     put_to_sleep(|tag| set.contains(tag).then_some(Action::Discard))
 }
 
-struct WakeTarget {
-    va: u64,
-    size: usize,
-    device: i32,
-    handle: Option<u64>,
-    /// (device address, host address, bytes) of each saved piece.
-    pieces: Vec<(u64, *mut u8, usize)>,
-}
-
 /// Maps every sleeping allocation of `tags` (all when `None`) and restores saved bytes. On any
 /// failure the mappings made by this call are undone and every backup is kept.
 ///
@@ -826,16 +698,17 @@ fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
     let backend = backend::get()?;
     let _op = OPS.lock();
     let start = Instant::now();
-    let mut targets: Vec<WakeTarget> = with_registry(|reg| {
+    let mut targets: Vec<RestoreTarget> = with_registry(|reg| {
         reg.allocations
             .values()
             .filter(|a| a.state != devmem_state::Mapped)
             .filter(|a| select(&a.tag))
-            .map(|a| WakeTarget {
+            .map(|a| RestoreTarget {
                 va: a.va,
                 size: a.size,
                 device: a.device,
                 handle: a.handle,
+                mapped: a.mapped_asleep,
                 pieces: a
                     .backup
                     .as_ref()
@@ -843,64 +716,24 @@ fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
             })
             .collect()
     });
+    // Offloaded ones first: their copies run while the discarded ones are mapped.
     targets.sort_by_key(|t| t.pieces.is_empty());
-    let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
-    let mut mapped: Vec<(usize, u64)> = Vec::with_capacity(targets.len());
-    let mut failure = None;
-    for (i, t) in targets.iter().enumerate() {
-        let result = match t.handle {
-            Some(handle) => backend
-                .map_with_access(t.device, t.va, t.size, handle)
-                .map(|()| handle),
-            None => backend.create_and_map(t.device, t.va, t.size),
-        };
-        match result {
-            Ok(handle) => mapped.push((i, handle)),
-            Err(err) => {
-                failure =
-                    Some(err.context(format!("wake: mapping {:#x} ({} bytes)", t.va, t.size)));
-                break;
-            }
-        }
-        let queued = t.pieces.iter().try_for_each(|(dst, src, n)| {
-            backend
-                .copy_to_device_async(t.device, *dst, src.cast_const(), *n)
-                .map_err(|e| e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size)))
-        });
-        if let Err(err) = queued {
-            failure = Some(err);
-            break;
-        }
-    }
-    if failure.is_none() {
-        for device in &devices {
-            if let Err(err) = backend.wait_copies(*device) {
-                failure = Some(err.context("wake: waiting for the copies to the device"));
-                break;
-            }
-        }
-    }
-    if let Some(err) = failure {
-        finish_copies(&*backend, &devices);
-        roll_back_wake(&*backend, &targets, &mapped);
-        return Err(err.context(format!(
-            "wake: undid {} mapping(s); every backup is kept and a later wake can retry",
-            mapped.len()
-        )));
-    }
+    let handles = match pipeline::restore(&backend, &targets) {
+        Ok(handles) => handles,
+        Err(failure) => return Err(record_failed_wake(&targets, failure)),
+    };
     let mut transfer = devmem_transfer::default();
     with_registry(|reg| {
-        for (i, handle) in &mapped {
-            let t = &targets[*i];
+        for (t, handle) in targets.iter().zip(handles) {
             transfer.allocations += 1;
             transfer.bytes_mapped += t.size as u64;
             if !t.pieces.is_empty() {
                 transfer.bytes_restored += t.size as u64;
             }
-            reg.transition(t.va, devmem_state::Mapped, Some(*handle), None);
+            reg.transition(t.va, devmem_state::Mapped, Some(handle), None);
         }
     });
-    if let Err(err) = offload::after_wake(&*backend) {
+    if let Err(err) = store::after_wake() {
         log::warn!("devmem: releasing the host store after wake: {err}");
     }
     transfer.seconds = start.elapsed().as_secs_f64();
@@ -914,25 +747,49 @@ fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
     Ok(transfer)
 }
 
-fn roll_back_wake(backend: &dyn Backend, targets: &[WakeTarget], mapped: &[(usize, u64)]) {
-    for (i, handle) in mapped.iter().rev() {
-        let t = &targets[*i];
-        if let Err(err) = backend.unmap(t.device, t.va, t.size) {
-            log::error!("devmem: wake rollback: unmapping {:#x}: {err}", t.va);
-            continue;
-        }
-        if t.handle.is_some() {
-            continue; // the handle predates this call and stays held
-        }
-        if let Err(err) = backend.release(t.device, *handle) {
-            log::error!("devmem: wake rollback: releasing {:#x}: {err}", t.va);
-            with_registry(|reg| {
-                if let Some(a) = reg.allocations.get_mut(&t.va) {
-                    a.handle = Some(*handle);
+/// Records where a failed wake left each allocation and says so in the error. Every backup is
+/// kept; an allocation whose mapping could not be undone stays asleep but mapped, which a
+/// later wake reuses and free unmaps.
+fn record_failed_wake(targets: &[RestoreTarget], failure: pipeline::RestoreFailure) -> Error {
+    let mut undone = 0;
+    let mut stuck = Vec::new();
+    with_registry(|reg| {
+        for (t, left) in targets.iter().zip(&failure.left) {
+            let Some(a) = reg.allocations.get_mut(&t.va) else {
+                continue;
+            };
+            match *left {
+                Left::Untouched => continue,
+                Left::Undone => {}
+                Left::Held(handle) => {
+                    a.handle = Some(handle);
+                    a.mapped_asleep = false;
                 }
-            });
+                Left::Mapped(handle) => {
+                    a.handle = Some(handle);
+                    a.mapped_asleep = true;
+                    stuck.push(t.va);
+                    continue;
+                }
+            }
+            undone += 1;
         }
-    }
+    });
+    let note = if stuck.is_empty() {
+        format!("wake: undid {undone} mapping(s); every backup is kept and a later wake can retry")
+    } else {
+        format!(
+            "wake: {} mapping(s) could not be undone ({}); they stay asleep but mapped, every \
+             backup is kept, a later wake restores them and free releases them",
+            stuck.len(),
+            stuck
+                .iter()
+                .map(|va| format!("{va:#x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    failure.error.context(note)
 }
 
 /// The host pieces holding `[ptr, ptr+len)` of an offloaded allocation, as (offset into the
@@ -974,7 +831,7 @@ fn backup_pieces(
             (start < stop).then(|| {
                 (
                     (start - lo) as usize,
-                    host as usize + (start - va) as usize,
+                    host + (start - va) as usize,
                     (stop - start) as usize,
                 )
             })
@@ -1029,7 +886,7 @@ pub fn stats(tag: Option<&str>) -> Result<devmem_stats> {
         Some(t) => reg.per_tag.get(t).copied().unwrap_or_default(),
     });
     if tag.is_none() {
-        out.host_store_bytes = offload::held_bytes() as u64;
+        out.host_store_bytes = store::held_bytes() as u64;
         out.unknown_frees = UNKNOWN_FREES.load(std::sync::atomic::Ordering::Relaxed);
     }
     Ok(out)
@@ -1072,25 +929,81 @@ pub fn set_callbacks(
 }
 
 /// Sets what happens to the host store after a wake.
-pub fn set_host_policy(policy: offload::devmem_host_policy) {
-    offload::set_policy(policy);
+pub fn set_host_policy(policy: store::devmem_host_policy) {
+    store::set_policy(policy);
 }
 
 /// What happens to the host store after a wake.
-pub fn host_policy() -> offload::devmem_host_policy {
-    offload::policy()
+pub fn host_policy() -> store::devmem_host_policy {
+    store::policy()
+}
+
+/// The device whose context pins host memory reserved ahead of a sleep: the lowest device
+/// with a live allocation, else the device of the calling thread's current context, else 0.
+/// (A process that only uses device 1 never gets a context on device 0 from devmem.)
+fn host_device(backend: &dyn Backend) -> i32 {
+    with_registry(|reg| reg.allocations.values().map(|a| a.device).min())
+        .or_else(|| backend.current_device())
+        .unwrap_or(0)
+}
+
+/// Caps the pinned host memory the store may hold; 0 removes the cap.
+pub fn set_host_limit(bytes: u64) {
+    store::set_limit(bytes);
+}
+
+/// The cap on the store's host memory in bytes, 0 when there is none.
+pub fn host_limit() -> Result<u64> {
+    Ok(store::limit()?.unwrap_or(0))
 }
 
 /// Grows the host store to have `bytes` free for backups, in the background unless `wait`.
 pub fn reserve_host_store(bytes: usize, wait: bool) -> Result<()> {
     let backend = backend::get()?;
-    offload::reserve(&backend, 0, bytes, wait)
+    store::reserve(&backend, host_device(&*backend), bytes, wait)
 }
 
 /// Frees the host store's unused pinned buffers; returns the bytes freed.
 pub fn release_host_store() -> Result<usize> {
+    backend::get()?;
+    store::release_free()
+}
+
+/// vLLM's `create_and_map`: creates physical memory on `device` and maps it at `va` (inside
+/// a range the caller reserved), outside the registry. Returns the handle.
+pub fn create_and_map_untracked(device: i32, va: u64, size: usize) -> Result<u64> {
+    backend::get()?.create_and_map(device, va, size)
+}
+
+/// vLLM's `unmap_and_release`: waits for `device` (CUDA: every stream of its primary context;
+/// Level Zero: devmem's own copies only), unmaps `[va, va+size)` and releases `handle`.
+pub fn unmap_and_release_untracked(device: i32, va: u64, size: usize, handle: u64) -> Result<()> {
     let backend = backend::get()?;
-    offload::release_free(&*backend)
+    backend.synchronize(device)?;
+    backend.unmap(device, va, size)?;
+    backend.release(device, handle)
+}
+
+/// Number of devices the driver reports (loading the backend).
+pub fn device_count() -> Result<i32> {
+    Ok(backend::get()?.device_count())
+}
+
+/// Chooses the backend before it loads.
+pub fn select_backend(kind: backend::devmem_backend) -> Result<()> {
+    backend::select(kind)
+}
+
+/// The loaded backend (loading it if needed).
+pub fn backend_kind() -> Result<backend::devmem_backend> {
+    Ok(backend::get()?.kind())
+}
+
+/// Hands the Level Zero backend the application's context and devices, and selects it. Fails
+/// with `INVALID_STATE` once any backend has loaded, atomically with respect to a concurrent
+/// first load (which would otherwise ignore the context).
+pub fn use_level_zero_context(context: usize, devices: Vec<usize>) -> Result<()> {
+    backend::hand_over_level_zero(context, devices)
 }
 
 /// Free and total memory of `device`.

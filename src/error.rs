@@ -14,7 +14,12 @@ use std::fmt;
 /// `devmem_last_error_message` on the calling thread.
 #[allow(non_camel_case_types)]
 #[repr(i32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr, strum::IntoStaticStr)]
+#[strum(
+    serialize_all = "SCREAMING_SNAKE_CASE",
+    prefix = "DEVMEM_STATUS_",
+    suffix = "\0"
+)]
 pub enum devmem_status {
     /// The call succeeded.
     Success = 0,
@@ -47,50 +52,22 @@ pub enum devmem_status {
 }
 
 impl devmem_status {
-    /// A stable, human-readable name for the status, as a static C string.
+    /// A stable, human-readable name for the status, as a static C string
+    /// (`DEVMEM_STATUS_OUT_OF_MEMORY`): the C enumerator's own name.
     pub fn name(self) -> &'static CStr {
-        match self {
-            Self::Success => c"DEVMEM_STATUS_SUCCESS",
-            Self::InvalidArgument => c"DEVMEM_STATUS_INVALID_ARGUMENT",
-            Self::NullPointer => c"DEVMEM_STATUS_NULL_POINTER",
-            Self::OutOfMemory => c"DEVMEM_STATUS_OUT_OF_MEMORY",
-            Self::DriverNotFound => c"DEVMEM_STATUS_DRIVER_NOT_FOUND",
-            Self::Driver => c"DEVMEM_STATUS_DRIVER",
-            Self::UnknownPointer => c"DEVMEM_STATUS_UNKNOWN_POINTER",
-            Self::InvalidDevice => c"DEVMEM_STATUS_INVALID_DEVICE",
-            Self::InvalidTag => c"DEVMEM_STATUS_INVALID_TAG",
-            Self::InvalidState => c"DEVMEM_STATUS_INVALID_STATE",
-            Self::HostOutOfMemory => c"DEVMEM_STATUS_HOST_OUT_OF_MEMORY",
-            Self::Panic => c"DEVMEM_STATUS_PANIC",
-            Self::BufferTooSmall => c"DEVMEM_STATUS_BUFFER_TOO_SMALL",
-            Self::Unsupported => c"DEVMEM_STATUS_UNSUPPORTED",
-        }
+        let with_nul: &'static str = self.into();
+        CStr::from_bytes_with_nul(with_nul.as_bytes()).unwrap_or(c"DEVMEM_STATUS_UNKNOWN")
     }
 
     /// The name as `&str`.
     pub fn as_str(self) -> &'static str {
-        self.name().to_str().unwrap_or("DEVMEM_STATUS_UNKNOWN")
+        let with_nul: &'static str = self.into();
+        with_nul.trim_end_matches('\0')
     }
 
     /// Maps a raw integer back to a status, if it is one.
     pub fn from_raw(raw: i32) -> Option<Self> {
-        const ALL: [devmem_status; 14] = [
-            devmem_status::Success,
-            devmem_status::InvalidArgument,
-            devmem_status::NullPointer,
-            devmem_status::OutOfMemory,
-            devmem_status::DriverNotFound,
-            devmem_status::Driver,
-            devmem_status::UnknownPointer,
-            devmem_status::InvalidDevice,
-            devmem_status::InvalidTag,
-            devmem_status::InvalidState,
-            devmem_status::HostOutOfMemory,
-            devmem_status::Panic,
-            devmem_status::BufferTooSmall,
-            devmem_status::Unsupported,
-        ];
-        ALL.into_iter().find(|s| *s as i32 == raw)
+        Self::from_repr(raw)
     }
 }
 

@@ -19,7 +19,7 @@ use crate::core::{
 use crate::error::{
     bail, clear_last_error, devmem_status, last_error, set_last_error, Error, Result,
 };
-use crate::offload::devmem_host_policy;
+use crate::store::devmem_host_policy;
 
 /// The C `ssize_t` (signed size), as PyTorch's pluggable-allocator signatures use it.
 #[allow(non_camel_case_types)]
@@ -202,8 +202,7 @@ pub extern "C" fn create_and_map(
             bail!(NullPointer, "handle is NULL");
         }
         let (device, size) = low_level_args(device, size, d_mem)?;
-        let backend = crate::backend::get()?;
-        let created = backend.create_and_map(device, d_mem, size)?;
+        let created = core::create_and_map_untracked(device, d_mem, size)?;
         // SAFETY: checked non-NULL above; the caller passes a valid out-pointer.
         unsafe { handle.write(created) };
         Ok(())
@@ -226,10 +225,7 @@ pub extern "C" fn unmap_and_release(
         let (device, size) = low_level_args(device, size, d_mem)?;
         // SAFETY: checked non-NULL above.
         let physical = unsafe { handle.read() };
-        let backend = crate::backend::get()?;
-        backend.synchronize(device)?;
-        backend.unmap(device, d_mem, size)?;
-        backend.release(device, physical)
+        core::unmap_and_release_untracked(device, d_mem, size, physical)
     }) as c_int
 }
 
@@ -519,7 +515,7 @@ pub extern "C" fn devmem_device_count(out: *mut c_int) -> devmem_status {
         if out.is_null() {
             bail!(NullPointer, "out is NULL");
         }
-        let count = crate::backend::get()?.device_count();
+        let count = core::device_count()?;
         // SAFETY: checked non-NULL above.
         unsafe { write_out(out, "out", count) }
     })
@@ -603,7 +599,7 @@ pub extern "C" fn devmem_release_host_store(freed: *mut usize) -> devmem_status 
 /// environment variable `DEVMEM_HOST_POLICY=keep|release` sets the initial policy.
 #[no_mangle]
 pub extern "C" fn devmem_set_host_policy(policy: c_int) -> devmem_status {
-    guard(|| match devmem_host_policy::from_raw(policy) {
+    guard(|| match devmem_host_policy::from_repr(policy) {
         Some(p) => {
             core::set_host_policy(p);
             Ok(())
@@ -630,6 +626,30 @@ pub extern "C" fn devmem_reserve_host_store(bytes: usize, wait: c_int) -> devmem
     guard(|| core::reserve_host_store(bytes, wait != 0))
 }
 
+/// Caps the pinned host memory the host store may hold at `bytes` (0 removes the cap, and
+/// `DEVMEM_HOST_LIMIT` with it). A sleep or reservation that would need more fails with
+/// `DEVMEM_STATUS_HOST_OUT_OF_MEMORY` before any host memory is touched and before anything is
+/// released. Independently of the cap, devmem never grows the store past what `MemAvailable`
+/// and the process's memory cgroup allow (README, "Guarantees").
+#[no_mangle]
+pub extern "C" fn devmem_set_host_limit(bytes: u64) -> devmem_status {
+    guard(|| {
+        core::set_host_limit(bytes);
+        Ok(())
+    })
+}
+
+/// Writes the cap on the host store to `*out` (0: no cap). Fails with
+/// `DEVMEM_STATUS_INVALID_ARGUMENT` when `DEVMEM_HOST_LIMIT` is set but not a size.
+#[no_mangle]
+pub extern "C" fn devmem_get_host_limit(out: *mut u64) -> devmem_status {
+    guard(|| {
+        let limit = core::host_limit()?;
+        // SAFETY: the caller passes NULL or a valid out-pointer.
+        unsafe { write_out(out, "out", limit) }
+    })
+}
+
 /// Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
 /// else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the
 /// first allocation; once a backend is loaded, choosing another gives
@@ -637,8 +657,8 @@ pub extern "C" fn devmem_reserve_host_store(bytes: usize, wait: c_int) -> devmem
 /// chooses when this is never called.
 #[no_mangle]
 pub extern "C" fn devmem_select_backend(backend: c_int) -> devmem_status {
-    guard(|| match devmem_backend::from_raw(backend) {
-        Some(kind) => crate::backend::select(kind),
+    guard(|| match devmem_backend::from_repr(backend) {
+        Some(kind) => core::select_backend(kind),
         None => bail!(
             InvalidArgument,
             "backend {backend} is not a devmem_backend value"
@@ -654,10 +674,7 @@ pub extern "C" fn devmem_get_backend(out: *mut devmem_backend) -> devmem_status 
         if out.is_null() {
             bail!(NullPointer, "out is NULL");
         }
-        let kind = match crate::backend::get()?.name() {
-            "level_zero" => devmem_backend::LevelZero,
-            _ => devmem_backend::Cuda,
-        };
+        let kind = core::backend_kind()?;
         // SAFETY: checked non-NULL above.
         unsafe { write_out(out, "out", kind) }
     })
@@ -684,22 +701,12 @@ pub extern "C" fn devmem_set_level_zero_context(
                 "devices is NULL or n is 0: name at least one device"
             );
         }
-        if crate::backend::is_loaded() {
-            bail!(
-                InvalidState,
-                "the backend is already loaded; hand over the context before the first allocation"
-            );
-        }
         // SAFETY: the caller passes `n` readable device handles.
         let list = unsafe { std::slice::from_raw_parts(devices, n) };
         if list.iter().any(|d| d.is_null()) {
             bail!(NullPointer, "a device handle is NULL");
         }
-        crate::backend::level_zero::hand_over(
-            context as usize,
-            list.iter().map(|d| *d as usize).collect(),
-        );
-        crate::backend::select(devmem_backend::LevelZero)
+        core::use_level_zero_context(context as usize, list.iter().map(|d| *d as usize).collect())
     })
 }
 

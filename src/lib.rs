@@ -7,8 +7,9 @@
 //! pointers, tensors and captured CUDA graphs stay valid.
 //!
 //! Layers, each talking only to the one below: [`ffi`] (the C ABI) → [`core`] (registry, tags,
-//! state machine, statistics) → `offload` (host store and copies) → `backend` (one
-//! implementation per driver) → `driver` (run-time loaded symbol tables).
+//! state machine, statistics) → `store` (backups: the save/restore pipeline and the host
+//! memory it copies into) → `backend` (one implementation per driver) → `driver` (run-time
+//! loaded symbol tables).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -19,7 +20,9 @@ pub(crate) mod driver;
 pub mod error;
 pub mod ffi;
 mod logging;
-pub(crate) mod offload;
+pub(crate) mod store;
+#[doc(hidden)]
+pub mod threads;
 
 pub use crate::backend::devmem_backend;
 pub use crate::core::{
@@ -27,4 +30,4 @@ pub use crate::core::{
     devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN, DEVMEM_TAG_BUFFER_LEN,
 };
 pub use crate::error::{devmem_status, Error, Result};
-pub use crate::offload::devmem_host_policy;
+pub use crate::store::devmem_host_policy;

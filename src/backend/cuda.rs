@@ -250,12 +250,26 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    fn name(&self) -> &'static str {
-        "cuda"
+    fn kind(&self) -> super::devmem_backend {
+        super::devmem_backend::Cuda
     }
 
     fn device_count(&self) -> i32 {
         self.device_count
+    }
+
+    fn current_device(&self) -> Option<i32> {
+        let mut context: CUcontext = ptr::null_mut();
+        // SAFETY: the out-pointer is valid.
+        let rc = unsafe { (self.api.ctx_get_current)(&mut context) };
+        if rc != CUDA_SUCCESS || context.is_null() {
+            return None;
+        }
+        let mut device: CUdevice = 0;
+        // SAFETY: the out-pointer is valid and the thread has a current context.
+        let rc = unsafe { (self.api.ctx_get_device)(&mut device) };
+        // The driver numbers CUdevice handles by ordinal.
+        (rc == CUDA_SUCCESS && (0..self.device_count).contains(&device)).then_some(device)
     }
 
     fn granularity(&self, device: i32) -> Result<usize> {

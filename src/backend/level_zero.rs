@@ -475,8 +475,8 @@ impl LevelZeroBackend {
 }
 
 impl Backend for LevelZeroBackend {
-    fn name(&self) -> &'static str {
-        "level_zero"
+    fn kind(&self) -> super::devmem_backend {
+        super::devmem_backend::LevelZero
     }
 
     fn device_count(&self) -> i32 {

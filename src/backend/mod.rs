@@ -25,7 +25,10 @@ pub enum HostMemory {
 /// Which backend to load.
 #[allow(non_camel_case_types)]
 #[repr(i32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::FromRepr, strum::IntoStaticStr, strum::EnumString,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum devmem_backend {
     /// CUDA when a CUDA driver with at least one device loads, else Level Zero.
     Auto = 0,
@@ -36,14 +39,9 @@ pub enum devmem_backend {
 }
 
 impl devmem_backend {
-    /// Maps a raw integer to a backend kind.
-    pub fn from_raw(raw: i32) -> Option<Self> {
-        match raw {
-            0 => Some(Self::Auto),
-            1 => Some(Self::Cuda),
-            2 => Some(Self::LevelZero),
-            _ => None,
-        }
+    /// The name used in logs, messages and `DEVMEM_BACKEND` ("cuda", "level_zero", "auto").
+    pub fn label(self) -> &'static str {
+        self.into()
     }
 }
 
@@ -53,8 +51,19 @@ impl devmem_backend {
 /// the call when the thread has another one, and leaves the device's primary context current
 /// when the thread had none (the context PyTorch's runtime uses).
 pub trait Backend: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> devmem_backend;
+
     /// A short name for logs and messages ("cuda").
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.kind().label()
+    }
+
+    /// The device of the calling thread's current context, if it has one devmem can name.
+    fn current_device(&self) -> Option<i32> {
+        None
+    }
+
     /// Number of devices the driver reports.
     fn device_count(&self) -> i32;
     /// The allocation granularity of `device`, with the properties devmem creates memory with.
@@ -152,12 +161,7 @@ pub const BACKEND_ENV: &str = "DEVMEM_BACKEND";
 pub fn select(kind: devmem_backend) -> Result<()> {
     let loaded = BACKEND.lock();
     if let Some(backend) = loaded.as_ref() {
-        let same = matches!(
-            (kind, backend.name()),
-            (devmem_backend::Auto, _)
-                | (devmem_backend::Cuda, "cuda")
-                | (devmem_backend::LevelZero, "level_zero")
-        );
+        let same = kind == devmem_backend::Auto || kind == backend.kind();
         if !same {
             return Err(crate::error::Error::new(
                 crate::error::devmem_status::InvalidState,
@@ -170,23 +174,41 @@ pub fn select(kind: devmem_backend) -> Result<()> {
     Ok(())
 }
 
-/// Whether a backend is loaded.
-pub fn is_loaded() -> bool {
-    BACKEND.lock().is_some()
+/// Records the application's Level Zero context and devices and selects Level Zero, holding
+/// the backend slot's lock so a concurrent first load either sees them or has already loaded
+/// (and then this call fails).
+pub fn hand_over_level_zero(context: usize, devices: Vec<usize>) -> Result<()> {
+    let loaded = BACKEND.lock();
+    if let Some(backend) = loaded.as_ref() {
+        return Err(crate::error::Error::new(
+            crate::error::devmem_status::InvalidState,
+            format!(
+                "the {} backend is already loaded; hand over the context before the first allocation",
+                backend.name()
+            ),
+        ));
+    }
+    level_zero::hand_over(context, devices);
+    *CHOICE.lock() = Some(devmem_backend::LevelZero);
+    Ok(())
 }
 
 fn choice() -> Result<devmem_backend> {
     if let Some(kind) = *CHOICE.lock() {
         return Ok(kind);
     }
-    match std::env::var(BACKEND_ENV).as_deref() {
-        Err(_) | Ok("") | Ok("auto") => Ok(devmem_backend::Auto),
-        Ok("cuda") => Ok(devmem_backend::Cuda),
-        Ok("level_zero") | Ok("levelzero") | Ok("ze") => Ok(devmem_backend::LevelZero),
-        Ok(other) => Err(crate::error::Error::new(
-            crate::error::devmem_status::InvalidArgument,
-            format!("{BACKEND_ENV}={other} is not one of cuda, level_zero, auto"),
-        )),
+    let Ok(text) = std::env::var(BACKEND_ENV) else {
+        return Ok(devmem_backend::Auto);
+    };
+    match text.trim() {
+        "" => Ok(devmem_backend::Auto),
+        "levelzero" | "ze" => Ok(devmem_backend::LevelZero),
+        name => name.parse().map_err(|_| {
+            crate::error::Error::new(
+                crate::error::devmem_status::InvalidArgument,
+                format!("{BACKEND_ENV}={text} is not one of cuda, level_zero, auto"),
+            )
+        }),
     }
 }
 

@@ -12,8 +12,8 @@ use cudarc::driver::sys::{
     CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUmemAccessDesc,
     CUmemAllocationProp, CUmemGenericAllocationHandle, CUresult, CUstream,
 };
-use libloading::Library;
 
+use super::symbol_table;
 use crate::error::{devmem_status, Error, Result};
 
 /// A `CUresult` as the driver returns it.
@@ -36,99 +36,59 @@ pub(crate) const DEFAULT_LIBRARY: &str = "libcuda.so.1";
 /// Environment variable that overrides the driver library path.
 pub(crate) const LIBRARY_ENV: &str = "DEVMEM_CUDA_LIBRARY";
 
-macro_rules! symbols {
-    ($( $field:ident = $sym:literal : fn($($arg:ty),* $(,)?); )*) => {
-        /// Every driver entry point devmem uses, resolved once when the library is opened.
-        #[allow(non_snake_case)]
-        pub struct CudaApi {
-            $( pub(crate) $field: unsafe extern "C" fn($($arg),*) -> RawResult, )*
-            path: String,
-            // Declared last so the function pointers above never outlive the library.
-            _lib: Library,
-        }
-
-        impl CudaApi {
-            fn resolve(lib: Library, path: String) -> Result<Self> {
-                $(
-                    // SAFETY: the type matches the driver's documented prototype for this symbol
-                    // (cuda.h), and the pointer is only used while `_lib` keeps the library open.
-                    let $field = unsafe {
-                        lib.get::<unsafe extern "C" fn($($arg),*) -> RawResult>(
-                            concat!($sym, "\0").as_bytes(),
-                        )
-                    }
-                    .map(|s| *s)
-                    .map_err(|e| Error::new(
-                        devmem_status::Driver,
-                        format!("driver library {path} lacks symbol {}: {e}", $sym),
-                    ))?;
-                )*
-                Ok(Self { $($field,)* path, _lib: lib })
-            }
-        }
-    };
-}
-
-symbols! {
-    init = "cuInit": fn(c_uint);
-    driver_get_version = "cuDriverGetVersion": fn(*mut c_int);
-    get_error_name = "cuGetErrorName": fn(RawResult, *mut *const c_char);
-    get_error_string = "cuGetErrorString": fn(RawResult, *mut *const c_char);
-    device_get_count = "cuDeviceGetCount": fn(*mut c_int);
-    device_get = "cuDeviceGet": fn(*mut CUdevice, c_int);
-    device_get_attribute = "cuDeviceGetAttribute": fn(*mut c_int, CUdevice_attribute, CUdevice);
-    primary_ctx_retain = "cuDevicePrimaryCtxRetain": fn(*mut CUcontext, CUdevice);
-    ctx_get_current = "cuCtxGetCurrent": fn(*mut CUcontext);
-    ctx_set_current = "cuCtxSetCurrent": fn(CUcontext);
-    ctx_synchronize = "cuCtxSynchronize": fn();
-    mem_get_info = "cuMemGetInfo_v2": fn(*mut usize, *mut usize);
-    mem_get_allocation_granularity = "cuMemGetAllocationGranularity":
-        fn(*mut usize, *const CUmemAllocationProp, c_uint);
-    mem_address_reserve = "cuMemAddressReserve":
-        fn(*mut CUdeviceptr, usize, usize, CUdeviceptr, u64);
-    mem_address_free = "cuMemAddressFree": fn(CUdeviceptr, usize);
-    mem_create = "cuMemCreate":
-        fn(*mut CUmemGenericAllocationHandle, usize, *const CUmemAllocationProp, u64);
-    mem_release = "cuMemRelease": fn(CUmemGenericAllocationHandle);
-    mem_map = "cuMemMap": fn(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
-    mem_unmap = "cuMemUnmap": fn(CUdeviceptr, usize);
-    mem_set_access = "cuMemSetAccess": fn(CUdeviceptr, usize, *const CUmemAccessDesc, usize);
-    memcpy_dtoh_async = "cuMemcpyDtoHAsync_v2": fn(*mut c_void, CUdeviceptr, usize, CUstream);
-    memcpy_htod_async = "cuMemcpyHtoDAsync_v2": fn(CUdeviceptr, *const c_void, usize, CUstream);
-    stream_create = "cuStreamCreate": fn(*mut CUstream, c_uint);
-    stream_synchronize = "cuStreamSynchronize": fn(CUstream);
-    mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
-    mem_host_unregister = "cuMemHostUnregister": fn(*mut c_void);
-    event_create = "cuEventCreate": fn(*mut CUevent, c_uint);
-    event_record = "cuEventRecord": fn(CUevent, CUstream);
-    event_synchronize = "cuEventSynchronize": fn(CUevent);
+symbol_table! {
+    /// Every driver entry point devmem uses, resolved once when the library is opened.
+    pub struct CudaApi returns RawResult, named "driver library" {
+        init = "cuInit": fn(c_uint);
+        driver_get_version = "cuDriverGetVersion": fn(*mut c_int);
+        get_error_name = "cuGetErrorName": fn(RawResult, *mut *const c_char);
+        get_error_string = "cuGetErrorString": fn(RawResult, *mut *const c_char);
+        device_get_count = "cuDeviceGetCount": fn(*mut c_int);
+        device_get = "cuDeviceGet": fn(*mut CUdevice, c_int);
+        device_get_attribute = "cuDeviceGetAttribute":
+            fn(*mut c_int, CUdevice_attribute, CUdevice);
+        primary_ctx_retain = "cuDevicePrimaryCtxRetain": fn(*mut CUcontext, CUdevice);
+        ctx_get_current = "cuCtxGetCurrent": fn(*mut CUcontext);
+        ctx_set_current = "cuCtxSetCurrent": fn(CUcontext);
+        ctx_get_device = "cuCtxGetDevice": fn(*mut CUdevice);
+        ctx_synchronize = "cuCtxSynchronize": fn();
+        mem_get_info = "cuMemGetInfo_v2": fn(*mut usize, *mut usize);
+        mem_get_allocation_granularity = "cuMemGetAllocationGranularity":
+            fn(*mut usize, *const CUmemAllocationProp, c_uint);
+        mem_address_reserve = "cuMemAddressReserve":
+            fn(*mut CUdeviceptr, usize, usize, CUdeviceptr, u64);
+        mem_address_free = "cuMemAddressFree": fn(CUdeviceptr, usize);
+        mem_create = "cuMemCreate":
+            fn(*mut CUmemGenericAllocationHandle, usize, *const CUmemAllocationProp, u64);
+        mem_release = "cuMemRelease": fn(CUmemGenericAllocationHandle);
+        mem_map = "cuMemMap": fn(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
+        mem_unmap = "cuMemUnmap": fn(CUdeviceptr, usize);
+        mem_set_access = "cuMemSetAccess":
+            fn(CUdeviceptr, usize, *const CUmemAccessDesc, usize);
+        memcpy_dtoh_async = "cuMemcpyDtoHAsync_v2":
+            fn(*mut c_void, CUdeviceptr, usize, CUstream);
+        memcpy_htod_async = "cuMemcpyHtoDAsync_v2":
+            fn(CUdeviceptr, *const c_void, usize, CUstream);
+        stream_create = "cuStreamCreate": fn(*mut CUstream, c_uint);
+        stream_synchronize = "cuStreamSynchronize": fn(CUstream);
+        mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
+        mem_host_unregister = "cuMemHostUnregister": fn(*mut c_void);
+        event_create = "cuEventCreate": fn(*mut CUevent, c_uint);
+        event_record = "cuEventRecord": fn(CUevent, CUstream);
+        event_synchronize = "cuEventSynchronize": fn(CUevent);
+    }
+    optional {}
 }
 
 impl CudaApi {
     /// Opens the driver library (`DEVMEM_CUDA_LIBRARY` or `libcuda.so.1`), resolves every symbol
     /// and calls `cuInit(0)`.
     pub fn load() -> Result<Self> {
-        let path = std::env::var(LIBRARY_ENV)
-            .ok()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| DEFAULT_LIBRARY.to_string());
-        // SAFETY: opening a shared library runs its initialisers; the CUDA driver (or the
-        // emulator) is designed to be loaded this way.
-        let lib = unsafe { Library::new(&path) }.map_err(|e| {
-            Error::new(
-                devmem_status::DriverNotFound,
-                format!("could not open the CUDA driver library {path} (set {LIBRARY_ENV} to override): {e}"),
-            )
-        })?;
+        let (lib, path) = super::open(LIBRARY_ENV, DEFAULT_LIBRARY, "the CUDA driver library")?;
         let api = Self::resolve(lib, path)?;
         // SAFETY: cuInit takes flags by value and has no other preconditions.
         api.check("cuInit", unsafe { (api.init)(0) })?;
         Ok(api)
-    }
-
-    /// The path the library was opened from.
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// The driver's name for an error code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.

@@ -7,8 +7,7 @@
 
 use std::ffi::{c_char, c_void};
 
-use libloading::Library;
-
+use super::symbol_table;
 use crate::error::{devmem_status, Error, Result};
 
 /// A `ze_result_t`.
@@ -124,79 +123,44 @@ pub(crate) const DEFAULT_LIBRARY: &str = "libze_loader.so.1";
 /// Environment variable that overrides the loader path.
 pub(crate) const LIBRARY_ENV: &str = "DEVMEM_ZE_LIBRARY";
 
-type InitDrivers = unsafe extern "C" fn(*mut u32, *mut Handle, *mut c_void) -> ZeResult;
-type DefaultContext = unsafe extern "C" fn(Handle) -> Handle;
-
-macro_rules! ze_symbols {
-    ($( $field:ident = $sym:literal : fn($($arg:ty),* $(,)?); )*) => {
-        /// Every required Level Zero entry point devmem uses, plus the optional ones.
-        pub(crate) struct ZeApi {
-            $( pub(crate) $field: unsafe extern "C" fn($($arg),*) -> ZeResult, )*
-            /// `zeInitDrivers` (Level Zero 1.10+), when the loader has it.
-            pub(crate) init_drivers: Option<InitDrivers>,
-            /// `zeDriverGetDefaultContext`, when the loader has it.
-            pub(crate) default_context: Option<DefaultContext>,
-            path: String,
-            _lib: Library,
-        }
-
-        impl ZeApi {
-            fn resolve(lib: Library, path: String) -> Result<Self> {
-                $(
-                    // SAFETY: the type matches the Level Zero specification's prototype; the
-                    // pointer is only used while `_lib` keeps the library open.
-                    let $field = unsafe {
-                        lib.get::<unsafe extern "C" fn($($arg),*) -> ZeResult>(
-                            concat!($sym, "\0").as_bytes(),
-                        )
-                    }
-                    .map(|s| *s)
-                    .map_err(|e| Error::new(
-                        devmem_status::Driver,
-                        format!("Level Zero loader {path} lacks symbol {}: {e}", $sym),
-                    ))?;
-                )*
-                // SAFETY: as above, for the optional entry points.
-                let init_drivers = unsafe { lib.get::<InitDrivers>(b"zeInitDrivers\0") }.ok().map(|s| *s);
-                // SAFETY: as above.
-                let default_context =
-                    unsafe { lib.get::<DefaultContext>(b"zeDriverGetDefaultContext\0") }.ok().map(|s| *s);
-                Ok(Self { $($field,)* init_drivers, default_context, path, _lib: lib })
-            }
-        }
-    };
-}
-
-ze_symbols! {
-    init = "zeInit": fn(u32);
-    driver_get = "zeDriverGet": fn(*mut u32, *mut Handle);
-    device_get = "zeDeviceGet": fn(Handle, *mut u32, *mut Handle);
-    device_get_memory_properties = "zeDeviceGetMemoryProperties":
-        fn(Handle, *mut u32, *mut DeviceMemoryProperties);
-    device_get_queue_groups = "zeDeviceGetCommandQueueGroupProperties":
-        fn(Handle, *mut u32, *mut CommandQueueGroupProperties);
-    context_create = "zeContextCreate": fn(Handle, *const ContextDesc, *mut Handle);
-    page_size = "zeVirtualMemQueryPageSize": fn(Handle, Handle, usize, *mut usize);
-    reserve = "zeVirtualMemReserve": fn(Handle, *const c_void, usize, *mut *mut c_void);
-    free_va = "zeVirtualMemFree": fn(Handle, *const c_void, usize);
-    physical_create = "zePhysicalMemCreate":
-        fn(Handle, Handle, *const PhysicalMemDesc, *mut Handle);
-    physical_destroy = "zePhysicalMemDestroy": fn(Handle, Handle);
-    map = "zeVirtualMemMap": fn(Handle, *const c_void, usize, Handle, usize, u32);
-    unmap = "zeVirtualMemUnmap": fn(Handle, *const c_void, usize);
-    mem_alloc_host = "zeMemAllocHost":
-        fn(Handle, *const HostMemAllocDesc, usize, usize, *mut *mut c_void);
-    mem_free = "zeMemFree": fn(Handle, *mut c_void);
-    list_create_immediate = "zeCommandListCreateImmediate":
-        fn(Handle, Handle, *const CommandQueueDesc, *mut Handle);
-    append_copy = "zeCommandListAppendMemoryCopy":
-        fn(Handle, *mut c_void, *const c_void, usize, Handle, u32, *mut Handle);
-    append_signal = "zeCommandListAppendSignalEvent": fn(Handle, Handle);
-    event_pool_create = "zeEventPoolCreate":
-        fn(Handle, *const EventPoolDesc, u32, *mut Handle, *mut Handle);
-    event_create = "zeEventCreate": fn(Handle, *const EventDesc, *mut Handle);
-    event_host_synchronize = "zeEventHostSynchronize": fn(Handle, u64);
-    event_host_reset = "zeEventHostReset": fn(Handle);
+symbol_table! {
+    /// Every Level Zero entry point devmem uses; `zeInitDrivers` (Level Zero 1.10+) and
+    /// `zeDriverGetDefaultContext` only when the loader has them.
+    pub(crate) struct ZeApi returns ZeResult, named "Level Zero loader" {
+        init = "zeInit": fn(u32);
+        driver_get = "zeDriverGet": fn(*mut u32, *mut Handle);
+        device_get = "zeDeviceGet": fn(Handle, *mut u32, *mut Handle);
+        device_get_memory_properties = "zeDeviceGetMemoryProperties":
+            fn(Handle, *mut u32, *mut DeviceMemoryProperties);
+        device_get_queue_groups = "zeDeviceGetCommandQueueGroupProperties":
+            fn(Handle, *mut u32, *mut CommandQueueGroupProperties);
+        context_create = "zeContextCreate": fn(Handle, *const ContextDesc, *mut Handle);
+        page_size = "zeVirtualMemQueryPageSize": fn(Handle, Handle, usize, *mut usize);
+        reserve = "zeVirtualMemReserve": fn(Handle, *const c_void, usize, *mut *mut c_void);
+        free_va = "zeVirtualMemFree": fn(Handle, *const c_void, usize);
+        physical_create = "zePhysicalMemCreate":
+            fn(Handle, Handle, *const PhysicalMemDesc, *mut Handle);
+        physical_destroy = "zePhysicalMemDestroy": fn(Handle, Handle);
+        map = "zeVirtualMemMap": fn(Handle, *const c_void, usize, Handle, usize, u32);
+        unmap = "zeVirtualMemUnmap": fn(Handle, *const c_void, usize);
+        mem_alloc_host = "zeMemAllocHost":
+            fn(Handle, *const HostMemAllocDesc, usize, usize, *mut *mut c_void);
+        mem_free = "zeMemFree": fn(Handle, *mut c_void);
+        list_create_immediate = "zeCommandListCreateImmediate":
+            fn(Handle, Handle, *const CommandQueueDesc, *mut Handle);
+        append_copy = "zeCommandListAppendMemoryCopy":
+            fn(Handle, *mut c_void, *const c_void, usize, Handle, u32, *mut Handle);
+        append_signal = "zeCommandListAppendSignalEvent": fn(Handle, Handle);
+        event_pool_create = "zeEventPoolCreate":
+            fn(Handle, *const EventPoolDesc, u32, *mut Handle, *mut Handle);
+        event_create = "zeEventCreate": fn(Handle, *const EventDesc, *mut Handle);
+        event_host_synchronize = "zeEventHostSynchronize": fn(Handle, u64);
+        event_host_reset = "zeEventHostReset": fn(Handle);
+    }
+    optional {
+        init_drivers = "zeInitDrivers": fn(*mut u32, *mut Handle, *mut c_void) -> ZeResult;
+        default_context = "zeDriverGetDefaultContext": fn(Handle) -> Handle;
+    }
 }
 
 /// The specification's name for a `ze_result_t`.
@@ -225,23 +189,8 @@ pub(crate) fn result_name(code: ZeResult) -> &'static str {
 impl ZeApi {
     /// Opens the loader (`DEVMEM_ZE_LIBRARY` or `libze_loader.so.1`) and resolves its symbols.
     pub(crate) fn load() -> Result<Self> {
-        let path = std::env::var(LIBRARY_ENV)
-            .ok()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| DEFAULT_LIBRARY.to_string());
-        // SAFETY: opening a shared library runs its initialisers; the loader is made for it.
-        let lib = unsafe { Library::new(&path) }.map_err(|e| {
-            Error::new(
-                devmem_status::DriverNotFound,
-                format!("could not open the Level Zero loader {path} (set {LIBRARY_ENV} to override): {e}"),
-            )
-        })?;
+        let (lib, path) = super::open(LIBRARY_ENV, DEFAULT_LIBRARY, "the Level Zero loader")?;
         Self::resolve(lib, path)
-    }
-
-    /// The path the loader was opened from.
-    pub(crate) fn path(&self) -> &str {
-        &self.path
     }
 
     /// Turns a result into `Ok` or an error naming `call`.

@@ -1,0 +1,72 @@
+//! The emulator's configuration, read once from the environment.
+
+#![allow(unused_imports)]
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+
+use cudarc::driver::sys::{
+    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
+    CUstream,
+};
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::*;
+
+pub(crate) struct Config {
+    pub(crate) devices: i32,
+    pub(crate) capacity: usize,
+    pub(crate) granularity: usize,
+    pub(crate) fabric: bool,
+    pub(crate) rdma: bool,
+    pub(crate) vmm: bool,
+    /// Level Zero drivers the loader reports (`DEVMEM_EMU_ZE_DRIVERS`, default 1).
+    pub(crate) ze_drivers: u32,
+    /// Whether zeDriverGetDefaultContext answers (`DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT=1`: no).
+    pub(crate) ze_default_context: bool,
+}
+
+pub(crate) fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// Parses "123", "64K", "256M", "2G".
+pub(crate) fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, mult) = match text.chars().last()?.to_ascii_uppercase() {
+        'K' => (&text[..text.len() - 1], 1usize << 10),
+        'M' => (&text[..text.len() - 1], 1 << 20),
+        'G' => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    digits.trim().parse::<usize>().ok()?.checked_mul(mult)
+}
+
+impl Config {
+    pub(crate) fn from_env() -> Self {
+        let size = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| parse_size(&v))
+                .unwrap_or(default)
+        };
+        Self {
+            devices: std::env::var("DEVMEM_EMU_DEVICES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            capacity: size("DEVMEM_EMU_CAPACITY", 1 << 30),
+            granularity: size("DEVMEM_EMU_GRANULARITY", 2 << 20),
+            fabric: env_flag("DEVMEM_EMU_FABRIC"),
+            rdma: env_flag("DEVMEM_EMU_RDMA"),
+            vmm: !env_flag("DEVMEM_EMU_NO_VMM"),
+            ze_drivers: std::env::var("DEVMEM_EMU_ZE_DRIVERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            ze_default_context: !env_flag("DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT"),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The control interface for tests (`cuemu_*`, not part of any driver API): counters,
+//! fault injection, call counts, capacity, and the record of synchronisation violations.
+
+#![allow(unused_imports)]
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+
+use cudarc::driver::sys::{
+    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
+    CUstream,
+};
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::*;
+
+/// Live resources, for leak checks.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CuemuCounters {
+    /// Physical handles created and not released.
+    pub handles: u64,
+    /// Mapped ranges.
+    pub mappings: u64,
+    /// Reserved address ranges.
+    pub reservations: u64,
+    /// Host buffers from cuMemHostAlloc.
+    pub host_buffers: u64,
+    /// Device bytes in use, all devices.
+    pub used_bytes: u64,
+    /// Host ranges registered with cuMemHostRegister.
+    pub host_registered: u64,
+    /// Events created and not destroyed.
+    pub events: u64,
+    /// Synchronisation violations recorded so far (see `cuemu_violation`).
+    pub violations: u64,
+    /// Queued work that has not run yet.
+    pub pending: u64,
+}
+
+/// Writes the live-resource counters.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_counters(out: *mut CuemuCounters) -> R {
+    let guard = lock();
+    let counters = guard
+        .as_ref()
+        .map_or_else(CuemuCounters::default, |emu| CuemuCounters {
+            handles: emu.handles.len() as u64,
+            mappings: emu.mappings.len() as u64,
+            reservations: emu.reservations.len() as u64,
+            host_buffers: emu.host.len() as u64,
+            used_bytes: emu.used.iter().sum::<usize>() as u64,
+            host_registered: emu.registered.len() as u64,
+            events: emu.events,
+            violations: emu.violations.len() as u64,
+            pending: emu.pending.len() as u64,
+        });
+    // SAFETY: out-pointer per this function's contract.
+    unsafe { put(out, counters) }
+}
+
+/// Makes the `nth` next call (1 = the next one) of `name` fail with `code`.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_inject(name: *const c_char, nth: u64, code: c_uint) -> R {
+    if name.is_null() || nth == 0 {
+        return INVALID_VALUE;
+    }
+    // SAFETY: NUL-terminated by this function's contract.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    call("cuemu_inject", |emu| {
+        emu.faults.push(Fault {
+            name,
+            skip: nth - 1,
+            code,
+        });
+        SUCCESS
+    })
+}
+
+/// Removes every pending injected fault.
+#[no_mangle]
+pub extern "C" fn cuemu_clear_faults() -> R {
+    call("cuemu_clear_faults", |emu| {
+        emu.faults.clear();
+        SUCCESS
+    })
+}
+
+/// Number of calls of `name` so far.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_calls(name: *const c_char) -> u64 {
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: NUL-terminated by this function's contract.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    lock()
+        .as_ref()
+        .and_then(|emu| emu.calls.get(&name).copied())
+        .unwrap_or(0)
+}
+
+/// What is mapped at `va`: 0 nothing, 1 mapped without access, 2 mapped read-write.
+#[no_mangle]
+pub extern "C" fn cuemu_mapping(va: u64) -> c_int {
+    lock()
+        .as_ref()
+        .map_or(0, |emu| match emu.mappings.get(&va) {
+            Some(m) if m.accessible => 2,
+            Some(_) => 1,
+            None => 0,
+        })
+}
+
+/// Sets a device's capacity in bytes.
+#[no_mangle]
+pub extern "C" fn cuemu_set_capacity(device: c_int, bytes: usize) -> R {
+    call("cuemu_set_capacity", |emu| {
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        emu.capacity[device as usize] = bytes;
+        SUCCESS
+    })
+}
+
+/// Copies the description of the `index`th violation (0 = first), NUL-terminated and
+/// truncated to `len` bytes, into `buf`; returns its full length, or 0 when there is none.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_violation(index: u64, buf: *mut c_char, len: usize) -> usize {
+    let guard = lock();
+    let Some(text) = guard
+        .as_ref()
+        .and_then(|emu| emu.violations.get(usize::try_from(index).ok()?))
+    else {
+        return 0;
+    };
+    if !buf.is_null() && len > 0 {
+        let n = text.len().min(len - 1);
+        // SAFETY: the caller passes `len` writable bytes at `buf`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
+            buf.add(n).write(0);
+        }
+    }
+    text.len()
+}
+
+/// Queues a "kernel" on the current device's legacy stream that writes `byte` over
+/// `[ptr, ptr+len)` when it runs: work of the application that a sleep or free must wait for.
+#[no_mangle]
+pub extern "C" fn cuemu_launch_fill(ptr: u64, len: usize, byte: u8) -> R {
+    with_context("cuemu_launch_fill", |emu, device| {
+        emu.enqueue(
+            (device, 0),
+            Work::Fill {
+                dst: ptr,
+                len,
+                byte,
+            },
+        )
+    })
+}

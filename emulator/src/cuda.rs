@@ -1,0 +1,524 @@
+//! The CUDA driver face: `cu*` entry points over the shared memory model.
+
+#![allow(unused_imports)]
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+
+use cudarc::driver::sys::{
+    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
+    CUstream,
+};
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::*;
+
+pub(crate) type R = c_uint;
+pub(crate) const SUCCESS: R = 0;
+pub(crate) const INVALID_VALUE: R = 1;
+pub(crate) const OUT_OF_MEMORY: R = 2;
+pub(crate) const NOT_INITIALIZED: R = 3;
+pub(crate) const INVALID_DEVICE: R = 101;
+pub(crate) const INVALID_CONTEXT: R = 201;
+pub(crate) const INVALID_HANDLE: R = 400;
+pub(crate) const NOT_PERMITTED: R = 800;
+pub(crate) const NOT_SUPPORTED: R = 801;
+
+pub(crate) const ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
+    (SUCCESS, c"CUDA_SUCCESS", c"no error"),
+    (
+        INVALID_VALUE,
+        c"CUDA_ERROR_INVALID_VALUE",
+        c"invalid argument",
+    ),
+    (OUT_OF_MEMORY, c"CUDA_ERROR_OUT_OF_MEMORY", c"out of memory"),
+    (
+        NOT_INITIALIZED,
+        c"CUDA_ERROR_NOT_INITIALIZED",
+        c"initialization error",
+    ),
+    (
+        INVALID_DEVICE,
+        c"CUDA_ERROR_INVALID_DEVICE",
+        c"invalid device ordinal",
+    ),
+    (
+        INVALID_CONTEXT,
+        c"CUDA_ERROR_INVALID_CONTEXT",
+        c"invalid device context",
+    ),
+    (
+        INVALID_HANDLE,
+        c"CUDA_ERROR_INVALID_HANDLE",
+        c"invalid resource handle",
+    ),
+    (
+        NOT_PERMITTED,
+        c"CUDA_ERROR_NOT_PERMITTED",
+        c"operation not permitted",
+    ),
+    (
+        NOT_SUPPORTED,
+        c"CUDA_ERROR_NOT_SUPPORTED",
+        c"operation not supported",
+    ),
+    (
+        712,
+        c"CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED",
+        c"part or all of the requested memory range is already mapped",
+    ),
+    (
+        713,
+        c"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED",
+        c"pointer does not correspond to a registered memory region",
+    ),
+    (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
+];
+
+#[no_mangle]
+pub extern "C" fn cuInit(flags: c_uint) -> R {
+    call(
+        "cuInit",
+        |_| if flags == 0 { SUCCESS } else { INVALID_VALUE },
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    call("cuDriverGetVersion", |_| unsafe { put(version, 13000) })
+}
+
+fn error_entry(code: R) -> Option<&'static (R, &'static CStr, &'static CStr)> {
+    ERROR_NAMES.iter().find(|(c, _, _)| *c == code)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorName(code: R, out: *mut *const c_char) -> R {
+    match error_entry(code) {
+        // SAFETY: out-pointer per the driver contract.
+        Some((_, name, _)) => unsafe { put(out, name.as_ptr()) },
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorString(code: R, out: *mut *const c_char) -> R {
+    match error_entry(code) {
+        // SAFETY: out-pointer per the driver contract.
+        Some((_, _, text)) => unsafe { put(out, text.as_ptr()) },
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    call("cuDeviceGetCount", |emu| unsafe {
+        put(count, emu.config.devices)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> R {
+    call("cuDeviceGet", |emu| {
+        if !emu.device_ok(ordinal) {
+            return INVALID_DEVICE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(device, ordinal) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attribute: c_int,
+    device: CUdevice,
+) -> R {
+    call("cuDeviceGetAttribute", |emu| {
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        let v = match attribute {
+            102 => i32::from(emu.config.vmm), // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+            103 => 1,                         // HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
+            110 => i32::from(emu.config.rdma), // GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED
+            128 => i32::from(emu.config.fabric), // HANDLE_TYPE_FABRIC_SUPPORTED
+            _ => 0,
+        };
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(value, v) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut CUcontext, device: CUdevice) -> R {
+    call("cuDevicePrimaryCtxRetain", |emu| {
+        if !emu.device_ok(device) {
+            return INVALID_DEVICE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(ctx, context_of(device) as CUcontext) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut CUcontext) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    call("cuCtxGetCurrent", |_| unsafe {
+        put(ctx, CURRENT.with(Cell::get) as CUcontext)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> R {
+    call("cuCtxSetCurrent", |emu| {
+        let value = ctx as usize;
+        if value != 0 && !(0..emu.config.devices).any(|d| context_of(d) == value) {
+            return INVALID_CONTEXT;
+        }
+        CURRENT.with(|c| c.set(value));
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> R {
+    // SAFETY: out-pointer per the driver contract.
+    with_context("cuCtxGetDevice", |_, d| unsafe { put(device, d) })
+}
+
+/// Runs every queued piece of work of the current device, on every stream.
+#[no_mangle]
+pub extern "C" fn cuCtxSynchronize() -> R {
+    with_context("cuCtxSynchronize", |emu, device| {
+        emu.complete_device(device);
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> R {
+    with_context("cuMemGetInfo_v2", |emu, device| {
+        let d = device as usize;
+        // SAFETY: out-pointers per the driver contract.
+        unsafe {
+            let rc = put(free, emu.capacity[d].saturating_sub(emu.used[d]));
+            if rc != SUCCESS {
+                return rc;
+            }
+            put(total, emu.capacity[d])
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    granularity: *mut usize,
+    prop: *const CUmemAllocationProp,
+    _flags: c_uint,
+) -> R {
+    call("cuMemGetAllocationGranularity", |emu| {
+        if prop.is_null() {
+            return INVALID_VALUE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(granularity, emu.config.granularity) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut CUdeviceptr,
+    size: usize,
+    alignment: usize,
+    _addr: CUdeviceptr,
+    _flags: u64,
+) -> R {
+    with_context("cuMemAddressReserve", |emu, _| {
+        if ptr.is_null() {
+            return INVALID_VALUE;
+        }
+        match emu.reserve(size, alignment, 0) {
+            // SAFETY: checked non-NULL above.
+            Ok(va) => unsafe { put(ptr, va) },
+            Err(rc) => rc,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> R {
+    with_context("cuMemAddressFree", |emu, _| emu.free_va(ptr, size))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const CUmemAllocationProp,
+    flags: u64,
+) -> R {
+    with_context("cuMemCreate", |emu, _| {
+        if handle.is_null() || prop.is_null() || flags != 0 {
+            return INVALID_VALUE;
+        }
+        // SAFETY: non-NULL, and the caller passes a valid struct.
+        let prop = unsafe { &*prop };
+        if prop.type_ != CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED
+            || prop.location.type_ != CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE
+        {
+            return INVALID_VALUE;
+        }
+        if !emu.device_ok(prop.location.id) {
+            return INVALID_DEVICE;
+        }
+        if prop.requestedHandleTypes == CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_FABRIC {
+            return if emu.config.fabric {
+                NOT_PERMITTED
+            } else {
+                NOT_SUPPORTED
+            };
+        }
+        match emu.create(prop.location.id, size, 0) {
+            // SAFETY: checked non-NULL above.
+            Ok(id) => unsafe { put(handle, id) },
+            Err(rc) => rc,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> R {
+    with_context("cuMemRelease", |emu, _| emu.release(handle))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemMap(
+    ptr: CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: CUmemGenericAllocationHandle,
+    flags: u64,
+) -> R {
+    with_context("cuMemMap", |emu, _| {
+        if offset != 0 || flags != 0 {
+            return INVALID_VALUE;
+        }
+        emu.map(ptr, size, handle)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemSetAccess(
+    ptr: CUdeviceptr,
+    size: usize,
+    desc: *const CUmemAccessDesc,
+    count: usize,
+) -> R {
+    with_context("cuMemSetAccess", |emu, _| {
+        if desc.is_null() || count == 0 {
+            return INVALID_VALUE;
+        }
+        // SAFETY: `count` descriptors per the driver contract.
+        let descs = unsafe { std::slice::from_raw_parts(desc, count) };
+        if descs.iter().any(|d| !emu.device_ok(d.location.id)) {
+            return INVALID_DEVICE;
+        }
+        emu.set_access(ptr, size)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> R {
+    with_context("cuMemUnmap", |emu, _| emu.unmap(ptr, size))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostAlloc(pp: *mut *mut c_void, size: usize, _flags: c_uint) -> R {
+    with_context("cuMemHostAlloc", |emu, _| {
+        if pp.is_null() {
+            return INVALID_VALUE;
+        }
+        match emu.alloc_host(size) {
+            // SAFETY: checked non-NULL above.
+            Ok(raw) => unsafe { put(pp, raw) },
+            Err(rc) => rc,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> R {
+    with_context("cuMemFreeHost", |emu, _| emu.free_host(p))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+    stream: CUstream,
+) -> R {
+    with_context("cuMemcpyDtoHAsync_v2", |emu, device| {
+        if !emu.is_device_range(src, len) {
+            return INVALID_VALUE;
+        }
+        emu.enqueue(
+            (device, stream as usize),
+            Work::Copy {
+                dst: dst as u64,
+                src,
+                len,
+            },
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    len: usize,
+    stream: CUstream,
+) -> R {
+    with_context("cuMemcpyHtoDAsync_v2", |emu, device| {
+        if !emu.is_device_range(dst, len) {
+            return INVALID_VALUE;
+        }
+        emu.enqueue(
+            (device, stream as usize),
+            Work::Copy {
+                dst,
+                src: src as u64,
+                len,
+            },
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, len: usize) -> R {
+    with_context("cuMemcpyHtoD_v2", |emu, device| {
+        if !emu.is_device_range(dst, len) {
+            return INVALID_VALUE;
+        }
+        emu.complete_stream((device, 0), u64::MAX);
+        emu.copy(dst, src as u64, len)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len: usize) -> R {
+    with_context("cuMemcpyDtoH_v2", |emu, device| {
+        if !emu.is_device_range(src, len) {
+            return INVALID_VALUE;
+        }
+        emu.complete_stream((device, 0), u64::MAX);
+        emu.copy(dst as u64, src, len)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, _flags: c_uint) -> R {
+    with_context("cuStreamCreate", |emu, _| {
+        emu.streams += 1;
+        // SAFETY: out-pointer per the driver contract.
+        unsafe {
+            put(
+                stream,
+                (0x5e00_0000 + emu.streams as usize * 0x10) as CUstream,
+            )
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamSynchronize(stream: CUstream) -> R {
+    with_context("cuStreamSynchronize", |emu, device| {
+        emu.complete_stream((device, stream as usize), u64::MAX);
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, _flags: c_uint) -> R {
+    with_context("cuMemHostRegister_v2", |emu, _| {
+        let start = p as usize;
+        if p.is_null() || size == 0 {
+            return INVALID_VALUE;
+        }
+        let overlaps = emu
+            .registered
+            .iter()
+            .any(|(base, len)| start < base + len && *base < start + size);
+        if overlaps {
+            return 712; // CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+        }
+        emu.registered.insert(start, size);
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> R {
+    with_context("cuMemHostUnregister", |emu, _| {
+        match emu.registered.remove(&(p as usize)) {
+            Some(len) => {
+                emu.check_release(p as u64, len, "unregistered host memory");
+                SUCCESS
+            }
+            None => 713, // CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, _flags: c_uint) -> R {
+    with_context("cuEventCreate", |emu, _| {
+        emu.events += 1;
+        emu.next_event += 0x10;
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(event, emu.next_event as CUevent) }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventRecord(event: CUevent, stream: CUstream) -> R {
+    with_context("cuEventRecord", |emu, device| {
+        if event.is_null() {
+            return INVALID_HANDLE;
+        }
+        let key = (device, stream as usize);
+        let seq = emu.last_seq(key);
+        emu.recorded.insert(event as usize, (key, seq));
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventSynchronize(event: CUevent) -> R {
+    with_context("cuEventSynchronize", |emu, _| {
+        if event.is_null() {
+            return INVALID_HANDLE;
+        }
+        if let Some((key, seq)) = emu.recorded.get(&(event as usize)).copied() {
+            emu.complete_stream(key, seq);
+        }
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventDestroy_v2(event: CUevent) -> R {
+    with_context("cuEventDestroy_v2", |emu, _| {
+        if event.is_null() {
+            return INVALID_HANDLE;
+        }
+        emu.events = emu.events.saturating_sub(1);
+        SUCCESS
+    })
+}

@@ -1,0 +1,438 @@
+//! Backups: the host memory that holds saved allocations, and the pipeline that fills and
+//! drains it.
+//!
+//! * [`pipeline`] saves allocations (batched asynchronous copies, each batch's device memory
+//!   released as soon as its copies finish) and restores them (mapping overlapped with copies).
+//! * The store below hands out [`Backup`]s: runs of 2 MiB blocks ([`blocks`]) inside chunks of
+//!   host memory (`DEVMEM_HOST_CHUNK_MB`, default 256 MiB) from a [`source`]: today
+//!   [`anonymous`] huge-page memory registered with CUDA, or [`driver_host`] memory Level Zero
+//!   allocates.
+//! * Chunks are prepared in the background by a grower thread and a few workers
+//!   (`DEVMEM_HOST_WORKERS`, default 4; `DEVMEM_HOST_THREADS` fault-in threads), each chunk
+//!   usable as soon as it is ready, so a cold sleep copies into the first chunks while later
+//!   ones are still being faulted in.
+//! * Before any page is faulted in, growth is checked against the [`bound`] on host memory.
+//! * Every thread creation may fail: the grower thread is itself a worker, so refused workers
+//!   only slow growth; a refused grower fails the request with `HOST_OUT_OF_MEMORY`; every way
+//!   out of the grower (including a panic) clears its state and wakes its waiters.
+//!
+//! Policies: `Keep` (default) keeps the chunks after wake for the next sleep; `Release` frees
+//! every chunk no backup uses once a wake has restored it. `reserve` grows the store ahead.
+//!
+//! This module never changes an allocation's state: `core` decides what a finished or failed
+//! save or restore means.
+
+pub mod anonymous;
+pub mod blocks;
+pub mod bound;
+pub mod driver_host;
+pub mod pipeline;
+pub mod source;
+
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use self::blocks::{BlockMap, Chunk, Extent, BLOCK};
+use self::source::HostSource;
+use crate::backend::Backend;
+use crate::error::{bail, devmem_status, Error, Result};
+use crate::threads;
+
+const DEFAULT_CHUNK: usize = 256 << 20;
+/// Chunks being prepared at once (`DEVMEM_HOST_WORKERS` overrides).
+const DEFAULT_WORKERS: usize = 4;
+
+/// What happens to the host store after a wake.
+#[allow(non_camel_case_types)]
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::FromRepr)]
+pub enum devmem_host_policy {
+    /// Keep the pinned host memory for the next sleep (default).
+    Keep = 0,
+    /// Free every chunk no backup uses once a wake has restored it.
+    Release = 1,
+}
+
+/// The host memory holding one allocation's saved bytes. Owning a backup owns its blocks:
+/// dropping it gives them back to the store (the caller makes sure no copy still targets it).
+#[derive(Debug)]
+pub struct Backup {
+    extents: Vec<Extent>,
+}
+
+impl Backup {
+    /// Pairs each piece of `[va, va+len)` with the host address that holds it, as
+    /// (device address, host address, bytes).
+    pub fn pieces(&self, va: u64, len: usize) -> Vec<(u64, usize, usize)> {
+        let mut out = Vec::with_capacity(self.extents.len());
+        let mut offset = 0usize;
+        for extent in &self.extents {
+            if offset >= len {
+                break;
+            }
+            let n = extent.len().min(len - offset);
+            out.push((va + offset as u64, extent.ptr, n));
+            offset += n;
+        }
+        out
+    }
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        let extents = std::mem::take(&mut self.extents);
+        with_pool(|p| {
+            if let Err(bad) = p.blocks.put_back(&extents) {
+                log::error!("devmem: a backup handed back blocks the store does not hold: {bad:?}");
+            }
+        });
+    }
+}
+
+struct Pool {
+    blocks: BlockMap,
+    source: Option<Arc<dyn HostSource>>,
+    /// Blocks the grower still has to start preparing.
+    requested: usize,
+    /// Blocks of chunks being prepared right now.
+    in_flight: usize,
+    growing: bool,
+    grow_error: Option<Error>,
+    policy: devmem_host_policy,
+    chunk_bytes: usize,
+    threads: usize,
+    workers: usize,
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+impl Pool {
+    fn configured() -> Self {
+        let chunk_mb = env_usize("DEVMEM_HOST_CHUNK_MB").filter(|m| *m >= 2 && *m <= 1 << 20);
+        let chunk_bytes = chunk_mb.map_or(DEFAULT_CHUNK, |m| (m << 20).next_multiple_of(BLOCK));
+        let threads = env_usize("DEVMEM_HOST_THREADS")
+            .filter(|t| *t >= 1)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get().min(16)));
+        let workers = env_usize("DEVMEM_HOST_WORKERS")
+            .unwrap_or(DEFAULT_WORKERS)
+            .clamp(1, threads.max(1));
+        let policy = match std::env::var("DEVMEM_HOST_POLICY").as_deref() {
+            Ok("release") => devmem_host_policy::Release,
+            _ => devmem_host_policy::Keep,
+        };
+        Self {
+            blocks: BlockMap::default(),
+            source: None,
+            requested: 0,
+            in_flight: 0,
+            growing: false,
+            grow_error: None,
+            policy,
+            chunk_bytes,
+            threads,
+            workers,
+        }
+    }
+
+    fn chunk_blocks(&self) -> usize {
+        self.chunk_bytes / BLOCK
+    }
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+static READY: Condvar = Condvar::new();
+
+fn with_pool<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
+    let mut guard = POOL.lock();
+    f(guard.get_or_insert_with(Pool::configured))
+}
+
+/// Bytes of pinned host memory the store holds (free or in backups).
+pub fn held_bytes() -> usize {
+    with_pool(|p| p.blocks.held_blocks() * BLOCK)
+}
+
+/// Sets the cap on the bytes the store holds (0: no cap).
+pub fn set_limit(bytes: u64) {
+    bound::set_cap(bytes);
+}
+
+/// The cap on the bytes the store holds, if any (from the API or `DEVMEM_HOST_LIMIT`).
+pub fn limit() -> Result<Option<u64>> {
+    bound::cap()
+}
+
+/// Sets the policy applied after each wake.
+pub fn set_policy(policy: devmem_host_policy) {
+    with_pool(|p| p.policy = policy);
+}
+
+/// The policy applied after each wake.
+pub fn policy() -> devmem_host_policy {
+    with_pool(|p| p.policy)
+}
+
+fn blocks_for(len: usize) -> usize {
+    len.div_ceil(BLOCK)
+}
+
+/// Makes sure `free_needed` blocks will be free once the grower is done, starting it if needed.
+/// Checks the bound on host memory before asking for a single new chunk.
+fn request(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) -> Result<()> {
+    let start = with_pool(|p| -> Result<Option<Arc<dyn HostSource>>> {
+        if !p.growing {
+            // An error from a growth that has finished belonged to the operation that saw it.
+            p.grow_error = None;
+        }
+        let upcoming = p.blocks.free_blocks() + p.requested + p.in_flight;
+        if free_needed > upcoming {
+            let missing = (free_needed - upcoming)
+                .checked_next_multiple_of(p.chunk_blocks())
+                .and_then(|b| b.checked_mul(BLOCK))
+                .ok_or_else(|| {
+                    Error::new(
+                        devmem_status::HostOutOfMemory,
+                        format!("{free_needed} blocks of host memory overflow the address space"),
+                    )
+                })?;
+            // Chunks being prepared are not faulted in yet: they count against the room too.
+            let preparing = ((p.requested + p.in_flight) * BLOCK) as u64;
+            let held = (p.blocks.held_blocks() * BLOCK) as u64;
+            bound::check(missing as u64 + preparing, held, &bound::Room::read())?;
+            p.requested += missing / BLOCK;
+        }
+        if p.requested == 0 || p.growing {
+            return Ok(None);
+        }
+        p.growing = true;
+        let threads = (p.threads / p.workers).max(1);
+        Ok(Some(Arc::clone(p.source.get_or_insert_with(|| {
+            source::for_backend(backend, device, threads)
+        }))))
+    })?;
+    let Some(source) = start else {
+        return Ok(());
+    };
+    log::debug!(
+        "devmem: growing the host store from {} memory",
+        source.name()
+    );
+    if let Err(err) = threads::spawn("devmem-host-store", move || grow(source)) {
+        with_pool(|p| {
+            p.growing = false;
+            p.requested = 0;
+        });
+        READY.notify_all();
+        bail!(
+            HostOutOfMemory,
+            "could not start the host-store thread: {err}; nothing was allocated"
+        );
+    }
+    Ok(())
+}
+
+/// Clears the grower's state however it ends (returning or unwinding) and wakes its waiters.
+struct GrowerExit;
+
+impl Drop for GrowerExit {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        with_pool(|p| {
+            p.growing = false;
+            p.requested = 0;
+            p.in_flight = 0;
+            if panicking {
+                p.grow_error.get_or_insert(Error::new(
+                    devmem_status::HostOutOfMemory,
+                    "the host-store grower stopped unexpectedly (see the log)",
+                ));
+            }
+        });
+        READY.notify_all();
+    }
+}
+
+/// The background grower: prepares chunks until the store holds what was asked for. It is one
+/// of the workers itself; up to `DEVMEM_HOST_WORKERS - 1` more run beside it when the OS lets
+/// them, each taking the next missing chunk through all its stages (map, fault in, pin).
+fn grow(source: Arc<dyn HostSource>) {
+    let _exit = GrowerExit;
+    let workers = with_pool(|p| p.workers);
+    std::thread::scope(|scope| {
+        for _ in 1..workers {
+            let source = &source;
+            if let Err(err) =
+                threads::spawn_scoped(scope, "devmem-host-worker", move || grow_worker(&**source))
+            {
+                log::warn!("devmem: host store grows with fewer workers: {err}");
+                break;
+            }
+        }
+        grow_worker(&*source);
+    });
+}
+
+fn grow_worker(source: &dyn HostSource) {
+    loop {
+        let len = {
+            let mut guard = POOL.lock();
+            let Some(p) = guard.as_mut() else { return };
+            if p.grow_error.is_some() || p.requested == 0 {
+                return;
+            }
+            let blocks = p.chunk_blocks();
+            p.requested = p.requested.saturating_sub(blocks);
+            p.in_flight += blocks;
+            p.chunk_bytes
+        };
+        let prepared = source.map(len).and_then(|ptr| match source.pin(ptr, len) {
+            Ok(()) => Ok(ptr),
+            Err(err) => {
+                if let Err(undo) = source.unmap(ptr, len) {
+                    log::error!("devmem: unmapping a chunk the driver would not pin: {undo}");
+                }
+                Err(err)
+            }
+        });
+        // The chunk leaves the in-flight count in the same critical section that records its
+        // outcome, so no other worker can claim its place between a failure and the error.
+        with_pool(|p| {
+            p.in_flight -= len / BLOCK;
+            match prepared {
+                Ok(ptr) => {
+                    p.blocks.add(ptr, len);
+                }
+                Err(err) => {
+                    log::error!("devmem: growing the host store: {err}");
+                    p.requested = 0;
+                    p.grow_error.get_or_insert(err);
+                }
+            }
+        });
+        READY.notify_all();
+    }
+}
+
+/// Unpins and unmaps chunks; returns the bytes freed. A chunk the source will not release goes
+/// back into the store (its memory stays valid) and the first error is returned.
+fn free_chunks(source: Option<&Arc<dyn HostSource>>, chunks: Vec<Chunk>) -> Result<usize> {
+    let Some(source) = source else {
+        return Ok(0);
+    };
+    let mut freed = 0;
+    let mut first_error = None;
+    for chunk in chunks {
+        let released = source
+            .unpin(chunk.ptr, chunk.len)
+            .and_then(|()| source.unmap(chunk.ptr, chunk.len));
+        match released {
+            Ok(()) => freed += chunk.len,
+            Err(err) => {
+                first_error.get_or_insert(err);
+                with_pool(|p| p.blocks.restore(chunk));
+            }
+        }
+    }
+    first_error.map_or(Ok(freed), Err)
+}
+
+fn source() -> Option<Arc<dyn HostSource>> {
+    with_pool(|p| p.source.clone())
+}
+
+/// Takes a backup of `len` bytes, waiting for the grower when the ready chunks are not enough.
+pub fn take(backend: &Arc<dyn Backend>, device: i32, len: usize) -> Result<Backup> {
+    let need = blocks_for(len);
+    let mut requests = 0;
+    let mut guard = POOL.lock();
+    loop {
+        let pool = guard.get_or_insert_with(Pool::configured);
+        if let Some(extents) = pool.blocks.take(need) {
+            return Ok(Backup { extents });
+        }
+        if let Some(err) = pool.grow_error.take() {
+            return Err(err);
+        }
+        if pool.growing {
+            READY.wait(&mut guard);
+            continue;
+        }
+        if requests == 2 {
+            bail!(
+                HostOutOfMemory,
+                "the host store has {} bytes free after growing; {len} are needed",
+                pool.blocks.free_blocks() * BLOCK
+            );
+        }
+        drop(guard);
+        request(backend, device, need)?;
+        requests += 1;
+        guard = POOL.lock();
+    }
+}
+
+/// Announces that backups of `lens` bytes are about to be taken, so the grower starts
+/// preparing what is missing before the first copy needs it. Fails (having allocated nothing)
+/// when the bound on host memory does not allow them.
+pub fn expect(
+    backend: &Arc<dyn Backend>,
+    device: i32,
+    lens: impl Iterator<Item = usize>,
+) -> Result<()> {
+    let need = lens.map(blocks_for).fold(0usize, usize::saturating_add);
+    if need == 0 {
+        return Ok(());
+    }
+    request(backend, device, need)
+}
+
+/// Applies the policy after a wake: under `Release`, frees every chunk no backup uses.
+pub fn after_wake() -> Result<()> {
+    let (unused, source) = with_pool(|p| {
+        if p.policy == devmem_host_policy::Release && !p.growing {
+            (p.blocks.remove_unused(), p.source.clone())
+        } else {
+            (Vec::new(), None)
+        }
+    });
+    free_chunks(source.as_ref(), unused).map(drop)
+}
+
+/// Frees every chunk no backup uses; returns the bytes freed.
+pub fn release_free() -> Result<usize> {
+    wait_for_grower();
+    let unused = with_pool(|p| p.blocks.remove_unused());
+    free_chunks(source().as_ref(), unused)
+}
+
+/// Grows the store until it has at least `bytes` free for backups, in the background; with
+/// `wait`, returns once that memory is ready (or the first error).
+pub fn reserve(backend: &Arc<dyn Backend>, device: i32, bytes: usize, wait: bool) -> Result<()> {
+    let need = blocks_for(bytes);
+    request(backend, device, need)?;
+    if wait {
+        wait_for_grower();
+        let (free, err) = with_pool(|p| (p.blocks.free_blocks(), p.grow_error.take()));
+        if let Some(err) = err {
+            return Err(err);
+        }
+        if free < need {
+            bail!(
+                HostOutOfMemory,
+                "the host store has {} bytes free after reserving {bytes}",
+                free * BLOCK
+            );
+        }
+    }
+    Ok(())
+}
+
+fn wait_for_grower() {
+    let mut guard = POOL.lock();
+    while guard.as_ref().is_some_and(|p| p.growing) {
+        READY.wait(&mut guard);
+    }
+}

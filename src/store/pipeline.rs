@@ -1,0 +1,343 @@
+//! The save and restore pipelines: how allocations' bytes move between device memory and
+//! backups, and when device memory is unmapped, released and mapped again.
+//!
+//! Synchronisation points, each guarded by a test (README, Guarantees):
+//! * save waits for every device it touches before queueing a copy or unmapping anything;
+//! * a batch's allocations are unmapped only after the batch's copy marker has been waited for;
+//! * on a failure, every marker not yet waited for is waited for (and so returned to the
+//!   backend's pool) and every device's copies are finished before a backup goes back;
+//! * restore waits for its copies before it reports success.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::Backup;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+/// One mapped allocation to save or discard.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveTarget {
+    /// Start address.
+    pub va: u64,
+    /// Mapped bytes.
+    pub size: usize,
+    /// Device ordinal.
+    pub device: i32,
+    /// The physical memory mapped there.
+    pub handle: u64,
+}
+
+/// How far releasing one target got, when it got as far as unmapping.
+enum Released {
+    /// Unmapped and released.
+    Fully,
+    /// Unmapped, but the driver would not release the physical memory: the handle is still
+    /// held, and the pipeline stops with the error.
+    HandleKept(u64, Error),
+}
+
+/// Copies queued between two markers on one device's copy stream.
+struct Batch {
+    device: i32,
+    marker: u64,
+    /// Indices into the offload targets.
+    targets: std::ops::Range<usize>,
+    waited: bool,
+}
+
+/// Offload copies are grouped into batches of about this many bytes
+/// (`DEVMEM_COPY_BATCH_MB` overrides); each batch's allocations are unmapped as soon as its
+/// copies finish, while later batches are still copying.
+const BATCH_BYTES: usize = 512 << 20;
+
+fn batch_bytes() -> usize {
+    std::env::var("DEVMEM_COPY_BATCH_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|mb| *mb >= 1)
+        .map_or(BATCH_BYTES, |mb| mb << 20)
+}
+
+/// Unmaps and releases one target. `Err` when it is still mapped with its contents.
+fn release(backend: &dyn Backend, t: &SaveTarget) -> std::result::Result<Released, Error> {
+    backend
+        .unmap(t.device, t.va, t.size)
+        .map_err(|err| err.context(format!("sleep: {:#x} stays mapped", t.va)))?;
+    match backend.release(t.device, t.handle) {
+        Ok(()) => Ok(Released::Fully),
+        Err(err) => Ok(Released::HandleKept(
+            t.handle,
+            err.context(format!(
+                "sleep: {:#x} is unmapped but its physical memory is still held",
+                t.va
+            )),
+        )),
+    }
+}
+
+/// Releases `t` and commits what happened; the error that stops the pipeline, if any.
+fn release_and_commit(
+    backend: &dyn Backend,
+    t: &SaveTarget,
+    backup: Option<Backup>,
+    commit: &mut impl FnMut(&SaveTarget, Option<Backup>, Option<u64>),
+) -> std::result::Result<(), (Error, Option<Backup>)> {
+    match release(backend, t) {
+        Ok(Released::Fully) => {
+            commit(t, backup, None);
+            Ok(())
+        }
+        Ok(Released::HandleKept(handle, err)) => {
+            commit(t, backup, Some(handle));
+            Err((err, None))
+        }
+        Err(err) => Err((err, backup)),
+    }
+}
+
+/// Waits for every queued copy on `devices` before host memory they target is reused.
+fn finish_copies(backend: &dyn Backend, devices: &BTreeSet<i32>) {
+    for device in devices {
+        if let Err(err) = backend.wait_copies(*device) {
+            log::error!("devmem: waiting for copies on device {device} after a failure: {err}");
+        }
+    }
+}
+
+/// Saves `offloads` to backups and releases their device memory, and releases `discards`
+/// without saving them. `commit(target, backup, kept)` is called for each target whose device
+/// memory was unmapped (`backup` is `None` for a discard; `kept` is the handle when the driver
+/// would not release it), in the order they finish.
+///
+/// Order: wait for the devices; reserve host memory for everything (failing before any copy
+/// when the bound on host memory does not allow it); queue every copy, in batches closed by a
+/// marker; release the discards while the copies run; then, batch by batch, wait for the
+/// marker and release that batch. A failure stops the pipeline: targets not yet committed stay
+/// mapped with their contents and their backups go back to the store; the first error is
+/// returned.
+pub fn save(
+    backend: &Arc<dyn Backend>,
+    offloads: &[SaveTarget],
+    discards: &[SaveTarget],
+    mut commit: impl FnMut(&SaveTarget, Option<Backup>, Option<u64>),
+) -> Result<()> {
+    let devices: BTreeSet<i32> = offloads.iter().chain(discards).map(|t| t.device).collect();
+    for device in &devices {
+        backend.synchronize(*device).map_err(|e| {
+            e.context("sleep: waiting for the device before unmapping; nothing was released")
+        })?;
+    }
+    if let Some(first) = offloads.first() {
+        super::expect(backend, first.device, offloads.iter().map(|t| t.size))
+            .map_err(|e| e.context("sleep: nothing was released"))?;
+    }
+
+    // 1. Queue the copies.
+    let limit = batch_bytes();
+    let mut backups: Vec<Option<Backup>> = Vec::with_capacity(offloads.len());
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut batch_start = 0;
+    let mut in_batch = 0;
+    let mut failure: Option<Error> = None;
+    for (i, t) in offloads.iter().enumerate() {
+        let queued = super::take(backend, t.device, t.size).and_then(|backup| {
+            let pieces = backup.pieces(t.va, t.size);
+            backups.push(Some(backup));
+            pieces.into_iter().try_for_each(|(src, dst, n)| {
+                backend
+                    .copy_to_host_async(t.device, dst as *mut u8, src, n)
+                    .map_err(|e| e.context(format!("sleep: saving {:#x} ({} bytes)", t.va, t.size)))
+            })
+        });
+        if let Err(err) = queued {
+            failure = Some(err.context("sleep: nothing was released"));
+            break;
+        }
+        in_batch += t.size;
+        let last = i + 1 == offloads.len();
+        if last || in_batch >= limit || offloads[i + 1].device != t.device {
+            match backend.record_copy_marker(t.device) {
+                Ok(marker) => batches.push(Batch {
+                    device: t.device,
+                    marker,
+                    targets: batch_start..i + 1,
+                    waited: false,
+                }),
+                Err(err) => {
+                    failure = Some(err.context("sleep: nothing was released"));
+                    break;
+                }
+            }
+            batch_start = i + 1;
+            in_batch = 0;
+        }
+    }
+
+    // 2. Release the discards while the copies run; 3. then each finished batch.
+    if failure.is_none() {
+        for t in discards {
+            if let Err((err, _)) = release_and_commit(&**backend, t, None, &mut commit) {
+                failure = Some(err);
+                break;
+            }
+        }
+    }
+    for batch in &mut batches {
+        if failure.is_some() {
+            break;
+        }
+        batch.waited = true;
+        if let Err(err) = backend.wait_copy_marker(batch.device, batch.marker) {
+            failure = Some(err.context("sleep: waiting for the copies to host memory"));
+            break;
+        }
+        for i in batch.targets.clone() {
+            let backup = backups[i].take();
+            if let Err((err, unused)) =
+                release_and_commit(&**backend, &offloads[i], backup, &mut commit)
+            {
+                backups[i] = unused;
+                failure = Some(err);
+                break;
+            }
+        }
+    }
+    let Some(err) = failure else {
+        return Ok(());
+    };
+    // Every marker goes back to the backend, and no copy may still target a backup that goes
+    // back to the store.
+    for batch in batches.iter().filter(|b| !b.waited) {
+        if let Err(e) = backend.wait_copy_marker(batch.device, batch.marker) {
+            log::error!("devmem: waiting for a copy marker after a failure: {e}");
+        }
+    }
+    finish_copies(&**backend, &devices);
+    drop(backups);
+    Err(err)
+}
+
+/// One sleeping allocation to map again, and the saved pieces to copy back.
+#[derive(Debug, Clone)]
+pub struct RestoreTarget {
+    /// Start address.
+    pub va: u64,
+    /// Bytes to map.
+    pub size: usize,
+    /// Device ordinal.
+    pub device: i32,
+    /// Physical memory still held from before (a release that failed), if any.
+    pub handle: Option<u64>,
+    /// Whether that memory is still mapped (an unmap that failed during a rolled-back wake).
+    pub mapped: bool,
+    /// (device address, host address, bytes) of each saved piece; empty for a discard.
+    pub pieces: Vec<(u64, usize, usize)>,
+}
+
+/// Where a failed restore left one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// Not reached by the call: as it was before.
+    Untouched,
+    /// Mapped by the call, then unmapped and released again.
+    Undone,
+    /// Unmapped again, but holding this physical memory (its release failed).
+    Held(u64),
+    /// Still mapped with this physical memory (its unmap failed): contents unspecified, the
+    /// backup is intact.
+    Mapped(u64),
+}
+
+/// A restore that failed: the error, and where each target was left.
+#[derive(Debug)]
+pub struct RestoreFailure {
+    /// What failed first.
+    pub error: Error,
+    /// One entry per target, in the order given.
+    pub left: Vec<Left>,
+}
+
+/// Maps every target and copies its saved pieces back; returns each target's handle.
+///
+/// Offloaded targets first, each one's copies queued as soon as it is mapped, so the copy
+/// engine runs while later targets are created and mapped; then one wait per device. On any
+/// failure the copies are finished and every mapping this call made is undone; a step of the
+/// undo that fails is reported in [`RestoreFailure::left`] so the caller records it.
+pub fn restore(
+    backend: &Arc<dyn Backend>,
+    targets: &[RestoreTarget],
+) -> std::result::Result<Vec<u64>, RestoreFailure> {
+    let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
+    let mut handles: Vec<Option<u64>> = vec![None; targets.len()];
+    let mut failure = None;
+    for (i, t) in targets.iter().enumerate() {
+        let mapped = match (t.handle, t.mapped) {
+            (Some(handle), true) => Ok(handle),
+            (Some(handle), false) => backend
+                .map_with_access(t.device, t.va, t.size, handle)
+                .map(|()| handle),
+            (None, _) => backend.create_and_map(t.device, t.va, t.size),
+        };
+        match mapped {
+            Ok(handle) => handles[i] = Some(handle),
+            Err(err) => {
+                failure =
+                    Some(err.context(format!("wake: mapping {:#x} ({} bytes)", t.va, t.size)));
+                break;
+            }
+        }
+        let queued = t.pieces.iter().try_for_each(|(dst, src, n)| {
+            backend
+                .copy_to_device_async(t.device, *dst, *src as *const u8, *n)
+                .map_err(|e| e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size)))
+        });
+        if let Err(err) = queued {
+            failure = Some(err);
+            break;
+        }
+    }
+    if failure.is_none() {
+        for device in &devices {
+            if let Err(err) = backend.wait_copies(*device) {
+                failure = Some(err.context("wake: waiting for the copies to the device"));
+                break;
+            }
+        }
+    }
+    let Some(error) = failure else {
+        return Ok(handles.into_iter().flatten().collect());
+    };
+    finish_copies(&**backend, &devices);
+    let left = targets
+        .iter()
+        .zip(&handles)
+        .rev()
+        .map(|(t, handle)| roll_back(&**backend, t, *handle))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Err(RestoreFailure { error, left })
+}
+
+/// Undoes one target's mapping after a failed restore.
+fn roll_back(backend: &dyn Backend, t: &RestoreTarget, handle: Option<u64>) -> Left {
+    let Some(handle) = handle else {
+        return Left::Untouched;
+    };
+    if let Err(err) = backend.unmap(t.device, t.va, t.size) {
+        log::error!("devmem: wake rollback: unmapping {:#x}: {err}", t.va);
+        return Left::Mapped(handle);
+    }
+    if t.handle.is_some() {
+        return Left::Held(handle); // the handle predates this call and stays held
+    }
+    match backend.release(t.device, handle) {
+        Ok(()) => Left::Undone,
+        Err(err) => {
+            log::error!("devmem: wake rollback: releasing {:#x}: {err}", t.va);
+            Left::Held(handle)
+        }
+    }
+}
