@@ -5,26 +5,35 @@
 //! [`spawn_scoped`], which return the error instead, so every caller has a way out: run the
 //! work on the calling thread, or fail the operation with a message.
 //!
-//! Tests inject refusals with [`fail_next_spawns`].
+//! Tests inject refusals with [`fail_spawns`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use parking_lot::Mutex;
 
-static INJECTED: AtomicUsize = AtomicUsize::new(0);
+/// (creations still to allow, refusals after them).
+static INJECTED: Mutex<(usize, usize)> = Mutex::new((0, 0));
 
-/// Makes the next `n` thread creations fail as if the OS had refused them (for tests).
+/// After `allow` more thread creations succeed, makes the next `refuse` fail as if the OS had
+/// refused them (for tests; `usize::MAX` refuses every one).
 #[doc(hidden)]
-pub fn fail_next_spawns(n: usize) {
-    INJECTED.store(n, Ordering::SeqCst);
+pub fn fail_spawns(allow: usize, refuse: usize) {
+    *INJECTED.lock() = (allow, refuse);
 }
 
 fn injected() -> std::io::Result<()> {
-    let taken = INJECTED.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-    match taken {
-        Ok(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::WouldBlock,
-            "Resource temporarily unavailable (injected)",
-        )),
-        Err(_) => Ok(()),
+    let mut state = INJECTED.lock();
+    match *state {
+        (_, 0) => Ok(()),
+        (0, refuse) => {
+            state.1 = refuse - 1;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "Resource temporarily unavailable (injected)",
+            ))
+        }
+        (allow, _) => {
+            state.0 = allow - 1;
+            Ok(())
+        }
     }
 }
 

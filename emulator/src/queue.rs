@@ -157,9 +157,13 @@ impl Emu {
         }
     }
 
+    /// Records a violation. With `DEVMEM_EMU_STRICT=1` the process stops at once (the test
+    /// harness reports the crash with the description printed just before).
     pub(crate) fn violation(&mut self, text: String) {
-        if std::env::var_os("DEVMEM_EMU_QUIET").is_none() {
-            eprintln!("cuemu: violation: {text}");
+        eprintln!("cuemu: synchronisation violation: {text}");
+        if std::env::var("DEVMEM_EMU_STRICT").as_deref() == Ok("1") {
+            eprintln!("cuemu: DEVMEM_EMU_STRICT=1: stopping the process");
+            std::process::abort();
         }
         self.violations.push(text);
     }

@@ -195,7 +195,10 @@ fn request(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) -> Resul
                 .ok_or_else(|| {
                     Error::new(
                         devmem_status::HostOutOfMemory,
-                        format!("{free_needed} blocks of host memory overflow the address space"),
+                        format!(
+                            "{} bytes of host memory for backups overflow the address space",
+                            (free_needed as u128) * BLOCK as u128
+                        ),
                     )
                 })?;
             // Chunks being prepared are not faulted in yet: they count against the room too.

@@ -94,6 +94,9 @@ pub fn setup(extra: &[(&str, &str)]) {
     // Small host-store chunks keep the tests' host memory low; tests may override.
     std::env::set_var("DEVMEM_HOST_CHUNK_MB", "32");
     std::env::set_var("DEVMEM_HOST_THREADS", "2");
+    // Any synchronisation violation stops the test process (tests that provoke one on
+    // purpose pass DEVMEM_EMU_STRICT=0 and count them).
+    std::env::set_var("DEVMEM_EMU_STRICT", "1");
     for (k, v) in extra {
         std::env::set_var(k, v);
     }
@@ -108,6 +111,8 @@ pub struct Emu {
     set_capacity: unsafe extern "C" fn(c_int, usize) -> c_uint,
     clear_faults: unsafe extern "C" fn() -> c_uint,
     mapping: unsafe extern "C" fn(u64) -> c_int,
+    violation: unsafe extern "C" fn(u64, *mut c_char, usize) -> usize,
+    launch_fill: unsafe extern "C" fn(u64, usize, u8) -> c_uint,
 }
 
 /// Mirrors the emulator's CuemuCounters.
@@ -121,6 +126,8 @@ pub struct Counters {
     pub used_bytes: u64,
     pub host_registered: u64,
     pub events: u64,
+    pub violations: u64,
+    pub pending: u64,
 }
 
 pub fn emu() -> &'static Emu {
@@ -141,6 +148,8 @@ pub fn emu() -> &'static Emu {
                     .get(b"cuemu_clear_faults\0")
                     .expect("cuemu_clear_faults"),
                 mapping: *lib.get(b"cuemu_mapping\0").expect("cuemu_mapping"),
+                violation: *lib.get(b"cuemu_violation\0").expect("cuemu_violation"),
+                launch_fill: *lib.get(b"cuemu_launch_fill\0").expect("cuemu_launch_fill"),
                 _lib: lib,
             }
         }
@@ -185,6 +194,33 @@ impl Emu {
     pub fn mapping(&self, va: u64) -> i32 {
         // SAFETY: plain value.
         unsafe { (self.mapping)(va) }
+    }
+
+    /// Every synchronisation violation the emulator recorded, described.
+    pub fn violations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in 0.. {
+            let mut buf = vec![0 as c_char; 512];
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { (self.violation)(i, buf.as_mut_ptr(), buf.len()) };
+            if n == 0 {
+                break;
+            }
+            // SAFETY: NUL-terminated by the emulator.
+            out.push(
+                unsafe { CStr::from_ptr(buf.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        out
+    }
+
+    /// Queues application work (a kernel writing `byte` over the range) on the current
+    /// device's legacy stream; it runs at the next synchronisation with that stream.
+    pub fn launch_fill(&self, ptr: u64, len: usize, byte: u8) {
+        // SAFETY: plain values; the emulator checks the range.
+        assert_eq!(unsafe { (self.launch_fill)(ptr, len, byte) }, 0);
     }
 
     pub fn clear_faults(&self) {
@@ -324,9 +360,19 @@ pub fn free_all(ptrs: &[u64]) {
     }
 }
 
-/// Asserts the emulator holds nothing but pinned host buffers (kept by the host store).
+/// Asserts the emulator recorded no synchronisation violation: no memory unmapped, freed or
+/// reused while queued work still used it.
+#[track_caller]
+pub fn assert_no_violations() {
+    let v = emu().violations();
+    assert!(v.is_empty(), "synchronisation violations: {v:#?}");
+}
+
+/// Asserts the emulator holds nothing but pinned host buffers (kept by the host store), and
+/// recorded no synchronisation violation.
 #[track_caller]
 pub fn assert_no_device_leaks() {
+    assert_no_violations();
     let c = emu().counters();
     assert_eq!(
         (c.handles, c.mappings, c.reservations, c.used_bytes),
@@ -339,6 +385,7 @@ pub fn assert_no_device_leaks() {
 /// reservation, device byte or registered host range.
 #[track_caller]
 pub fn release_store_and_assert_clean() {
+    assert_no_violations();
     let mut freed = 0usize;
     ok(ffi::devmem_release_host_store(&mut freed));
     let c = emu().counters();
