@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::ptr;
 
 use common::*;
@@ -152,6 +152,7 @@ fn cuda_only_the_emulator_records_unsynchronised_unmaps() {
     let p = alloc(2 * MIB, "weights");
     emu().launch_fill(p, 2 * MIB, 1);
     // vLLM's primitive would wait; unmap through the driver directly, as a buggy caller.
+    // SAFETY: the emulator library, already loaded by devmem.
     let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("emulator");
     type Unmap = unsafe extern "C" fn(u64, usize) -> u32;
     // SAFETY: the prototype of cuMemUnmap.
@@ -552,6 +553,7 @@ fn nproc_child() {
 #[test]
 fn needs_setpriv_unprivileged_nproc_limit_never_hangs() {
     let exe = std::env::current_exe().expect("test binary");
+    // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut cmd = if root {
         let mut c = std::process::Command::new("setpriv");
