@@ -227,7 +227,7 @@ int create_and_map(unsigned long long device,
                    unsigned long long d_mem,
                    unsigned long long *handle);
 
-// vLLM's primitive: waits for `device`, unmaps `size` bytes at `d_mem` and releases `*handle`
+// vLLM's primitive: waits for `device` (the scope of `devmem_free`), unmaps `size` bytes at `d_mem` and releases `*handle`
 // (the reservation stays). Returns a `devmem_status` as an int.
 int unmap_and_release(unsigned long long device,
                       ssize_t size,
@@ -238,7 +238,11 @@ int unmap_and_release(unsigned long long device,
 // `*out` (only on success).
 devmem_status devmem_malloc(size_t size, int device, void **out);
 
-// Frees an allocation in any state (mapped, offloaded, discarded).
+// Frees an allocation in any state (mapped, offloaded, discarded). A mapped allocation is
+// unmapped only after the device is idle: CUDA waits for every stream of the device's primary
+// context (`cuCtxSynchronize`; work the application queued in contexts it created itself is
+// not waited for); Level Zero, which has no device-wide wait, waits for devmem's own copies
+// only, so the caller must have finished its queues.
 devmem_status devmem_free(void *ptr);
 
 // Gives the device memory of the allocation starting at `ptr` back to the driver for good,
@@ -273,9 +277,12 @@ devmem_status devmem_get_current_tag(char *buf, size_t len);
 
 // Puts every mapped allocation to sleep: those whose tag is among the `n` `offload_tags` are
 // copied to host memory first, all others are discarded. With `n == 0` everything is
-// discarded. Allocations already asleep are left as they are. Waits for the devices first.
-// What was done is available from `devmem_get_last_transfer`.
-devmem_status devmem_sleep(const char *const *offload_tags, size_t n);
+// discarded. Allocations already asleep are left as they are. Waits for the devices first
+// (the same scope as `devmem_free`: CUDA's primary context, Level Zero's devmem copies).
+// Fails with `DEVMEM_STATUS_HOST_OUT_OF_MEMORY`, having released nothing, when the backups do
+// not fit the bound on host memory (`devmem_set_host_limit`). What was done is available from `devmem_get_last_transfer`.
+devmem_status devmem_sleep(const char *const *offload_tags,
+                           size_t n);
 
 // Saves to host memory and releases the mapped allocations of the `n` listed tags only.
 devmem_status devmem_offload(const char *const *tags, size_t n);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, clippy, the Rust tests against the driver emulator (including
-# the header-freshness check), rustdoc, then installs the package into build/prefix and runs the
-# C tests against it (as a user would, through find_package(devmem)), under valgrind too when
+# the header-freshness check), rustdoc, the Python tests, a short fuzzing run, then installs
+# the package into build/prefix and runs the C tests against it (as a user would, through find_package(devmem)), under valgrind too when
 # it is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +18,36 @@ cargo build --workspace -j "$jobs"
 cargo build --workspace --release -j "$jobs"
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -j "$jobs" --quiet
+# Tests that need something this machine may lack are named needs_<what>_*; they are
+# filtered out (nextest reports them as skipped) only when the machine lacks it.
+filter="all()"
+cg_probe=""
+while IFS=: read -r _ ctrls path; do
+  case ",$ctrls," in
+    *,memory,*) base=/sys/fs/cgroup/memory ;;
+    ,,) base=/sys/fs/cgroup; [ -e "$base$path/memory.max" ] || continue ;;
+    *) continue ;;
+  esac
+  if mkdir "$base$path/devmem-probe-$$" 2>/dev/null; then
+    rmdir "$base$path/devmem-probe-$$"; cg_probe=yes; break
+  fi
+done </proc/self/cgroup
+if [ -z "$cg_probe" ]; then
+  echo "note: no writable memory cgroup here: needs_cgroup_* tests are skipped"
+  filter="$filter - test(/^needs_cgroup_/)"
+fi
+if ! { if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=65534 --regid=65534 --clear-groups prlimit --nproc=1 true; else prlimit --nproc=1 true; fi; } 2>/dev/null; then
+  echo "note: cannot run a process under prlimit --nproc as an unprivileged user: needs_setpriv_* tests are skipped"
+  filter="$filter - test(/^needs_setpriv_/)"
+fi
 step "Rust tests against the emulator's CUDA face (cargo nextest: one process per test)"
-cargo nextest run --workspace -j "$jobs" --no-fail-fast
-step "the same Rust tests against the emulator's Level Zero face"
-DEVMEM_TEST_BACKEND=level_zero cargo nextest run --workspace -j "$jobs" --no-fail-fast
+cargo nextest run --workspace -j "$jobs" --no-fail-fast -E "$filter"
+step "the same Rust tests against the emulator's Level Zero face (cuda_only_* skipped)"
+DEVMEM_TEST_BACKEND=level_zero cargo nextest run --workspace -j "$jobs" --no-fail-fast \
+  -E "$filter - test(/^cuda_only_/)"
+
+# From here on, a synchronisation violation in the emulator stops the test that caused it.
+export DEVMEM_EMU_STRICT=1
 
 step "Python package tests against the emulator (source tree, library from target/release)"
 (cd bindings/python && PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
@@ -49,6 +75,9 @@ cmake -S ctests -B build/ctests-ze -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
   -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_BACKEND=level_zero -DDEVMEM_SOAK_CYCLES=10 >/dev/null
 cmake --build build/ctests-ze -j "$jobs"
 ctest --test-dir build/ctests-ze --output-on-failure -j "$jobs"
+step "fuzzing the C ABI briefly (scripts/fuzz.sh; the recorded long run is in fuzz/README.md)"
+if [ "${DEVMEM_FUZZ_SECONDS:-30}" -gt 0 ]; then scripts/fuzz.sh "${DEVMEM_FUZZ_SECONDS:-30}"; fi
+
 step "C tests under AddressSanitizer and UBSan, against the emulator"
 cmake -S ctests -B build/ctests-asan -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
   -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_SANITIZE=ON -DDEVMEM_SOAK_CYCLES=5 >/dev/null

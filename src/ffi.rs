@@ -209,7 +209,7 @@ pub extern "C" fn create_and_map(
     }) as c_int
 }
 
-/// vLLM's primitive: waits for `device`, unmaps `size` bytes at `d_mem` and releases `*handle`
+/// vLLM's primitive: waits for `device` (the scope of `devmem_free`), unmaps `size` bytes at `d_mem` and releases `*handle`
 /// (the reservation stays). Returns a `devmem_status` as an int.
 #[no_mangle]
 pub extern "C" fn unmap_and_release(
@@ -252,7 +252,11 @@ pub extern "C" fn devmem_malloc(
     })
 }
 
-/// Frees an allocation in any state (mapped, offloaded, discarded).
+/// Frees an allocation in any state (mapped, offloaded, discarded). A mapped allocation is
+/// unmapped only after the device is idle: CUDA waits for every stream of the device's primary
+/// context (`cuCtxSynchronize`; work the application queued in contexts it created itself is
+/// not waited for); Level Zero, which has no device-wide wait, waits for devmem's own copies
+/// only, so the caller must have finished its queues.
 #[no_mangle]
 pub extern "C" fn devmem_free(ptr: *mut c_void) -> devmem_status {
     guard(|| {
@@ -367,8 +371,10 @@ pub extern "C" fn devmem_get_current_tag(buf: *mut c_char, len: usize) -> devmem
 
 /// Puts every mapped allocation to sleep: those whose tag is among the `n` `offload_tags` are
 /// copied to host memory first, all others are discarded. With `n == 0` everything is
-/// discarded. Allocations already asleep are left as they are. Waits for the devices first.
-/// What was done is available from `devmem_get_last_transfer`.
+/// discarded. Allocations already asleep are left as they are. Waits for the devices first
+/// (the same scope as `devmem_free`: CUDA's primary context, Level Zero's devmem copies).
+/// Fails with `DEVMEM_STATUS_HOST_OUT_OF_MEMORY`, having released nothing, when the backups do
+/// not fit the bound on host memory (`devmem_set_host_limit`). What was done is available from `devmem_get_last_transfer`.
 #[no_mangle]
 pub extern "C" fn devmem_sleep(offload_tags: *const *const c_char, n: usize) -> devmem_status {
     guard(|| {

@@ -8,8 +8,9 @@
 //! context of its own, which it logs as a warning.
 //!
 //! Level Zero has no device-wide synchronise: `synchronize` waits for devmem's own copies, and
-//! the caller must have finished its queues before a sleep (the Python package calls
-//! `torch.xpu.synchronize()`). Backups live in `zeMemAllocHost` memory, there being no
+//! the caller must have finished its queues before a sleep, a free or `unmap_and_release` (the
+//! Python package calls `torch.xpu.synchronize()` before a sleep; PyTorch's caching allocator
+//! frees only memory whose streams are done). Backups live in `zeMemAllocHost` memory, there being no
 //! registration of ordinary host memory in the core API.
 
 use std::collections::BTreeMap;

@@ -82,7 +82,9 @@ pub trait Backend: Send + Sync {
     fn set_access(&self, device: i32, va: u64, size: usize) -> Result<()>;
     /// Unmaps a range; the reservation stays.
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()>;
-    /// Waits until no work queued on `device` (any stream) is still running.
+    /// Waits until no work queued on `device` is still running. CUDA: every stream of the
+    /// device's primary context (`cuCtxSynchronize`), not contexts the application created;
+    /// Level Zero: devmem's own copies only (the API has no device-wide wait).
     fn synchronize(&self, device: i32) -> Result<()>;
     /// Queues a device-to-host copy on devmem's own stream for `device`.
     fn copy_to_host_async(&self, device: i32, dst: *mut u8, src: u64, len: usize) -> Result<()>;

@@ -7,6 +7,11 @@ the *whole* string is rewritten with only ``expandable_segments`` changed, and t
 string is handed back in ``finally``, also when the body raises. PyTorch has no getter for the
 live configuration, so devmem remembers the last string it set and otherwise reads the
 environment (``PYTORCH_CUDA_ALLOC_CONF``, or ``PYTORCH_ALLOC_CONF`` on newer releases).
+
+The setting is process-wide while pools are entered per thread, so entries are counted under a
+lock: the first entry (in any thread) turns expandable segments off, and only the last exit
+restores the previous string; a thread leaving its pool never turns them back on under another
+thread still allocating in one.
 """
 
 from __future__ import annotations
@@ -14,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import Callable, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger("devmem")
 
 ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 _applied: Optional[str] = None
+_lock = threading.Lock()
+_depth = 0
+# (configuration to restore, setter that applied the change) while entries are open.
+_saved: Optional[Tuple[str, Callable[[str], None]]] = None
 
 
 def current_settings() -> str:
@@ -67,20 +77,28 @@ def _torch_setter() -> Callable[[str], None]:
 
 @contextlib.contextmanager
 def expandable_segments_disabled(setter: Optional[Callable[[str], None]] = None) -> Iterator[None]:
-    """Turns expandable segments off for the body when they are on; restores the previous
-    configuration string afterwards. ``setter`` defaults to PyTorch's."""
-    global _applied
-    conf = current_settings()
-    if not expandable_enabled(conf):
-        yield
-        return
-    apply = setter or _torch_setter()
-    changed = without_expandable(conf)
-    logger.debug("devmem: allocator settings %r -> %r for a devmem pool", conf, changed)
-    apply(changed)
-    _applied = changed
+    """Turns expandable segments off for the body when they are on; the last body to leave
+    (across threads) restores the previous configuration string. ``setter`` defaults to
+    PyTorch's."""
+    global _applied, _depth, _saved
+    with _lock:
+        if _depth == 0:
+            conf = current_settings()
+            if expandable_enabled(conf):
+                apply = setter or _torch_setter()
+                changed = without_expandable(conf)
+                logger.debug("devmem: allocator settings %r -> %r for a devmem pool", conf, changed)
+                apply(changed)
+                _applied = changed
+                _saved = (conf, apply)
+        _depth += 1
     try:
         yield
     finally:
-        apply(conf)
-        _applied = conf
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _saved is not None:
+                conf, apply = _saved
+                _saved = None
+                apply(conf)
+                _applied = conf

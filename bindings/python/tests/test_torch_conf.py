@@ -45,3 +45,38 @@ def test_nothing_changes_when_off(settings, monkeypatch, conf):
     with _torch_conf.expandable_segments_disabled(settings.append):
         pass
     assert settings == []
+
+
+def test_two_threads_in_pools_restore_only_after_the_last_leaves(settings, monkeypatch):
+    """Thread A enters, thread B enters, A leaves while B is still allocating: the setting
+    must stay off until B leaves too (it used to be restored when A left)."""
+    import threading
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    a_inside, b_inside, a_left, b_may_leave = (threading.Event() for _ in range(4))
+    seen_by_b = []
+
+    def thread_a():
+        with _torch_conf.expandable_segments_disabled(settings.append):
+            a_inside.set()
+            b_inside.wait(5)
+        a_left.set()
+
+    def thread_b():
+        a_inside.wait(5)
+        with _torch_conf.expandable_segments_disabled(settings.append):
+            b_inside.set()
+            a_left.wait(5)
+            seen_by_b.append(_torch_conf.current_settings())
+            b_may_leave.wait(5)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    a_left.wait(5)
+    assert settings == ["expandable_segments:False"], "A's exit must not restore under B"
+    b_may_leave.set()
+    for t in threads:
+        t.join(5)
+    assert seen_by_b == ["expandable_segments:False"]
+    assert settings == ["expandable_segments:False", "expandable_segments:True"]
