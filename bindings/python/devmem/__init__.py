@@ -45,6 +45,7 @@ from .api import (
     discard,
     free,
     granularity,
+    host_limit,
     host_policy,
     last_transfer,
     malloc,
@@ -55,6 +56,7 @@ from .api import (
     set_level_zero_context,
     reserve_host_store,
     set_current_tag,
+    set_host_limit,
     set_host_policy,
     sleep,
     stats,
@@ -77,9 +79,9 @@ __all__ = [
     "MemoryProfilingResult", "MemorySnapshot", "NullPointerError", "OutOfMemoryError", "PanicError",
     "HostPolicy", "State", "Status", "TagStats", "TagUsage", "TransferResult", "UnknownPointerError",
     "UnsupportedError", "allocation_info", "backend", "allocations", "current_tag", "device_count", "discard",
-    "free", "granularity", "host_policy", "last_transfer", "library_path", "malloc", "mem_get_info",
+    "free", "granularity", "host_limit", "host_policy", "last_transfer", "library_path", "malloc", "mem_get_info",
     "memory_profiling", "offload", "pause", "region", "release_host_store", "select_backend", "set_level_zero_context", "reserve_host_store", "resume",
-    "set_current_tag", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
+    "set_current_tag", "set_host_limit", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
 ]
 
 __version__ = "0.1.0"

@@ -273,6 +273,8 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_set_host_policy": (c_int32, [c_int]),
     "devmem_get_host_policy": (c_int32, [POINTER(c_int32)]),
     "devmem_reserve_host_store": (c_int32, [c_size_t, c_int]),
+    "devmem_set_host_limit": (c_int32, [c_uint64]),
+    "devmem_get_host_limit": (c_int32, [POINTER(c_uint64)]),
     "devmem_select_backend": (c_int32, [c_int]),
     "devmem_get_backend": (c_int32, [POINTER(c_int32)]),
     "devmem_set_level_zero_context": (c_int32, [c_void_p, POINTER(c_void_p), c_size_t]),

@@ -342,6 +342,24 @@ def reserve_host_store(nbytes: int, wait: bool = False) -> None:
     call("devmem_reserve_host_store", nbytes, 1 if wait else 0)
 
 
+def set_host_limit(nbytes: int) -> None:
+    """Caps the pinned host memory the host store may hold at ``nbytes`` (0 removes the cap,
+    and ``DEVMEM_HOST_LIMIT`` with it). A sleep that would need more raises
+    ``HostOutOfMemoryError`` before anything is copied or released. devmem also never grows
+    the store past what ``MemAvailable`` and the process's memory cgroup allow."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise TypeError("nbytes must be a non-negative int")
+    call("devmem_set_host_limit", nbytes)
+
+
+def host_limit() -> int:
+    """The cap on the host store in bytes (0: none), from ``set_host_limit`` or
+    ``DEVMEM_HOST_LIMIT``."""
+    out = ctypes.c_uint64()
+    call("devmem_get_host_limit", ctypes.byref(out))
+    return int(out.value)
+
+
 def select_backend(backend: "_lib.Backend") -> None:
     """Chooses the backend before the first allocation: ``Backend.AUTO`` (CUDA when a CUDA
     driver with a device loads, else Level Zero), ``Backend.CUDA`` or ``Backend.LEVEL_ZERO``.

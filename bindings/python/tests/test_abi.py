@@ -18,6 +18,8 @@ TYPES = {
     "int *": ctypes.POINTER(ctypes.c_int),
     "size_t": ctypes.c_size_t,
     "size_t *": ctypes.POINTER(ctypes.c_size_t),
+    "uint64_t": ctypes.c_uint64,
+    "uint64_t *": ctypes.POINTER(ctypes.c_uint64),
     "unsigned long long": ctypes.c_ulonglong,
     "unsigned long long *": ctypes.POINTER(ctypes.c_ulonglong),
     "const char *": ctypes.c_char_p,

@@ -197,6 +197,25 @@ def test_version_granularity_and_devices():
     assert devmem.library_path().endswith(".so")
 
 
+def test_host_limit_fails_a_sleep_cleanly():
+    with devmem.use_tag("capped"):
+        p = devmem.malloc(16 * MIB)
+    devmem.set_host_limit(8 * MIB)
+    try:
+        assert devmem.host_limit() == 8 * MIB
+        with pytest.raises(devmem.HostOutOfMemoryError, match="cap of 8388608 bytes"):
+            devmem.offload("capped")
+        assert devmem.allocation_info(p).state == devmem.State.MAPPED
+        with pytest.raises(TypeError):
+            devmem.set_host_limit(-1)
+    finally:
+        devmem.set_host_limit(0)
+    assert devmem.host_limit() == 0
+    devmem.offload("capped")
+    devmem.wake_up()
+    devmem.free(p)
+
+
 def test_host_policy_and_reserve():
     assert devmem.host_policy() == devmem.HostPolicy.KEEP
     devmem.reserve_host_store(8 * MIB, wait=True)
