@@ -23,6 +23,9 @@ use crate::error::{bail, devmem_status, Error, Result};
 use crate::store::pipeline::{self, Left, RestoreTarget, SaveTarget};
 use crate::store::{self, Backup};
 
+pub use crate::backend::devmem_backend;
+pub use crate::store::devmem_host_policy;
+
 /// Longest tag in bytes, not counting the terminating NUL.
 pub const DEVMEM_MAX_TAG_LEN: usize = 255;
 /// Size of the tag buffer in `devmem_allocation_info`: the longest tag plus its NUL.
@@ -929,12 +932,12 @@ pub fn set_callbacks(
 }
 
 /// Sets what happens to the host store after a wake.
-pub fn set_host_policy(policy: store::devmem_host_policy) {
+pub fn set_host_policy(policy: devmem_host_policy) {
     store::set_policy(policy);
 }
 
 /// What happens to the host store after a wake.
-pub fn host_policy() -> store::devmem_host_policy {
+pub fn host_policy() -> devmem_host_policy {
     store::policy()
 }
 
@@ -990,12 +993,12 @@ pub fn device_count() -> Result<i32> {
 }
 
 /// Chooses the backend before it loads.
-pub fn select_backend(kind: backend::devmem_backend) -> Result<()> {
+pub fn select_backend(kind: devmem_backend) -> Result<()> {
     backend::select(kind)
 }
 
 /// The loaded backend (loading it if needed).
-pub fn backend_kind() -> Result<backend::devmem_backend> {
+pub fn backend_kind() -> Result<devmem_backend> {
     Ok(backend::get()?.kind())
 }
 

@@ -11,15 +11,13 @@ use std::ffi::{c_char, c_int, c_ulonglong, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
-use crate::backend::devmem_backend;
 use crate::core::{
-    self, devmem_allocation_callback, devmem_allocation_info, devmem_stats, devmem_transfer,
-    DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
+    self, devmem_allocation_callback, devmem_allocation_info, devmem_backend, devmem_host_policy,
+    devmem_stats, devmem_transfer, DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
 };
 use crate::error::{
     bail, clear_last_error, devmem_status, last_error, set_last_error, Error, Result,
 };
-use crate::store::devmem_host_policy;
 
 /// The C `ssize_t` (signed size), as PyTorch's pluggable-allocator signatures use it.
 #[allow(non_camel_case_types)]

@@ -451,6 +451,18 @@ row!(
     ffi::devmem_get_host_policy(ptr::null_mut())
 );
 row!(
+    host_limit_out_null,
+    S::NullPointer,
+    "out is NULL",
+    ffi::devmem_get_host_limit(ptr::null_mut())
+);
+row!(
+    reserve_more_than_the_machine_has,
+    S::HostOutOfMemory,
+    "host memory",
+    ffi::devmem_reserve_host_store(usize::MAX, 1)
+);
+row!(
     reserve_zero_is_a_no_op,
     S::Success,
     "",

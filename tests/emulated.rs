@@ -1014,7 +1014,10 @@ fn concurrent_malloc_free_while_another_thread_sleeps_and_wakes() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let cycles = sleeper.join().expect("sleeper");
     assert!(cycles > 0);
-    assert_eq!(checked, 400, "every worker allocation was written and checked");
+    assert_eq!(
+        checked, 400,
+        "every worker allocation was written and checked"
+    );
     ok(wake(None));
     assert_eq!(mismatches(keep, 4 * MIB, 42), 0);
     free_all(&[keep]);
