@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Mutation check of the synchronisation points and guards (issue 11): applies each mutation to a
+git worktree (default /tmp/mut: git worktree add /tmp/mut HEAD), runs the Rust suites on both
+emulator faces and writes the failing tests to <worktree>/results.txt. Usage:
+  python3 scripts/mutations.py [/path/to/worktree] [M1 M2 ...]
+"""
+import os
+import re
+import subprocess
+import sys
+
+root = next((a for a in sys.argv[1:] if a.startswith("/")), "/tmp/mut")
+env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(root, "target"))
+muts = [
+ ("M1 no device wait before sleep", 'src/store/pipeline.rs',
+  """    for device in &devices {
+        backend.synchronize(*device).map_err(|e| {
+            e.context("sleep: waiting for the device before unmapping; nothing was released")
+        })?;
+    }""", ""),
+ ("M2 no batch marker wait", 'src/store/pipeline.rs',
+  """        if let Err(err) = backend.wait_copy_marker(batch.device, batch.marker) {
+            failure = Some(err.context("sleep: waiting for the copies to host memory"));
+            break;
+        }""", ""),
+ ("M3 no wait for wake's copies", 'src/store/pipeline.rs',
+  """            if let Err(err) = backend.wait_copies(*device) {
+                failure = Some(err.context("wake: waiting for the copies to the device"));
+                break;
+            }""", ""),
+ ("M4 no device wait in free", 'src/core.rs',
+  """        backend.synchronize(device)?;
+        backend
+            .unmap(device, ptr, size)""", """        backend
+            .unmap(device, ptr, size)"""),
+ ("M5 no marker/copy wait after a failed sleep", 'src/store/pipeline.rs',
+  """    for batch in batches.iter().filter(|b| !b.waited) {
+        if let Err(e) = backend.wait_copy_marker(batch.device, batch.marker) {
+            log::error!("devmem: waiting for a copy marker after a failure: {e}");
+        }
+    }
+    finish_copies(&**backend, &devices);""", ""),
+ ("M6 free without the id check", 'src/core.rs', ".filter(|a| a.id == id)", ""),
+ ("M7 no host-memory bound", 'src/store/mod.rs',
+  "bound::check(missing as u64 + preparing, held, &bound::Room::read())?;", "let _ = (held, preparing);"),
+ ("M8 rollback ignores a failed unmap", 'src/store/pipeline.rs',
+  """        return Left::Mapped(handle);""", """        return Left::Undone;"""),
+ ("M9 the grower started with std::thread::spawn", 'src/store/mod.rs',
+  'if let Err(err) = threads::spawn("devmem-host-store", move || grow(source)) {',
+  'if let Err(err) = Ok::<_, std::io::Error>(std::thread::spawn(move || grow(source))) {'),
+]
+only = [a for a in sys.argv[1:] if not a.startswith('/')] 
+for name, path, old, new in muts:
+    if only and not any(name.startswith(o) for o in only): continue
+    full=os.path.join(root,path)
+    src=open(full).read()
+    assert old in src, name
+    open(full,'w').write(src.replace(old,new))
+    subprocess.run(['cargo','build','--workspace','-q'],cwd=root,env=env)
+    fails=[]
+    for backend in ('cuda','level_zero'):
+        e=dict(env)
+        if backend=='level_zero': e['DEVMEM_TEST_BACKEND']='level_zero'
+        r=subprocess.run(['timeout','900','cargo','nextest','run','--workspace','--no-fail-fast','-j','2'],cwd=root,env=e,capture_output=True,text=True)
+        out=r.stdout+r.stderr
+        f=sorted(set(re.findall(r'^\s+(?:FAIL|SIGABRT|SIGSEGV|TIMEOUT|ABORT)\s+\[.*?\]\s+\(.*?\)\s+(\S+ \S+)', out, re.M)))
+        summ=[l for l in out.splitlines() if 'Summary' in l]
+        fails.append((backend, summ[-1].strip() if summ else out[-500:], f))
+    open(full,'w').write(src)
+    with open(os.path.join(root, 'results.txt'), 'a') as fh:
+        fh.write(f"== {name}\n")
+        for b,s,f in fails:
+            fh.write(f"  [{b}] {s}\n")
+            for t in f: fh.write(f"     {t}\n")
