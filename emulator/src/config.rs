@@ -1,20 +1,5 @@
 //! The emulator's configuration, read once from the environment.
 
-#![allow(unused_imports)]
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-
-use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
-    CUstream,
-};
-
-use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
-
-use crate::*;
-
 pub(crate) struct Config {
     pub(crate) devices: i32,
     pub(crate) capacity: usize,

@@ -1,18 +1,7 @@
 //! The control interface for tests (`cuemu_*`, not part of any driver API): counters,
 //! fault injection, call counts, capacity, and the record of synchronisation violations.
 
-#![allow(unused_imports)]
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-
-use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
-    CUstream,
-};
-
-use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::ffi::{c_char, c_int, c_uint, CStr};
 
 use crate::*;
 

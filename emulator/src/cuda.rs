@@ -1,6 +1,5 @@
 //! The CUDA driver face: `cu*` entry points over the shared memory model.
 
-#![allow(unused_imports)]
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 use cudarc::driver::sys::{
@@ -10,8 +9,6 @@ use cudarc::driver::sys::{
 };
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
 
 use crate::*;
 
@@ -492,9 +489,7 @@ pub extern "C" fn cuEventRecord(event: CUevent, stream: CUstream) -> R {
         if event.is_null() {
             return INVALID_HANDLE;
         }
-        let key = (device, stream as usize);
-        let seq = emu.last_seq(key);
-        emu.recorded.insert(event as usize, (key, seq));
+        emu.record_event(event as usize, (device, stream as usize));
         SUCCESS
     })
 }
@@ -505,9 +500,7 @@ pub extern "C" fn cuEventSynchronize(event: CUevent) -> R {
         if event.is_null() {
             return INVALID_HANDLE;
         }
-        if let Some((key, seq)) = emu.recorded.get(&(event as usize)).copied() {
-            emu.complete_stream(key, seq);
-        }
+        emu.synchronize_event(event as usize);
         SUCCESS
     })
 }

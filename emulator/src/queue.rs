@@ -98,6 +98,19 @@ impl Emu {
             .map_or(0, |q| q.seq)
     }
 
+    /// Records `event` after the work queued on `stream` so far.
+    pub(crate) fn record_event(&mut self, event: usize, stream: StreamKey) {
+        let seq = self.last_seq(stream);
+        self.recorded.insert(event, (stream, seq));
+    }
+
+    /// Runs the work queued before `event` was recorded (nothing when it never was).
+    pub(crate) fn synchronize_event(&mut self, event: usize) {
+        if let Some((stream, seq)) = self.recorded.get(&event).copied() {
+            self.complete_stream(stream, seq);
+        }
+    }
+
     /// Runs, in queue order, the pending work that `select` picks.
     pub(crate) fn complete(&mut self, select: impl Fn(&Pending) -> bool) {
         let (run, keep): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)

@@ -1,14 +1,7 @@
 //! The emulated device memory: reservations, physical handles, mappings, host buffers, the
 //! process-wide lock every entry point takes, call counting and fault injection.
 
-#![allow(unused_imports)]
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-
-use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
-    CUstream,
-};
+use std::ffi::{c_int, c_void};
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};

@@ -1,17 +1,6 @@
 //! The Level Zero face: the same memory, reached through the loader's `ze*` entry points.
 
-#![allow(unused_imports)]
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-
-use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
-    CUstream,
-};
-
-use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::ffi::c_void;
 
 use crate::*;
 
@@ -447,9 +436,7 @@ pub extern "C" fn zeCommandListAppendSignalEvent(list: *mut c_void, event: *mut 
         if event.is_null() {
             return ZE_INVALID_NULL_HANDLE;
         }
-        let key = (device, list as usize);
-        let seq = emu.last_seq(key);
-        emu.recorded.insert(event as usize, (key, seq));
+        emu.record_event(event as usize, (device, list as usize));
         ZE_SUCCESS
     })
 }
@@ -504,9 +491,7 @@ pub extern "C" fn zeEventHostSynchronize(event: *mut c_void, _timeout: u64) -> Z
         if event.is_null() {
             return ZE_INVALID_NULL_HANDLE;
         }
-        if let Some((key, seq)) = emu.recorded.get(&(event as usize)).copied() {
-            emu.complete_stream(key, seq);
-        }
+        emu.synchronize_event(event as usize);
         ZE_SUCCESS
     })
 }
