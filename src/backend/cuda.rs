@@ -6,8 +6,6 @@
 //! device supports it with VMM, and fabric handles when supported, falling back to POSIX file
 //! descriptors and then to no shareable handle when the driver refuses.
 
-use std::ffi::c_int;
-use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -20,9 +18,7 @@ use cudarc::driver::sys::{
 use parking_lot::Mutex;
 
 use super::Backend;
-use crate::driver::cuda::{
-    CudaApi, CUDA_ERROR_NOT_PERMITTED, CUDA_ERROR_NOT_SUPPORTED, CUDA_SUCCESS,
-};
+use crate::driver::cuda::{CudaApi, CUDA_ERROR_NOT_PERMITTED, CUDA_ERROR_NOT_SUPPORTED};
 use crate::error::{bail, Result};
 
 /// `CU_STREAM_NON_BLOCKING`: devmem's streams never synchronise with the legacy stream.
@@ -84,14 +80,8 @@ impl CudaBackend {
     /// Loads the driver and counts its devices.
     pub fn load() -> Result<Self> {
         let api = CudaApi::load()?;
-        let mut count: c_int = 0;
-        // SAFETY: the out-pointer is valid for one c_int.
-        api.check("cuDeviceGetCount", unsafe {
-            (api.device_get_count)(&mut count)
-        })?;
-        let mut version: c_int = 0;
-        // SAFETY: the out-pointer is valid for one c_int.
-        if unsafe { (api.driver_get_version)(&mut version) } == CUDA_SUCCESS {
+        let count = api.device_count()?;
+        if let Some(version) = api.driver_version() {
             log::info!(
                 "devmem: CUDA driver {} (API {}.{}), {count} device(s)",
                 api.path(),
@@ -105,14 +95,6 @@ impl CudaBackend {
             devices: Mutex::new(vec![None; usize::try_from(count).unwrap_or(0)]),
             idle_events: Mutex::new(Vec::new()),
         })
-    }
-
-    fn attribute(&self, device: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
-        let mut value: c_int = 0;
-        // SAFETY: the out-pointer is valid; the attribute is a driver enum value.
-        let rc = unsafe { (self.api.device_get_attribute)(&mut value, attr, device) };
-        self.api.check("cuDeviceGetAttribute", rc)?;
-        Ok(value)
     }
 
     fn device(&self, ordinal: i32) -> Result<Arc<DeviceState>> {
@@ -135,12 +117,8 @@ impl CudaBackend {
 
     fn init_device(&self, ordinal: i32) -> Result<DeviceState> {
         let api = &self.api;
-        let mut device: CUdevice = 0;
-        // SAFETY: the out-pointer is valid; the ordinal was range-checked.
-        api.check("cuDeviceGet", unsafe {
-            (api.device_get)(&mut device, ordinal)
-        })?;
-        let vmm = self.attribute(
+        let device = api.device(ordinal)?;
+        let vmm = self.api.attribute(
             device,
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
         )?;
@@ -150,23 +128,20 @@ impl CudaBackend {
                 "device {ordinal} does not support virtual memory management"
             );
         }
-        let rdma = self.attribute(
+        let rdma = self.api.attribute(
             device,
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED,
         )? != 0;
         // Older drivers do not know the fabric attribute: treat an error as "not supported".
         let fabric = self
+            .api
             .attribute(
                 device,
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED,
             )
             .unwrap_or(0)
             != 0;
-        let mut context: CUcontext = ptr::null_mut();
-        // SAFETY: the out-pointer is valid; `device` came from cuDeviceGet.
-        api.check("cuDevicePrimaryCtxRetain", unsafe {
-            (api.primary_ctx_retain)(&mut context, device)
-        })?;
+        let context = api.retain_primary_context(device)?;
         let mut state = DeviceState {
             ordinal,
             device,
@@ -176,13 +151,7 @@ impl CudaBackend {
             handle_type: AtomicUsize::new(if fabric { 0 } else { 1 }),
             granularity: 0,
         };
-        let mut stream: CUstream = ptr::null_mut();
-        self.in_context(&state, || {
-            // SAFETY: the out-pointer is valid and a context is current.
-            api.check("cuStreamCreate", unsafe {
-                (api.stream_create)(&mut stream, STREAM_NON_BLOCKING)
-            })
-        })?;
+        let stream = self.in_context(&state, || api.create_stream(STREAM_NON_BLOCKING))?;
         state.stream = stream as usize;
         state.granularity = self.query_granularity(&state)?;
         log::info!(
@@ -195,17 +164,10 @@ impl CudaBackend {
     }
 
     fn query_granularity(&self, state: &DeviceState) -> Result<usize> {
-        let prop = state.properties();
-        let mut granularity = 0usize;
-        // SAFETY: both pointers are valid for the call.
-        let rc = unsafe {
-            (self.api.mem_get_allocation_granularity)(
-                &mut granularity,
-                &prop,
-                CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM as u32,
-            )
-        };
-        self.api.check("cuMemGetAllocationGranularity", rc)?;
+        let granularity = self.api.granularity(
+            &state.properties(),
+            CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM as u32,
+        )?;
         if granularity == 0 || !granularity.is_power_of_two() {
             bail!(
                 Driver,
@@ -220,23 +182,14 @@ impl CudaBackend {
     /// primary context afterwards; a thread with another context gets it back.
     fn in_context<T>(&self, state: &DeviceState, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let api = &self.api;
-        let mut previous: CUcontext = ptr::null_mut();
-        // SAFETY: the out-pointer is valid.
-        api.check("cuCtxGetCurrent", unsafe {
-            (api.ctx_get_current)(&mut previous)
-        })?;
+        let previous = api.current_context()?;
         let switch = previous != state.context();
         if switch {
-            // SAFETY: the context was retained and is never released.
-            api.check("cuCtxSetCurrent", unsafe {
-                (api.ctx_set_current)(state.context())
-            })?;
+            api.set_current_context(state.context())?;
         }
         let out = f();
         if switch && !previous.is_null() {
-            // SAFETY: `previous` was current on this thread a moment ago.
-            let rc = unsafe { (api.ctx_set_current)(previous) };
-            if let Err(err) = api.check("cuCtxSetCurrent", rc) {
+            if let Err(err) = api.set_current_context(previous) {
                 log::warn!("devmem: restoring the caller's context: {err}");
             }
         }
@@ -259,17 +212,12 @@ impl Backend for CudaBackend {
     }
 
     fn current_device(&self) -> Option<i32> {
-        let mut context: CUcontext = ptr::null_mut();
-        // SAFETY: the out-pointer is valid.
-        let rc = unsafe { (self.api.ctx_get_current)(&mut context) };
-        if rc != CUDA_SUCCESS || context.is_null() {
+        if self.api.current_context().ok()?.is_null() {
             return None;
         }
-        let mut device: CUdevice = 0;
-        // SAFETY: the out-pointer is valid and the thread has a current context.
-        let rc = unsafe { (self.api.ctx_get_device)(&mut device) };
         // The driver numbers CUdevice handles by ordinal.
-        (rc == CUDA_SUCCESS && (0..self.device_count).contains(&device)).then_some(device)
+        let device = self.api.current_context_device().ok()?;
+        (0..self.device_count).contains(&device).then_some(device)
     }
 
     fn granularity(&self, device: i32) -> Result<usize> {
@@ -278,31 +226,21 @@ impl Backend for CudaBackend {
 
     fn reserve(&self, device: i32, size: usize) -> Result<u64> {
         self.with_device(device, |state| {
-            let mut va = 0u64;
-            // SAFETY: the out-pointer is valid; alignment is the device's granularity.
-            let rc =
-                unsafe { (self.api.mem_address_reserve)(&mut va, size, state.granularity, 0, 0) };
-            self.api.check("cuMemAddressReserve", rc)?;
-            Ok(va)
+            self.api.address_reserve(size, state.granularity)
         })
     }
 
     fn free_va(&self, device: i32, va: u64, size: usize) -> Result<()> {
         self.with_device(device, |_| {
             // SAFETY: `va`/`size` describe a reservation devmem made and no longer maps.
-            let rc = unsafe { (self.api.mem_address_free)(va, size) };
-            self.api.check("cuMemAddressFree", rc)
+            unsafe { self.api.address_free(va, size) }
         })
     }
 
     fn create(&self, device: i32, size: usize) -> Result<u64> {
         self.with_device(device, |state| loop {
-            let prop = state.properties();
-            let mut handle = 0u64;
-            // SAFETY: both pointers are valid for the call.
-            let rc = unsafe { (self.api.mem_create)(&mut handle, size, &prop, 0) };
-            match self.api.check_raw("cuMemCreate", rc) {
-                Ok(()) => return Ok(handle),
+            match self.api.create(size, &state.properties()) {
+                Ok(handle) => return Ok(handle),
                 Err(e)
                     if e.code == CUDA_ERROR_NOT_PERMITTED || e.code == CUDA_ERROR_NOT_SUPPORTED =>
                 {
@@ -324,19 +262,11 @@ impl Backend for CudaBackend {
     }
 
     fn release(&self, device: i32, handle: u64) -> Result<()> {
-        self.with_device(device, |_| {
-            // SAFETY: the handle came from cuMemCreate and is released once.
-            let rc = unsafe { (self.api.mem_release)(handle) };
-            self.api.check("cuMemRelease", rc)
-        })
+        self.with_device(device, |_| self.api.release(handle))
     }
 
     fn map(&self, device: i32, va: u64, size: usize, handle: u64) -> Result<()> {
-        self.with_device(device, |_| {
-            // SAFETY: the range lies in a reservation devmem owns and is currently unmapped.
-            let rc = unsafe { (self.api.mem_map)(va, size, 0, handle, 0) };
-            self.api.check("cuMemMap", rc)
-        })
+        self.with_device(device, |_| self.api.map(va, size, handle))
     }
 
     fn set_access(&self, device: i32, va: u64, size: usize) -> Result<()> {
@@ -346,34 +276,29 @@ impl Backend for CudaBackend {
             desc.location.type_ = CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
             desc.location.id = state.device;
             desc.flags = CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-            // SAFETY: the range is mapped; one descriptor is passed.
-            let rc = unsafe { (self.api.mem_set_access)(va, size, &desc, 1) };
-            self.api.check("cuMemSetAccess", rc)
+            self.api.set_access(va, size, &desc)
         })
     }
 
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()> {
         self.with_device(device, |_| {
             // SAFETY: the range was mapped by devmem; callers synchronised the device first.
-            let rc = unsafe { (self.api.mem_unmap)(va, size) };
-            self.api.check("cuMemUnmap", rc)
+            unsafe { self.api.unmap(va, size) }
         })
     }
 
     fn synchronize(&self, device: i32) -> Result<()> {
-        self.with_device(device, |_| {
-            // SAFETY: a context is current.
-            let rc = unsafe { (self.api.ctx_synchronize)() };
-            self.api.check("cuCtxSynchronize", rc)
-        })
+        self.with_device(device, |_| self.api.synchronize_context())
     }
 
     fn copy_to_host_async(&self, device: i32, dst: *mut u8, src: u64, len: usize) -> Result<()> {
         self.with_device(device, |state| {
             // SAFETY: `dst` is pinned host memory of at least `len` bytes that stays alive until
             // `wait_copies`; `src` is a mapped device range of at least `len` bytes.
-            let rc = unsafe { (self.api.memcpy_dtoh_async)(dst.cast(), src, len, state.stream()) };
-            self.api.check("cuMemcpyDtoHAsync", rc)
+            unsafe {
+                self.api
+                    .copy_to_host_async(dst.cast(), src, len, state.stream())
+            }
         })
     }
 
@@ -386,46 +311,38 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.with_device(device, |state| {
             // SAFETY: as in `copy_to_host_async`, in the other direction.
-            let rc = unsafe { (self.api.memcpy_htod_async)(dst, src.cast(), len, state.stream()) };
-            self.api.check("cuMemcpyHtoDAsync", rc)
+            unsafe {
+                self.api
+                    .copy_to_device_async(dst, src.cast(), len, state.stream())
+            }
         })
     }
 
     fn wait_copies(&self, device: i32) -> Result<()> {
-        self.with_device(device, |state| {
-            // SAFETY: the stream was created by devmem and is never destroyed.
-            let rc = unsafe { (self.api.stream_synchronize)(state.stream()) };
-            self.api.check("cuStreamSynchronize", rc)
-        })
+        self.with_device(device, |state| self.api.synchronize_stream(state.stream()))
     }
 
     fn mem_get_info(&self, device: i32) -> Result<(usize, usize)> {
-        self.with_device(device, |_| {
-            let (mut free, mut total) = (0usize, 0usize);
-            // SAFETY: both out-pointers are valid.
-            let rc = unsafe { (self.api.mem_get_info)(&mut free, &mut total) };
-            self.api.check("cuMemGetInfo", rc)?;
-            Ok((free, total))
-        })
+        self.with_device(device, |_| self.api.memory_info())
     }
 
     fn host_register(&self, device: i32, ptr: *mut u8, len: usize) -> Result<()> {
         self.with_device(device, |_| {
-            // SAFETY: `ptr..ptr+len` is host memory devmem mapped and owns.
-            let rc = unsafe {
-                (self.api.mem_host_register)(ptr.cast(), len, CU_MEMHOSTREGISTER_PORTABLE)
-            };
-            self.api
-                .check("cuMemHostRegister", rc)
-                .map_err(|e| e.context(format!("registering {len} bytes of host memory")))
+            // SAFETY: `ptr..ptr+len` is host memory the host store mapped, owns and keeps
+            // mapped until it is unregistered.
+            unsafe {
+                self.api
+                    .host_register(ptr.cast(), len, CU_MEMHOSTREGISTER_PORTABLE)
+            }
+            .map_err(|e| e.context(format!("registering {len} bytes of host memory")))
         })
     }
 
     fn host_unregister(&self, device: i32, ptr: *mut u8) -> Result<()> {
         self.with_device(device, |_| {
-            // SAFETY: `ptr` was registered by `host_register` and is unregistered once.
-            let rc = unsafe { (self.api.mem_host_unregister)(ptr.cast()) };
-            self.api.check("cuMemHostUnregister", rc)
+            // SAFETY: `ptr` was registered by `host_register`; the store frees only chunks no
+            // backup uses, after every copy into them was waited for.
+            unsafe { self.api.host_unregister(ptr.cast()) }
         })
     }
 
@@ -438,22 +355,11 @@ impl Backend for CudaBackend {
             };
             let event = match reused {
                 Some(event) => event as CUevent,
-                None => {
-                    let mut event: CUevent = ptr::null_mut();
-                    // SAFETY: the out-pointer is valid and a context is current.
-                    let rc = unsafe {
-                        (self.api.event_create)(
-                            &mut event,
-                            CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
-                        )
-                    };
-                    self.api.check("cuEventCreate", rc)?;
-                    event
-                }
+                None => self
+                    .api
+                    .create_event(CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)?,
             };
-            // SAFETY: the event and stream belong to this device's context.
-            let rc = unsafe { (self.api.event_record)(event, state.stream()) };
-            if let Err(err) = self.api.check("cuEventRecord", rc) {
+            if let Err(err) = self.api.record_event(event, state.stream()) {
                 self.idle_events.lock().push((device, event as usize));
                 return Err(err);
             }
@@ -464,10 +370,9 @@ impl Backend for CudaBackend {
     fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()> {
         self.with_device(device, |_| {
             let event = marker as usize as CUevent;
-            // SAFETY: the event came from `record_copy_marker`.
-            let rc = unsafe { (self.api.event_synchronize)(event) };
+            let waited = self.api.synchronize_event(event);
             self.idle_events.lock().push((device, event as usize));
-            self.api.check("cuEventSynchronize", rc)
+            waited
         })
     }
 }

@@ -156,3 +156,284 @@ pub struct DriverError {
     /// The error with its message.
     pub error: Error,
 }
+
+/// Thin `Result` wrappers, one per entry point devmem calls: the only place the CUDA backend's
+/// driver calls are made. Each names the call in its error. Calls that take raw memory
+/// addresses whose validity the driver cannot check are `unsafe`.
+impl CudaApi {
+    /// `cuDriverGetVersion`, when it answers.
+    pub(crate) fn driver_version(&self) -> Option<c_int> {
+        let mut version: c_int = 0;
+        // SAFETY: the out-pointer is valid for one c_int.
+        let rc = unsafe { (self.driver_get_version)(&mut version) };
+        (rc == CUDA_SUCCESS).then_some(version)
+    }
+
+    /// `cuDeviceGetCount`.
+    pub(crate) fn device_count(&self) -> Result<c_int> {
+        let mut count: c_int = 0;
+        // SAFETY: the out-pointer is valid for one c_int.
+        self.check("cuDeviceGetCount", unsafe {
+            (self.device_get_count)(&mut count)
+        })?;
+        Ok(count)
+    }
+
+    /// `cuDeviceGet`.
+    pub(crate) fn device(&self, ordinal: c_int) -> Result<CUdevice> {
+        let mut device: CUdevice = 0;
+        // SAFETY: the out-pointer is valid; the driver checks the ordinal.
+        self.check("cuDeviceGet", unsafe {
+            (self.device_get)(&mut device, ordinal)
+        })?;
+        Ok(device)
+    }
+
+    /// `cuDeviceGetAttribute`.
+    pub(crate) fn attribute(&self, device: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
+        let mut value: c_int = 0;
+        // SAFETY: the out-pointer is valid; the attribute is a driver enum value.
+        self.check("cuDeviceGetAttribute", unsafe {
+            (self.device_get_attribute)(&mut value, attr, device)
+        })?;
+        Ok(value)
+    }
+
+    /// `cuDevicePrimaryCtxRetain` (never released: see the backend's module docs).
+    pub(crate) fn retain_primary_context(&self, device: CUdevice) -> Result<CUcontext> {
+        let mut context: CUcontext = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid; `device` came from cuDeviceGet.
+        self.check("cuDevicePrimaryCtxRetain", unsafe {
+            (self.primary_ctx_retain)(&mut context, device)
+        })?;
+        Ok(context)
+    }
+
+    /// `cuCtxGetCurrent`: the calling thread's context (NULL when it has none).
+    pub(crate) fn current_context(&self) -> Result<CUcontext> {
+        let mut context: CUcontext = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid.
+        self.check("cuCtxGetCurrent", unsafe {
+            (self.ctx_get_current)(&mut context)
+        })?;
+        Ok(context)
+    }
+
+    /// `cuCtxSetCurrent`. The driver validates the handle.
+    pub(crate) fn set_current_context(&self, context: CUcontext) -> Result<()> {
+        // SAFETY: plain handle argument, checked by the driver.
+        self.check("cuCtxSetCurrent", unsafe {
+            (self.ctx_set_current)(context)
+        })
+    }
+
+    /// `cuCtxGetDevice`: the device of the calling thread's current context.
+    pub(crate) fn current_context_device(&self) -> Result<CUdevice> {
+        let mut device: CUdevice = 0;
+        // SAFETY: the out-pointer is valid.
+        self.check("cuCtxGetDevice", unsafe {
+            (self.ctx_get_device)(&mut device)
+        })?;
+        Ok(device)
+    }
+
+    /// `cuCtxSynchronize`: waits for every stream of the current context.
+    pub(crate) fn synchronize_context(&self) -> Result<()> {
+        // SAFETY: no arguments; fails cleanly without a current context.
+        self.check("cuCtxSynchronize", unsafe { (self.ctx_synchronize)() })
+    }
+
+    /// `cuStreamCreate` in the current context.
+    pub(crate) fn create_stream(&self, flags: c_uint) -> Result<CUstream> {
+        let mut stream: CUstream = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid.
+        self.check("cuStreamCreate", unsafe {
+            (self.stream_create)(&mut stream, flags)
+        })?;
+        Ok(stream)
+    }
+
+    /// `cuStreamSynchronize`.
+    pub(crate) fn synchronize_stream(&self, stream: CUstream) -> Result<()> {
+        // SAFETY: a stream handle devmem created and never destroys.
+        self.check("cuStreamSynchronize", unsafe {
+            (self.stream_synchronize)(stream)
+        })
+    }
+
+    /// `cuMemGetAllocationGranularity` (minimum granularity).
+    pub(crate) fn granularity(&self, prop: &CUmemAllocationProp, flags: c_uint) -> Result<usize> {
+        let mut granularity = 0usize;
+        // SAFETY: both pointers are valid for the call.
+        self.check("cuMemGetAllocationGranularity", unsafe {
+            (self.mem_get_allocation_granularity)(&mut granularity, prop, flags)
+        })?;
+        Ok(granularity)
+    }
+
+    /// `cuMemAddressReserve` of `size` bytes aligned to `alignment`, anywhere.
+    pub(crate) fn address_reserve(&self, size: usize, alignment: usize) -> Result<CUdeviceptr> {
+        let mut va: CUdeviceptr = 0;
+        // SAFETY: the out-pointer is valid; no placement hint.
+        self.check("cuMemAddressReserve", unsafe {
+            (self.mem_address_reserve)(&mut va, size, alignment, 0, 0)
+        })?;
+        Ok(va)
+    }
+
+    /// `cuMemAddressFree`.
+    ///
+    /// # Safety
+    /// Nothing may use `[va, va+size)` afterwards.
+    pub(crate) unsafe fn address_free(&self, va: CUdeviceptr, size: usize) -> Result<()> {
+        // SAFETY: the caller's contract.
+        self.check("cuMemAddressFree", unsafe {
+            (self.mem_address_free)(va, size)
+        })
+    }
+
+    /// `cuMemCreate`, keeping the raw code for callers that fall back on particular codes.
+    pub(crate) fn create(
+        &self,
+        size: usize,
+        prop: &CUmemAllocationProp,
+    ) -> std::result::Result<u64, DriverError> {
+        let mut handle = 0u64;
+        // SAFETY: both pointers are valid for the call.
+        let rc = unsafe { (self.mem_create)(&mut handle, size, prop, 0) };
+        self.check_raw("cuMemCreate", rc).map(|()| handle)
+    }
+
+    /// `cuMemRelease`.
+    pub(crate) fn release(&self, handle: u64) -> Result<()> {
+        // SAFETY: a handle the driver validates; a mapping keeps its memory until unmapped.
+        self.check("cuMemRelease", unsafe { (self.mem_release)(handle) })
+    }
+
+    /// `cuMemMap` of the whole handle at `va`.
+    pub(crate) fn map(&self, va: CUdeviceptr, size: usize, handle: u64) -> Result<()> {
+        // SAFETY: the driver checks that the range is reserved and unmapped.
+        self.check("cuMemMap", unsafe {
+            (self.mem_map)(va, size, 0, handle, 0)
+        })
+    }
+
+    /// `cuMemSetAccess` with one descriptor.
+    pub(crate) fn set_access(
+        &self,
+        va: CUdeviceptr,
+        size: usize,
+        desc: &CUmemAccessDesc,
+    ) -> Result<()> {
+        // SAFETY: one valid descriptor is passed.
+        self.check("cuMemSetAccess", unsafe {
+            (self.mem_set_access)(va, size, desc, 1)
+        })
+    }
+
+    /// `cuMemUnmap`.
+    ///
+    /// # Safety
+    /// No work may still use the range (the caller synchronised), and nothing may use it after.
+    pub(crate) unsafe fn unmap(&self, va: CUdeviceptr, size: usize) -> Result<()> {
+        // SAFETY: the caller's contract.
+        self.check("cuMemUnmap", unsafe { (self.mem_unmap)(va, size) })
+    }
+
+    /// `cuMemcpyDtoHAsync` on `stream`.
+    ///
+    /// # Safety
+    /// `dst` must be pinned host memory valid for `len` bytes until the copy is waited for.
+    pub(crate) unsafe fn copy_to_host_async(
+        &self,
+        dst: *mut c_void,
+        src: CUdeviceptr,
+        len: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract; the driver checks the device range.
+        self.check("cuMemcpyDtoHAsync", unsafe {
+            (self.memcpy_dtoh_async)(dst, src, len, stream)
+        })
+    }
+
+    /// `cuMemcpyHtoDAsync` on `stream`.
+    ///
+    /// # Safety
+    /// `src` must be pinned host memory valid for `len` bytes until the copy is waited for.
+    pub(crate) unsafe fn copy_to_device_async(
+        &self,
+        dst: CUdeviceptr,
+        src: *const c_void,
+        len: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract; the driver checks the device range.
+        self.check("cuMemcpyHtoDAsync", unsafe {
+            (self.memcpy_htod_async)(dst, src, len, stream)
+        })
+    }
+
+    /// `cuMemGetInfo`: free and total memory of the current context's device.
+    pub(crate) fn memory_info(&self) -> Result<(usize, usize)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: both out-pointers are valid.
+        self.check("cuMemGetInfo", unsafe {
+            (self.mem_get_info)(&mut free, &mut total)
+        })?;
+        Ok((free, total))
+    }
+
+    /// `cuMemHostRegister`.
+    ///
+    /// # Safety
+    /// `[ptr, ptr+len)` must be host memory the caller owns and keeps mapped while registered.
+    pub(crate) unsafe fn host_register(
+        &self,
+        ptr: *mut c_void,
+        len: usize,
+        flags: c_uint,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract.
+        self.check("cuMemHostRegister", unsafe {
+            (self.mem_host_register)(ptr, len, flags)
+        })
+    }
+
+    /// `cuMemHostUnregister`.
+    ///
+    /// # Safety
+    /// No queued copy may still use the memory.
+    pub(crate) unsafe fn host_unregister(&self, ptr: *mut c_void) -> Result<()> {
+        // SAFETY: the caller's contract.
+        self.check("cuMemHostUnregister", unsafe {
+            (self.mem_host_unregister)(ptr)
+        })
+    }
+
+    /// `cuEventCreate` in the current context.
+    pub(crate) fn create_event(&self, flags: c_uint) -> Result<CUevent> {
+        let mut event: CUevent = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid.
+        self.check("cuEventCreate", unsafe {
+            (self.event_create)(&mut event, flags)
+        })?;
+        Ok(event)
+    }
+
+    /// `cuEventRecord`.
+    pub(crate) fn record_event(&self, event: CUevent, stream: CUstream) -> Result<()> {
+        // SAFETY: handles the driver validates.
+        self.check("cuEventRecord", unsafe {
+            (self.event_record)(event, stream)
+        })
+    }
+
+    /// `cuEventSynchronize`.
+    pub(crate) fn synchronize_event(&self, event: CUevent) -> Result<()> {
+        // SAFETY: a handle the driver validates.
+        self.check("cuEventSynchronize", unsafe {
+            (self.event_synchronize)(event)
+        })
+    }
+}
