@@ -137,123 +137,50 @@ impl LevelZeroBackend {
     }
 
     fn drivers(api: &ZeApi) -> Result<Vec<Handle>> {
-        let mut count = 0u32;
-        if let Some(init_drivers) = api.init_drivers {
-            // ze_init_driver_type_desc_t { stype = ZE_STRUCTURE_TYPE_INIT_DRIVER_TYPE_DESC
-            // (0x00020021), pNext, flags = ZE_INIT_DRIVER_TYPE_FLAG_GPU (1) }.
-            #[repr(C)]
-            struct InitDesc {
-                stype: u32,
-                p_next: *const c_void,
-                flags: u32,
-            }
-            let mut desc = InitDesc {
-                stype: 0x0002_0021,
-                p_next: ptr::null(),
-                flags: 1,
-            };
-            // SAFETY: valid out-pointer and descriptor; a NULL array asks for the count.
-            let rc = unsafe {
-                init_drivers(
-                    &mut count,
-                    ptr::null_mut(),
-                    (&mut desc as *mut InitDesc).cast(),
-                )
-            };
-            if rc == ze::ZE_RESULT_SUCCESS && count > 0 {
-                let mut handles = vec![ptr::null_mut(); count as usize];
-                // SAFETY: the array has `count` entries.
-                let rc = unsafe {
-                    init_drivers(
-                        &mut count,
-                        handles.as_mut_ptr(),
-                        (&mut desc as *mut InitDesc).cast(),
-                    )
-                };
-                api.check("zeInitDrivers", rc)?;
-                handles.truncate(count as usize);
-                return Ok(handles);
-            }
+        if let Some(found) = api.init_gpu_drivers() {
+            return found;
         }
-        // SAFETY: flags 0 initialises every driver type.
-        api.check("zeInit", unsafe { (api.init)(0) })?;
-        // SAFETY: valid out-pointer; NULL array asks for the count.
-        api.check("zeDriverGet", unsafe {
-            (api.driver_get)(&mut count, ptr::null_mut())
-        })?;
-        if count == 0 {
+        api.init_all()?;
+        let drivers = api.drivers()?;
+        if drivers.is_empty() {
             bail!(
                 DriverNotFound,
                 "the Level Zero loader {} found no driver",
                 api.path()
             );
         }
-        let mut handles = vec![ptr::null_mut(); count as usize];
-        // SAFETY: the array has `count` entries.
-        api.check("zeDriverGet", unsafe {
-            (api.driver_get)(&mut count, handles.as_mut_ptr())
-        })?;
-        handles.truncate(count as usize);
-        Ok(handles)
+        Ok(drivers)
     }
 
     fn devices_of(api: &ZeApi, driver: Handle) -> Result<Vec<usize>> {
-        let mut count = 0u32;
-        // SAFETY: valid out-pointer; NULL array asks for the count.
-        api.check("zeDeviceGet", unsafe {
-            (api.device_get)(driver, &mut count, ptr::null_mut())
-        })?;
-        let mut handles: Vec<Handle> = vec![ptr::null_mut(); count as usize];
-        if count > 0 {
-            // SAFETY: the array has `count` entries.
-            api.check("zeDeviceGet", unsafe {
-                (api.device_get)(driver, &mut count, handles.as_mut_ptr())
-            })?;
-        }
-        Ok(handles
+        Ok(api
+            .devices(driver)?
             .into_iter()
-            .take(count as usize)
             .map(|h| h as usize)
             .collect())
     }
 
     fn default_or_new_context(api: &ZeApi, driver: Handle) -> Result<(usize, &'static str)> {
-        if let Some(default_context) = api.default_context {
-            // SAFETY: a driver handle from zeDriverGet.
-            let ctx = unsafe { default_context(driver) };
-            if !ctx.is_null() {
-                return Ok((
-                    ctx as usize,
-                    "the driver's default context (zeDriverGetDefaultContext)",
-                ));
-            }
+        if let Some(ctx) = api.driver_default_context(driver) {
+            return Ok((
+                ctx as usize,
+                "the driver's default context (zeDriverGetDefaultContext)",
+            ));
         }
-        let desc = ze::ContextDesc {
-            stype: ze::STYPE_CONTEXT_DESC,
-            p_next: ptr::null(),
-            flags: 0,
-        };
-        let mut ctx: Handle = ptr::null_mut();
-        // SAFETY: valid descriptor and out-pointer.
-        api.check("zeContextCreate", unsafe {
-            (api.context_create)(driver, &desc, &mut ctx)
-        })?;
+        let ctx = api.create_context(driver)?;
         Ok((ctx as usize, "created itself (zeContextCreate)"))
     }
 
     fn query_page_size(api: &ZeApi, context: usize, device: usize) -> Result<usize> {
-        let mut page = 0usize;
-        // SAFETY: handles from the loader; valid out-pointer.
-        let rc =
-            unsafe { (api.page_size)(context as Handle, device as Handle, 2 << 20, &mut page) };
-        if rc == ze::ZE_RESULT_ERROR_UNSUPPORTED_FEATURE {
-            bail!(
+        let page = match api.page_size(context as Handle, device as Handle, 2 << 20) {
+            Ok(page) => page,
+            Err(ze::ZE_RESULT_ERROR_UNSUPPORTED_FEATURE) => bail!(
                 Unsupported,
                 "the Level Zero device has no virtual memory support (zeVirtualMemQueryPageSize: {})",
-                ze::result_name(rc)
-            );
-        }
-        api.check("zeVirtualMemQueryPageSize", rc)?;
+                ze::result_name(ze::ZE_RESULT_ERROR_UNSUPPORTED_FEATURE)
+            ),
+            Err(code) => return api.check("zeVirtualMemQueryPageSize", code).map(|()| 0),
+        };
         if page == 0 || !page.is_power_of_two() {
             bail!(Driver, "zeVirtualMemQueryPageSize returned {page}");
         }
@@ -261,30 +188,7 @@ impl LevelZeroBackend {
     }
 
     fn total_memory(api: &ZeApi, device: usize) -> Result<u64> {
-        let mut count = 0u32;
-        // SAFETY: valid out-pointer; NULL array asks for the count.
-        let rc = unsafe {
-            (api.device_get_memory_properties)(device as Handle, &mut count, ptr::null_mut())
-        };
-        api.check("zeDeviceGetMemoryProperties", rc)?;
-        let mut props: Vec<ze::DeviceMemoryProperties> = (0..count)
-            .map(|_| ze::DeviceMemoryProperties {
-                stype: ze::STYPE_DEVICE_MEMORY_PROPERTIES,
-                p_next: ptr::null_mut(),
-                flags: 0,
-                max_clock_rate: 0,
-                max_bus_width: 0,
-                total_size: 0,
-                name: [0; 256],
-            })
-            .collect();
-        if count > 0 {
-            // SAFETY: the array has `count` initialised entries.
-            let rc = unsafe {
-                (api.device_get_memory_properties)(device as Handle, &mut count, props.as_mut_ptr())
-            };
-            api.check("zeDeviceGetMemoryProperties", rc)?;
-        }
+        let props = api.memory_properties(device as Handle)?;
         Ok(props.iter().map(|p| p.total_size).sum())
     }
 
@@ -325,33 +229,7 @@ impl LevelZeroBackend {
     }
 
     fn create_copy_engine(&self, device: &Device) -> Result<CopyEngine> {
-        let api = &self.api;
-        let mut count = 0u32;
-        // SAFETY: valid out-pointer; NULL array asks for the count.
-        let rc = unsafe {
-            (api.device_get_queue_groups)(device.handle as Handle, &mut count, ptr::null_mut())
-        };
-        api.check("zeDeviceGetCommandQueueGroupProperties", rc)?;
-        let mut groups: Vec<ze::CommandQueueGroupProperties> = (0..count)
-            .map(|_| ze::CommandQueueGroupProperties {
-                stype: ze::STYPE_COMMAND_QUEUE_GROUP_PROPERTIES,
-                p_next: ptr::null_mut(),
-                flags: 0,
-                max_memory_fill_pattern_size: 0,
-                num_queues: 0,
-            })
-            .collect();
-        if count > 0 {
-            // SAFETY: the array has `count` initialised entries.
-            let rc = unsafe {
-                (api.device_get_queue_groups)(
-                    device.handle as Handle,
-                    &mut count,
-                    groups.as_mut_ptr(),
-                )
-            };
-            api.check("zeDeviceGetCommandQueueGroupProperties", rc)?;
-        }
+        let groups = self.api.queue_groups(device.handle as Handle)?;
         let ordinal = groups
             .iter()
             .position(|g| g.flags & ze::GROUP_FLAG_COPY != 0)
@@ -365,12 +243,9 @@ impl LevelZeroBackend {
             mode: ze::QUEUE_MODE_ASYNCHRONOUS,
             priority: 0,
         };
-        let mut list: Handle = ptr::null_mut();
-        // SAFETY: valid descriptor and out-pointer.
-        let rc = unsafe {
-            (api.list_create_immediate)(self.ctx(), device.handle as Handle, &desc, &mut list)
-        };
-        api.check("zeCommandListCreateImmediate", rc)?;
+        let list = self
+            .api
+            .create_immediate_list(self.ctx(), device.handle as Handle, &desc)?;
         Ok(CopyEngine {
             list: list as usize,
             pools: Vec::new(),
@@ -382,18 +257,15 @@ impl LevelZeroBackend {
         if let Some(event) = engine.idle_events.pop() {
             return Ok(event);
         }
-        let api = &self.api;
         let desc = ze::EventPoolDesc {
             stype: ze::STYPE_EVENT_POOL_DESC,
             p_next: ptr::null(),
             flags: ze::EVENT_POOL_HOST_VISIBLE,
             count: EVENTS_PER_POOL,
         };
-        let mut pool: Handle = ptr::null_mut();
-        let mut dev = device.handle as Handle;
-        // SAFETY: valid descriptor, one device, valid out-pointer.
-        let rc = unsafe { (api.event_pool_create)(self.ctx(), &desc, 1, &mut dev, &mut pool) };
-        api.check("zeEventPoolCreate", rc)?;
+        let pool = self
+            .api
+            .create_event_pool(self.ctx(), device.handle as Handle, &desc)?;
         engine.pools.push(pool as usize);
         for index in 0..EVENTS_PER_POOL {
             let desc = ze::EventDesc {
@@ -403,10 +275,7 @@ impl LevelZeroBackend {
                 signal: ze::EVENT_SCOPE_HOST,
                 wait: ze::EVENT_SCOPE_HOST,
             };
-            let mut event: Handle = ptr::null_mut();
-            // SAFETY: a pool from above with EVENTS_PER_POOL slots.
-            let rc = unsafe { (api.event_create)(pool, &desc, &mut event) };
-            api.check("zeEventCreate", rc)?;
+            let event = self.api.create_event(pool, &desc)?;
             engine.idle_events.push(event as usize);
         }
         engine
@@ -420,9 +289,10 @@ impl LevelZeroBackend {
         let device = self.device(ordinal)?;
         self.with_copy(ordinal, |engine| {
             let event = self.take_event(device, engine)?;
-            // SAFETY: the list and event belong to this context.
-            let rc = unsafe { (self.api.append_signal)(engine.list as Handle, event as Handle) };
-            if let Err(err) = self.api.check("zeCommandListAppendSignalEvent", rc) {
+            let signalled = self
+                .api
+                .append_signal_event(engine.list as Handle, event as Handle);
+            if let Err(err) = signalled {
                 engine.idle_events.push(event);
                 return Err(err);
             }
@@ -431,15 +301,9 @@ impl LevelZeroBackend {
     }
 
     fn wait_event(&self, ordinal: i32, event: u64) -> Result<()> {
-        let api = &self.api;
-        // SAFETY: an event from `signal`.
-        let waited = api.check("zeEventHostSynchronize", unsafe {
-            (api.event_host_synchronize)(event as usize as Handle, u64::MAX)
-        });
-        // SAFETY: as above.
-        let reset = api.check("zeEventHostReset", unsafe {
-            (api.event_host_reset)(event as usize as Handle)
-        });
+        let handle = event as usize as Handle;
+        let waited = self.api.host_synchronize_event(handle);
+        let reset = self.api.host_reset_event(handle);
         self.with_copy(ordinal, |engine| {
             engine.idle_events.push(event as usize);
             Ok(())
@@ -456,21 +320,13 @@ impl LevelZeroBackend {
         what: &str,
     ) -> Result<()> {
         self.with_copy(ordinal, |engine| {
-            // SAFETY: both ranges are valid for `len` bytes until the copy is waited for.
-            let rc = unsafe {
-                (self.api.append_copy)(
-                    engine.list as Handle,
-                    dst,
-                    src,
-                    len,
-                    ptr::null_mut(),
-                    0,
-                    ptr::null_mut(),
-                )
-            };
-            self.api
-                .check("zeCommandListAppendMemoryCopy", rc)
-                .map_err(|e| e.context(what))
+            // SAFETY: both ranges are valid for `len` bytes until the copy is waited for (the
+            // store and the pipeline keep backups and mappings until then).
+            unsafe {
+                self.api
+                    .append_memory_copy(engine.list as Handle, dst, src, len)
+            }
+            .map_err(|e| e.context(what))
         })
     }
 }
@@ -490,45 +346,28 @@ impl Backend for LevelZeroBackend {
 
     fn reserve(&self, device: i32, size: usize) -> Result<u64> {
         self.device(device)?;
-        let mut va: *mut c_void = ptr::null_mut();
-        // SAFETY: valid out-pointer; no placement hint.
-        let rc = unsafe { (self.api.reserve)(self.ctx(), ptr::null(), size, &mut va) };
-        self.api.check("zeVirtualMemReserve", rc)?;
-        Ok(va as u64)
+        self.api.reserve_va(self.ctx(), size)
     }
 
     fn free_va(&self, _device: i32, va: u64, size: usize) -> Result<()> {
         // SAFETY: a reservation devmem made and no longer maps.
-        let rc = unsafe { (self.api.free_va)(self.ctx(), va as *const c_void, size) };
-        self.api.check("zeVirtualMemFree", rc)
+        unsafe { self.api.free_va_range(self.ctx(), va, size) }
     }
 
     fn create(&self, device: i32, size: usize) -> Result<u64> {
         let dev = self.device(device)?;
-        let desc = ze::PhysicalMemDesc {
-            stype: ze::STYPE_PHYSICAL_MEM_DESC,
-            p_next: ptr::null(),
-            flags: 0,
-            size,
-        };
-        let mut handle: Handle = ptr::null_mut();
-        // SAFETY: valid descriptor and out-pointer.
-        let rc = unsafe {
-            (self.api.physical_create)(self.ctx(), dev.handle as Handle, &desc, &mut handle)
-        };
-        self.api
-            .check("zePhysicalMemCreate", rc)
+        let handle = self
+            .api
+            .create_physical(self.ctx(), dev.handle as Handle, size)
             .map_err(|e| e.context(format!("device {device}, {size} bytes")))?;
         dev.created.fetch_add(size as u64, Ordering::Relaxed);
         // Level Zero handles do not carry their size; `release` needs it for mem_get_info.
-        SIZES.lock().insert(handle as u64, (size, device));
-        Ok(handle as u64)
+        SIZES.lock().insert(handle, (size, device));
+        Ok(handle)
     }
 
     fn release(&self, _device: i32, handle: u64) -> Result<()> {
-        // SAFETY: a handle from zePhysicalMemCreate, destroyed once.
-        let rc = unsafe { (self.api.physical_destroy)(self.ctx(), handle as usize as Handle) };
-        self.api.check("zePhysicalMemDestroy", rc)?;
+        self.api.destroy_physical(self.ctx(), handle)?;
         if let Some((size, device)) = SIZES.lock().remove(&handle) {
             if let Ok(dev) = self.device(device) {
                 dev.created.fetch_sub(size as u64, Ordering::Relaxed);
@@ -538,18 +377,7 @@ impl Backend for LevelZeroBackend {
     }
 
     fn map(&self, _device: i32, va: u64, size: usize, handle: u64) -> Result<()> {
-        // SAFETY: the range lies in a reservation devmem owns and is unmapped.
-        let rc = unsafe {
-            (self.api.map)(
-                self.ctx(),
-                va as *const c_void,
-                size,
-                handle as usize as Handle,
-                0,
-                ze::ACCESS_READWRITE,
-            )
-        };
-        self.api.check("zeVirtualMemMap", rc)
+        self.api.map_va(self.ctx(), va, size, handle)
     }
 
     fn set_access(&self, _device: i32, _va: u64, _size: usize) -> Result<()> {
@@ -557,9 +385,9 @@ impl Backend for LevelZeroBackend {
     }
 
     fn unmap(&self, _device: i32, va: u64, size: usize) -> Result<()> {
-        // SAFETY: a range devmem mapped.
-        let rc = unsafe { (self.api.unmap)(self.ctx(), va as *const c_void, size) };
-        self.api.check("zeVirtualMemUnmap", rc)
+        // SAFETY: a range devmem mapped; callers waited for devmem's copies (and the caller for
+        // its own queues, see the module docs).
+        unsafe { self.api.unmap_va(self.ctx(), va, size) }
     }
 
     fn synchronize(&self, device: i32) -> Result<()> {
@@ -609,25 +437,15 @@ impl Backend for LevelZeroBackend {
     }
 
     fn alloc_host(&self, _device: i32, len: usize) -> Result<*mut u8> {
-        let desc = ze::HostMemAllocDesc {
-            stype: ze::STYPE_HOST_MEM_ALLOC_DESC,
-            p_next: ptr::null(),
-            flags: 0,
-        };
-        let mut ptr_out: *mut c_void = ptr::null_mut();
-        // SAFETY: valid descriptor and out-pointer.
-        let rc =
-            unsafe { (self.api.mem_alloc_host)(self.ctx(), &desc, len, 2 << 20, &mut ptr_out) };
         self.api
-            .check("zeMemAllocHost", rc)
-            .map_err(|e| e.context(format!("{len} bytes of host memory for backups")))?;
-        Ok(ptr_out.cast())
+            .alloc_host(self.ctx(), len, 2 << 20)
+            .map_err(|e| e.context(format!("{len} bytes of host memory for backups")))
     }
 
     fn free_host(&self, _device: i32, ptr_in: *mut u8) -> Result<()> {
-        // SAFETY: memory from zeMemAllocHost, freed once.
-        let rc = unsafe { (self.api.mem_free)(self.ctx(), ptr_in.cast()) };
-        self.api.check("zeMemFree", rc)
+        // SAFETY: memory from zeMemAllocHost, freed once, after every copy into it was waited
+        // for (the store frees only chunks no backup uses).
+        unsafe { self.api.free_host(self.ctx(), ptr_in) }
     }
 
     fn host_register(&self, _device: i32, _ptr: *mut u8, _len: usize) -> Result<()> {
