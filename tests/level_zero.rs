@@ -242,3 +242,57 @@ fn vllm_primitives_over_a_level_zero_reservation() {
     free_all(&[p]);
     release_store_and_assert_clean();
 }
+
+/// A hand-over during the first load: the load is held inside the loader (in `zeDeviceGet`,
+/// after it read the handed-over context, holding devmem's backend slot) while another thread
+/// hands a context over. The hand-over must wait for the load and then fail with
+/// `INVALID_STATE`, never return `SUCCESS` for a context the loaded backend ignores. (The
+/// window of the old race, between the hand-over's "is a backend loaded?" check and its
+/// record, cannot be held open from outside; the fix closes it by doing both under the slot's
+/// lock, which this test relies on.)
+#[test]
+fn a_hand_over_racing_the_first_load_is_refused_not_ignored() {
+    level_zero_env(&[]);
+    // SAFETY: the emulator library devmem loads, opened for its test controls.
+    let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("emulator");
+    // SAFETY: the controls' prototypes.
+    let (hold, wait_held, release) = unsafe {
+        (
+            *lib.get::<unsafe extern "C" fn(*const std::ffi::c_char) -> u32>(b"cuemu_hold\0")
+                .expect("cuemu_hold"),
+            *lib.get::<unsafe extern "C" fn(u64) -> i32>(b"cuemu_wait_held\0")
+                .expect("cuemu_wait_held"),
+            *lib.get::<unsafe extern "C" fn() -> u32>(b"cuemu_release_held\0")
+                .expect("cuemu_release_held"),
+        )
+    };
+    // SAFETY: a NUL-terminated name.
+    assert_eq!(unsafe { hold(c"zeDeviceGet".as_ptr()) }, 0);
+    let loader = std::thread::spawn(|| {
+        let mut n = 0;
+        ffi::devmem_device_count(&mut n)
+    });
+    // SAFETY: plain value.
+    assert_eq!(
+        unsafe { wait_held(10_000) },
+        1,
+        "the load reached zeDeviceGet"
+    );
+    let handing = std::thread::spawn(|| {
+        let devices = [DEVICE0 as *mut c_void];
+        let status =
+            ffi::devmem_set_level_zero_context(DEFAULT_CONTEXT as *mut c_void, devices.as_ptr(), 1);
+        (status, message())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !handing.is_finished(),
+        "the hand-over must wait for the load in progress"
+    );
+    // SAFETY: no arguments.
+    assert_eq!(unsafe { release() }, 0);
+    ok(loader.join().expect("loader"));
+    let (status, msg) = handing.join().expect("hand-over");
+    assert_eq!(status, S::InvalidState, "{msg}");
+    assert!(msg.contains("already loaded"), "{msg}");
+}

@@ -156,3 +156,78 @@ pub extern "C" fn cuemu_launch_fill(ptr: u64, len: usize, byte: u8) -> R {
         )
     })
 }
+
+/// A call that is held: the next call of `name` waits, before taking the emulator's lock,
+/// until `cuemu_release_held` (tests use it to make an interleaving of threads exact).
+struct Hold {
+    name: Option<String>,
+    waiting: bool,
+}
+
+static HOLD: std::sync::Mutex<Hold> = std::sync::Mutex::new(Hold {
+    name: None,
+    waiting: false,
+});
+static HOLD_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn hold_lock() -> std::sync::MutexGuard<'static, Hold> {
+    HOLD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Blocks the calling thread while `name` is the held call (see `cuemu_hold`).
+pub(crate) fn wait_if_held(name: &str) {
+    let mut hold = hold_lock();
+    if hold.name.as_deref() != Some(name) {
+        return;
+    }
+    hold.waiting = true;
+    HOLD_CHANGED.notify_all();
+    while hold.name.as_deref() == Some(name) {
+        hold = HOLD_CHANGED
+            .wait(hold)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+    hold.waiting = false;
+}
+
+/// Makes the next call of `name` wait until `cuemu_release_held`.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_hold(name: *const c_char) -> R {
+    if name.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: NUL-terminated by this function's contract.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    let mut hold = hold_lock();
+    hold.name = Some(name);
+    hold.waiting = false;
+    SUCCESS
+}
+
+/// Waits up to `millis` for a thread to be held; returns 1 when one is, else 0.
+#[no_mangle]
+pub extern "C" fn cuemu_wait_held(millis: u64) -> c_int {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+    let mut hold = hold_lock();
+    while !hold.waiting {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return 0;
+        }
+        hold = HOLD_CHANGED
+            .wait_timeout(hold, left)
+            .map(|(guard, _)| guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+    }
+    1
+}
+
+/// Lets the held call go on.
+#[no_mangle]
+pub extern "C" fn cuemu_release_held() -> R {
+    hold_lock().name = None;
+    HOLD_CHANGED.notify_all();
+    SUCCESS
+}

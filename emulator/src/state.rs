@@ -86,6 +86,7 @@ pub(crate) fn lock() -> MutexGuard<'static, Option<Emu>> {
 
 /// Runs `f` on the emulator state, after counting the call and applying injected faults.
 pub(crate) fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
+    crate::control::wait_if_held(name);
     let mut guard = lock();
     let emu = guard.get_or_insert_with(|| {
         let config = Config::from_env();
