@@ -200,10 +200,25 @@ struct Retired {
     device: i32,
 }
 
+/// What a failed map left behind outside any allocation record (its undo failed too): kept
+/// here, not leaked, and released by the next operation that holds `OPS`.
+#[derive(Debug, Clone, Copy)]
+struct Stray {
+    device: i32,
+    va: u64,
+    size: usize,
+    handle: Option<u64>,
+    /// A mapping is still at `va`.
+    mapped: bool,
+    /// The address range is devmem's and still reserved.
+    reserved: bool,
+}
+
 #[derive(Default)]
 struct Registry {
     allocations: BTreeMap<u64, Allocation>,
     retired: BTreeMap<u64, Retired>,
+    strays: Vec<Stray>,
     per_tag: HashMap<Arc<str>, devmem_stats>,
     total: devmem_stats,
     callbacks: Callbacks,
@@ -352,11 +367,24 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
         .map_err(|e| e.context(format!("reserving {rounded} bytes on device {device}")))?;
     let handle = match backend.create_and_map(device, va, rounded) {
         Ok(handle) => handle,
-        Err(err) => {
-            if let Err(undo) = backend.free_va(device, va, rounded) {
-                log::error!("devmem: freeing the reservation at {va:#x}: {undo}");
+        Err(stranded) => {
+            let reserved = stranded.mapped
+                || backend.free_va(device, va, rounded).is_err_and(|undo| {
+                    log::error!("devmem: freeing the reservation at {va:#x}: {undo}");
+                    true
+                });
+            if stranded.holds_anything() || reserved {
+                keep_stray(Stray {
+                    device,
+                    va,
+                    size: rounded,
+                    handle: stranded.handle,
+                    mapped: stranded.mapped,
+                    reserved,
+                });
             }
-            return Err(err.context(format!("allocating {size} bytes on device {device}")));
+            let what = format!("allocating {size} bytes on device {device}");
+            return Err(stranded.error.context(what));
         }
     };
     let tag = current_tag();
@@ -383,6 +411,35 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
     log::debug!("devmem: allocated {rounded} bytes at {va:#x} on device {device}, tag {tag}");
     notify(callbacks.on_alloc, &info, callbacks.user_data);
     Ok(va)
+}
+
+fn keep_stray(stray: Stray) {
+    log::error!("devmem: keeping {stray:?} to release later");
+    with_registry(|reg| reg.strays.push(stray));
+}
+
+/// Takes `OPS`, then releases what earlier failed maps left behind (each step that fails
+/// again stays for the next time).
+fn lock_ops(backend: &dyn Backend) -> parking_lot::MutexGuard<'static, ()> {
+    let guard = OPS.lock();
+    let strays = with_registry(|reg| std::mem::take(&mut reg.strays));
+    for mut s in strays {
+        if s.mapped {
+            s.mapped = backend.unmap(s.device, s.va, s.size).is_err();
+        }
+        if let (false, Some(handle)) = (s.mapped, s.handle) {
+            s.handle = backend.release(s.device, handle).err().map(|_| handle);
+        }
+        if !s.mapped && s.reserved {
+            s.reserved = backend.free_va(s.device, s.va, s.size).is_err();
+        }
+        if s.mapped || s.handle.is_some() || s.reserved {
+            with_registry(|reg| reg.strays.push(s));
+        } else {
+            log::info!("devmem: released what a failed map left at {:#x}", s.va);
+        }
+    }
+    guard
 }
 
 fn notify(callback: devmem_allocation_callback, info: &devmem_allocation_info, user_data: usize) {
@@ -419,7 +476,7 @@ pub fn free(ptr: u64) -> Result<()> {
         }
     };
     notify(callbacks.on_free, &info, callbacks.user_data);
-    let _op = OPS.lock();
+    let _op = lock_ops(&*backend);
     let (device, size, _) = release_device_memory(&*backend, ptr, id, "freeing")?;
     // The record leaves the registry before the address range goes back to the driver: once
     // freed, the driver may hand the same range to a concurrent malloc, whose record must not
@@ -538,7 +595,7 @@ pub fn trim(ptr: u64) -> Result<usize> {
         );
     };
     notify(callbacks.on_free, &info, callbacks.user_data);
-    let _op = OPS.lock();
+    let _op = lock_ops(&*backend);
     let (device, size, state) = release_device_memory(&*backend, ptr, id, "trimming")?;
     let removed = with_registry(|reg| {
         let allocation = reg.allocations.remove(&ptr)?;
@@ -573,7 +630,7 @@ enum Action {
 /// it releases is recorded here as it finishes, so a failure halfway leaves every record true.
 fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transfer> {
     let backend = backend::get()?;
-    let _op = OPS.lock();
+    let _op = lock_ops(&*backend);
     let start = Instant::now();
     let mut offloads: Vec<SaveTarget> = Vec::new();
     let mut discards: Vec<SaveTarget> = Vec::new();
@@ -699,7 +756,7 @@ pub fn wake_up_except(deferred: &[String]) -> Result<devmem_transfer> {
 
 fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
     let backend = backend::get()?;
-    let _op = OPS.lock();
+    let _op = lock_ops(&*backend);
     let start = Instant::now();
     let mut targets: Vec<RestoreTarget> = with_registry(|reg| {
         reg.allocations
@@ -968,14 +1025,29 @@ pub fn reserve_host_store(bytes: usize, wait: bool) -> Result<()> {
 
 /// Frees the host store's unused pinned buffers; returns the bytes freed.
 pub fn release_host_store() -> Result<usize> {
-    backend::get()?;
+    let backend = backend::get()?;
+    drop(lock_ops(&*backend));
     store::release_free()
 }
 
 /// vLLM's `create_and_map`: creates physical memory on `device` and maps it at `va` (inside
 /// a range the caller reserved), outside the registry. Returns the handle.
 pub fn create_and_map_untracked(device: i32, va: u64, size: usize) -> Result<u64> {
-    backend::get()?.create_and_map(device, va, size)
+    backend::get()?
+        .create_and_map(device, va, size)
+        .map_err(|stranded| {
+            if stranded.holds_anything() {
+                keep_stray(Stray {
+                    device,
+                    va,
+                    size,
+                    handle: stranded.handle,
+                    mapped: stranded.mapped,
+                    reserved: false,
+                });
+            }
+            stranded.error
+        })
 }
 
 /// vLLM's `unmap_and_release`: waits for `device` (CUDA: every stream of its primary context;

@@ -607,3 +607,67 @@ fn needs_setpriv_unprivileged_nproc_limit_never_hangs() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+// --- Double faults found by fuzzing ----------------------------------------------------------
+
+/// malloc's map fails and so does the release of the memory it created (found by
+/// `fuzz/fuzz_targets/api_sequence.rs`: the handle leaked for the life of the process). The
+/// handle is kept and released by the next operation.
+#[test]
+fn malloc_keeps_what_a_failed_undo_leaves_and_releases_it_later() {
+    setup(&[]);
+    emu().inject("cuMemMap", 1, 999);
+    emu().inject("cuMemRelease", 1, 999);
+    set_tag("x");
+    let mut p: *mut c_void = ptr::null_mut();
+    expect_err(
+        ffi::devmem_malloc(2 * MIB, 0, &mut p),
+        devmem_status::Driver,
+        "cuMemMap",
+    );
+    assert_eq!(emu().counters().handles, 1, "the handle is still held");
+    let q = alloc(2 * MIB, "x");
+    ok(ffi::devmem_free(q as *mut c_void)); // releases the stray handle first
+    assert_no_device_leaks();
+}
+
+/// The same inside a wake: the second allocation's fresh memory cannot be mapped nor released.
+/// The allocation keeps that handle; the next wake maps it, free releases it.
+#[test]
+fn wake_keeps_what_a_failed_undo_leaves_on_the_allocation() {
+    setup(&[]);
+    let a = alloc(2 * MIB, "weights");
+    let b = alloc(2 * MIB, "weights");
+    fill(a, 2 * MIB, 91);
+    fill(b, 2 * MIB, 92);
+    ok(sleep(&["weights"]));
+    emu().inject("cuMemMap", 2, 999);
+    emu().inject("cuMemRelease", 1, 999);
+    assert_eq!(wake(None), devmem_status::Driver);
+    assert_eq!(emu().counters().handles, 1, "the failed map's handle is kept");
+    ok(wake(None));
+    assert_eq!(mismatches(a, 2 * MIB, 91), 0);
+    assert_eq!(mismatches(b, 2 * MIB, 92), 0);
+    free_all(&[a, b]);
+    release_store_and_assert_clean();
+}
+
+/// set_access fails and so does the unmap that undoes the map: the mapping stays until the
+/// next operation unmaps it, releases the memory and frees the reservation.
+#[test]
+fn malloc_keeps_a_mapping_whose_undo_failed() {
+    setup(&[]);
+    if level_zero() {
+        // zeVirtualMemMap grants access itself: there is no separate access step to fail.
+        emu().inject("cuMemMap", 1, 999);
+    } else {
+        emu().inject("cuMemSetAccess", 1, 999);
+        emu().inject("cuMemUnmap", 1, 999);
+    }
+    set_tag("x");
+    let mut p: *mut c_void = ptr::null_mut();
+    assert_ne!(ffi::devmem_malloc(2 * MIB, 0, &mut p), devmem_status::Success);
+    let q = alloc(2 * MIB, "x");
+    ok(ffi::devmem_free(q as *mut c_void));
+    assert_no_device_leaks();
+}

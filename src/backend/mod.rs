@@ -129,27 +129,82 @@ pub trait Backend: Send + Sync {
     }
 
     /// Maps an existing handle at `va` and grants access; undoes the mapping if access fails.
-    fn map_with_access(&self, device: i32, va: u64, size: usize, handle: u64) -> Result<()> {
-        self.map(device, va, size, handle)?;
-        if let Err(err) = self.set_access(device, va, size) {
-            if let Err(undo) = self.unmap(device, va, size) {
-                log::error!("devmem: undoing a mapping at {va:#x} after failed access: {undo}");
-            }
-            return Err(err);
+    /// On failure, says whether the mapping is still there (the undo failed too).
+    fn map_with_access(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+        handle: u64,
+    ) -> std::result::Result<(), Stranded> {
+        self.map(device, va, size, handle)
+            .map_err(Stranded::nothing)?;
+        if let Err(error) = self.set_access(device, va, size) {
+            let mapped = match self.unmap(device, va, size) {
+                Ok(()) => false,
+                Err(undo) => {
+                    log::error!("devmem: undoing a mapping at {va:#x} after failed access: {undo}");
+                    true
+                }
+            };
+            return Err(Stranded {
+                error,
+                handle: None,
+                mapped,
+            });
         }
         Ok(())
     }
 
     /// Creates physical memory, maps it at `va` and grants access; undoes every step on failure.
-    fn create_and_map(&self, device: i32, va: u64, size: usize) -> Result<u64> {
-        let handle = self.create(device, size)?;
-        if let Err(err) = self.map_with_access(device, va, size, handle) {
+    /// A step of the undo that fails too is reported in [`Stranded`], so the caller keeps what
+    /// is still held instead of leaking it.
+    fn create_and_map(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+    ) -> std::result::Result<u64, Stranded> {
+        let handle = self.create(device, size).map_err(Stranded::nothing)?;
+        if let Err(mut failed) = self.map_with_access(device, va, size, handle) {
+            if failed.mapped {
+                failed.handle = Some(handle); // still mapped: released when it is unmapped
+                return Err(failed);
+            }
             if let Err(undo) = self.release(device, handle) {
                 log::error!("devmem: releasing handle {handle:#x} after a failed map: {undo}");
+                failed.handle = Some(handle);
             }
-            return Err(err);
+            return Err(failed);
         }
         Ok(handle)
+    }
+}
+
+/// A failed map whose undo failed too: what is still held.
+#[derive(Debug)]
+pub struct Stranded {
+    /// The first error.
+    pub error: crate::error::Error,
+    /// Physical memory created by the call that could not be released.
+    pub handle: Option<u64>,
+    /// Whether a mapping is still at the address (its unmap failed).
+    pub mapped: bool,
+}
+
+impl Stranded {
+    /// A failure that left nothing behind.
+    pub fn nothing(error: crate::error::Error) -> Self {
+        Self {
+            error,
+            handle: None,
+            mapped: false,
+        }
+    }
+
+    /// Whether anything is still held.
+    pub fn holds_anything(&self) -> bool {
+        self.handle.is_some() || self.mapped
     }
 }
 

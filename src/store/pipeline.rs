@@ -269,7 +269,10 @@ pub fn restore(
     targets: &[RestoreTarget],
 ) -> std::result::Result<Vec<u64>, RestoreFailure> {
     let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
+    // Per target: the handle this call has mapped there, or (`kept`) physical memory a failed
+    // map left held but unmapped.
     let mut handles: Vec<Option<u64>> = vec![None; targets.len()];
+    let mut kept: Vec<Option<u64>> = vec![None; targets.len()];
     let mut failure = None;
     for (i, t) in targets.iter().enumerate() {
         let mapped = match (t.handle, t.mapped) {
@@ -281,9 +284,17 @@ pub fn restore(
         };
         match mapped {
             Ok(handle) => handles[i] = Some(handle),
-            Err(err) => {
-                failure =
-                    Some(err.context(format!("wake: mapping {:#x} ({} bytes)", t.va, t.size)));
+            Err(stranded) => {
+                if stranded.mapped {
+                    handles[i] = stranded.handle.or(t.handle);
+                } else {
+                    kept[i] = stranded.handle;
+                }
+                failure = Some(
+                    stranded
+                        .error
+                        .context(format!("wake: mapping {:#x} ({} bytes)", t.va, t.size)),
+                );
                 break;
             }
         }
@@ -311,9 +322,12 @@ pub fn restore(
     finish_copies(&**backend, &devices);
     let left = targets
         .iter()
-        .zip(&handles)
+        .zip(handles.iter().zip(&kept))
         .rev()
-        .map(|(t, handle)| roll_back(&**backend, t, *handle))
+        .map(|(t, (handle, kept))| match (handle, kept) {
+            (None, Some(held)) => Left::Held(*held),
+            _ => roll_back(&**backend, t, *handle),
+        })
         .collect::<Vec<_>>()
         .into_iter()
         .rev()
