@@ -13,6 +13,8 @@ cd fuzz
 for target in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do
   mkdir -p "corpus/$target"
   echo "=== fuzzing $target for ${seconds}s"
-  RUSTC_BOOTSTRAP=1 cargo fuzz run -s none "$target" "corpus/$target" -- \
+  # regressions/<target>/ holds every input that once failed: each run replays them first.
+  mkdir -p "regressions/$target"
+  RUSTC_BOOTSTRAP=1 cargo fuzz run -s none "$target" "corpus/$target" "regressions/$target" -- \
     -max_total_time="$seconds" -rss_limit_mb=4096 -print_final_stats=1
 done
