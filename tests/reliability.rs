@@ -644,7 +644,11 @@ fn wake_keeps_what_a_failed_undo_leaves_on_the_allocation() {
     emu().inject("cuMemMap", 2, 999);
     emu().inject("cuMemRelease", 1, 999);
     assert_eq!(wake(None), devmem_status::Driver);
-    assert_eq!(emu().counters().handles, 1, "the failed map's handle is kept");
+    assert_eq!(
+        emu().counters().handles,
+        1,
+        "the failed map's handle is kept"
+    );
     ok(wake(None));
     assert_eq!(mismatches(a, 2 * MIB, 91), 0);
     assert_eq!(mismatches(b, 2 * MIB, 92), 0);
@@ -666,7 +670,10 @@ fn malloc_keeps_a_mapping_whose_undo_failed() {
     }
     set_tag("x");
     let mut p: *mut c_void = ptr::null_mut();
-    assert_ne!(ffi::devmem_malloc(2 * MIB, 0, &mut p), devmem_status::Success);
+    assert_ne!(
+        ffi::devmem_malloc(2 * MIB, 0, &mut p),
+        devmem_status::Success
+    );
     let q = alloc(2 * MIB, "x");
     ok(ffi::devmem_free(q as *mut c_void));
     assert_no_device_leaks();
