@@ -3,7 +3,7 @@
 //!
 //! Reads top to bottom: the C types, the registry and its bookkeeping, tags, then each
 //! operation. How bytes move to and from host memory is the store's job
-//! ([`crate::store::pipeline`]); this module chooses the allocations and records the outcome.
+//! (`store::pipeline`); this module chooses the allocations and records the outcome.
 //!
 //! Locking: `REGISTRY` is held only for bookkeeping, never across a driver call, a copy or a
 //! user callback. `OPS` serialises the operations that change physical memory of existing

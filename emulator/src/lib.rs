@@ -15,7 +15,7 @@
 //! * Counters of live handles, mappings, reservations and host buffers for leak checks
 //!   (`cuemu_counters`).
 //!
-//! * Asynchrony ([`queue`]): queued copies run only at synchronisation points; unmapping or
+//! * Asynchrony (`queue`): queued copies run only at synchronisation points; unmapping or
 //!   freeing memory that queued work still uses is a recorded violation (`cuemu_counters`,
 //!   `cuemu_violation`), and `cuemu_launch_fill` queues application work to wait for.
 //!
