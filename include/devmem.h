@@ -22,12 +22,6 @@
 // Size of the tag buffer in `devmem_allocation_info`: the longest tag plus its NUL.
 #define DEVMEM_TAG_BUFFER_LEN 256
 
-// Backups are made of blocks of this size (the device granularity on current GPUs).
-#define BLOCK (2 << 20)
-
-// Bytes left to the rest of the process when the store grows up to the bound.
-#define HEADROOM (256 << 20)
-
 // Result of every fallible devmem function.
 //
 // `DEVMEM_STATUS_SUCCESS` is 0; every other value is an error whose details are in

@@ -65,3 +65,16 @@ fn library_does_not_link_libcuda() {
         "{text}"
     );
 }
+
+#[test]
+fn every_macro_in_the_header_is_prefixed() {
+    let header = include_str!("../include/devmem.h");
+    let macros: Vec<&str> = header
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("#define "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(macros.contains(&"DEVMEM_MAX_TAG_LEN"), "{macros:?}");
+    let bare: Vec<&&str> = macros.iter().filter(|m| !m.starts_with("DEVMEM_")).collect();
+    assert!(bare.is_empty(), "unprefixed macros in devmem.h: {bare:?}");
+}

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 /// Backups are made of blocks of this size (the device granularity on current GPUs).
-pub const BLOCK: usize = 2 << 20;
+pub(crate) const BLOCK: usize = 2 << 20;
 
 /// A run of blocks inside one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{bail, Result};
 
 /// Bytes left to the rest of the process when the store grows up to the bound.
-pub const HEADROOM: u64 = 256 << 20;
+pub(crate) const HEADROOM: u64 = 256 << 20;
 /// Environment variable with the cap on the bytes the host store holds.
-pub const LIMIT_ENV: &str = "DEVMEM_HOST_LIMIT";
+pub(crate) const LIMIT_ENV: &str = "DEVMEM_HOST_LIMIT";
 
 /// The cap set through the API: 0 unset (the environment decides), `u64::MAX` no cap.
 static API_CAP: AtomicU64 = AtomicU64::new(0);
