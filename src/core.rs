@@ -312,13 +312,18 @@ thread_local! {
 
 /// Checks a tag: 1 to [`DEVMEM_MAX_TAG_LEN`] bytes.
 pub fn validate_tag(tag: &str) -> Result<()> {
+    validate_tag_named(tag, "tag")
+}
+
+/// Like [`validate_tag`], naming the argument in the message ("tags[2] is empty").
+pub fn validate_tag_named(tag: &str, what: &str) -> Result<()> {
     if tag.is_empty() {
-        bail!(InvalidTag, "tag is empty");
+        bail!(InvalidTag, "{what} is empty");
     }
     if tag.len() > MAX_TAG_LEN {
         bail!(
             InvalidTag,
-            "tag is {} bytes long; the limit is {MAX_TAG_LEN}",
+            "{what} is {} bytes long; the limit is {MAX_TAG_LEN}",
             tag.len()
         );
     }

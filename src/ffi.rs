@@ -90,7 +90,7 @@ unsafe fn tag_from_c(tag: *const c_char, what: &str) -> Result<String> {
             format!("{what} is not UTF-8: {e}"),
         )
     })?;
-    core::validate_tag(text).map_err(|e| e.context(what))?;
+    core::validate_tag_named(text, what)?;
     Ok(text.to_string())
 }
 

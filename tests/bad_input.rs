@@ -243,7 +243,12 @@ row!(
     "tag is NULL",
     ffi::devmem_set_current_tag(ptr::null())
 );
-row!(set_tag_empty, S::InvalidTag, "empty", set_tag_bytes(b""));
+row!(
+    set_tag_empty,
+    S::InvalidTag,
+    "tag is empty",
+    set_tag_bytes(b"")
+);
 row!(
     set_tag_not_utf8,
     S::InvalidTag,
@@ -484,6 +489,24 @@ fn driver_missing() {
         S::DriverNotFound
     );
     assert!(message().contains("/nonexistent/libcuda.so.1"));
+    // dlerror()'s own text, not only libloading's "dlopen failed".
+    assert!(
+        message().contains("No such file or directory"),
+        "{}",
+        message()
+    );
+}
+
+#[test]
+fn driver_not_a_library_says_why() {
+    setup(&[("DEVMEM_CUDA_LIBRARY", "/etc/passwd")]);
+    assert_eq!(ffi::devmem_device_count(&mut 0), S::DriverNotFound);
+    let msg = message();
+    assert!(msg.contains("/etc/passwd"), "{msg}");
+    assert!(
+        msg.contains("invalid ELF header") || msg.contains("file too short"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -491,6 +514,7 @@ fn driver_without_symbols() {
     setup(&[("DEVMEM_CUDA_LIBRARY", "libm.so.6")]);
     assert_eq!(ffi::devmem_device_count(&mut 0), S::Driver);
     assert!(message().contains("lacks symbol"));
+    assert!(message().contains("undefined symbol"), "{}", message());
 }
 
 #[test]
@@ -515,4 +539,19 @@ fn messages_and_status_strings() {
 fn unsafe_zeroed() -> devmem::devmem_allocation_info {
     // SAFETY: zero is a valid value of the C struct.
     unsafe { std::mem::zeroed() }
+}
+
+/// Each message names the argument once ("tag is empty", not "tag: tag is empty").
+#[test]
+fn tag_messages_name_the_argument_once() {
+    setup(&[]);
+    assert_eq!(set_tag_bytes(b""), S::InvalidTag);
+    assert_eq!(message(), "tag is empty");
+    assert_eq!(
+        with_tags(ffi::devmem_sleep, &[Some(b"a"), Some(b"")]),
+        S::InvalidTag
+    );
+    assert_eq!(message(), "tags[1] is empty");
+    assert_eq!(set_tag_bytes(&[b'x'; 300]), S::InvalidTag);
+    assert_eq!(message(), "tag is longer than 255 bytes");
 }

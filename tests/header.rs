@@ -75,6 +75,9 @@ fn every_macro_in_the_header_is_prefixed() {
         .filter_map(|rest| rest.split_whitespace().next())
         .collect();
     assert!(macros.contains(&"DEVMEM_MAX_TAG_LEN"), "{macros:?}");
-    let bare: Vec<&&str> = macros.iter().filter(|m| !m.starts_with("DEVMEM_")).collect();
+    let bare: Vec<&&str> = macros
+        .iter()
+        .filter(|m| !m.starts_with("DEVMEM_"))
+        .collect();
     assert!(bare.is_empty(), "unprefixed macros in devmem.h: {bare:?}");
 }

@@ -25,9 +25,25 @@ pub(crate) fn open(env: &str, default: &str, what: &str) -> Result<(Library, Str
         Ok(lib) => Ok((lib, path)),
         Err(e) => Err(Error::new(
             devmem_status::DriverNotFound,
-            format!("could not open {what} {path} (set {env} to override): {e}"),
+            format!(
+                "could not open {what} {path} (set {env} to override): {}",
+                with_sources(&e)
+            ),
         )),
     }
+}
+
+/// An error and its sources, "outer: inner: ...": libloading's own text is only "dlopen
+/// failed"; `dlerror()`'s text (e.g. "invalid ELF header") is its source.
+pub(crate) fn with_sources(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
 
 /// Declares a driver's symbol table: a struct with one function pointer per required entry
@@ -67,7 +83,12 @@ macro_rules! symbol_table {
                     .map(|s| *s)
                     .map_err(|e| $crate::error::Error::new(
                         $crate::error::devmem_status::Driver,
-                        format!("{} {path} lacks symbol {}: {e}", $what, $sym),
+                        format!(
+                            "{} {path} lacks symbol {}: {}",
+                            $what,
+                            $sym,
+                            $crate::driver::with_sources(&e)
+                        ),
                     ))?;
                 )*
                 $(

@@ -119,12 +119,20 @@ def use_tag(tag: str) -> Iterator[None]:
         set_current_tag(previous)
 
 
+def _c_device(device: int) -> int:
+    """``device`` checked against the C ``int`` it is passed as (ctypes would wrap it)."""
+    if not isinstance(device, int) or isinstance(device, bool):
+        raise TypeError(f"device must be int, not {type(device).__name__}")
+    if not -(1 << 31) <= device < 1 << 31:
+        raise _lib.InvalidDeviceError(_lib.Status.INVALID_DEVICE, f"device {device} does not fit in a C int")
+    return device
+
+
 def malloc(size: int, device: int = 0) -> int:
     """Allocates ``size`` bytes on ``device`` under the thread's tag; returns the address."""
     if not isinstance(size, int) or isinstance(size, bool):
         raise TypeError(f"size must be int, not {type(size).__name__}")
-    if not isinstance(device, int) or isinstance(device, bool):
-        raise TypeError(f"device must be int, not {type(device).__name__}")
+    device = _c_device(device)
     if size < 0:
         raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, f"size {size} is negative")
     if size >= 1 << 64:
@@ -270,14 +278,14 @@ def stats(tag: Optional[str] = None) -> TagStats:
 def mem_get_info(device: int = 0) -> Tuple[int, int]:
     """(free, total) device memory in bytes, as the driver reports them."""
     free_b, total = ctypes.c_size_t(), ctypes.c_size_t()
-    call("devmem_mem_get_info", device, ctypes.byref(free_b), ctypes.byref(total))
+    call("devmem_mem_get_info", _c_device(device), ctypes.byref(free_b), ctypes.byref(total))
     return int(free_b.value), int(total.value)
 
 
 def granularity(device: int = 0) -> int:
     """The allocation granularity of ``device``."""
     out = ctypes.c_size_t()
-    call("devmem_granularity", device, ctypes.byref(out))
+    call("devmem_granularity", _c_device(device), ctypes.byref(out))
     return int(out.value)
 
 

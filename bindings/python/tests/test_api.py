@@ -250,3 +250,13 @@ def test_backend_reported_and_fixed_once_loaded():
         devmem.set_level_zero_context(0x7B000000, [0x7D000000])
     with pytest.raises(TypeError):
         devmem.set_level_zero_context(0x7B000000, ["device"])
+
+
+@pytest.mark.parametrize("device", [2**32, 2**31, -(2**31) - 1])
+def test_device_numbers_outside_a_c_int_are_refused_not_wrapped(device):
+    with pytest.raises(devmem.InvalidDeviceError, match="does not fit in a C int"):
+        devmem.malloc(4 * MIB, device=device)
+    with pytest.raises(devmem.InvalidDeviceError):
+        devmem.granularity(device)
+    with pytest.raises(devmem.InvalidDeviceError):
+        devmem.mem_get_info(device)
