@@ -13,6 +13,17 @@ pub(crate) struct Config {
     pub(crate) ze_default_context: bool,
 }
 
+/// Reads `name`; a value `parse` rejects is reported on standard error (naming what would have
+/// been accepted) and counts as unset.
+fn checked<T>(name: &str, accepted: &str, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    let value = std::env::var(name).ok()?;
+    let parsed = parse(value.trim());
+    if parsed.is_none() {
+        eprintln!("cuemu: ignoring {name}={value:?}: not {accepted}; using the default");
+    }
+    parsed
+}
+
 pub(crate) fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
@@ -32,25 +43,20 @@ pub(crate) fn parse_size(text: &str) -> Option<usize> {
 impl Config {
     pub(crate) fn from_env() -> Self {
         let size = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| parse_size(&v))
-                .unwrap_or(default)
+            checked(name, "a size (bytes, or with K, M or G)", parse_size).unwrap_or(default)
         };
         Self {
-            devices: std::env::var("DEVMEM_EMU_DEVICES")
-                .ok()
-                .and_then(|v| v.parse().ok())
+            devices: checked("DEVMEM_EMU_DEVICES", "a whole number", |v| v.parse().ok())
                 .unwrap_or(1),
             capacity: size("DEVMEM_EMU_CAPACITY", 1 << 30),
             granularity: size("DEVMEM_EMU_GRANULARITY", 2 << 20),
             fabric: env_flag("DEVMEM_EMU_FABRIC"),
             rdma: env_flag("DEVMEM_EMU_RDMA"),
             vmm: !env_flag("DEVMEM_EMU_NO_VMM"),
-            ze_drivers: std::env::var("DEVMEM_EMU_ZE_DRIVERS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1),
+            ze_drivers: checked("DEVMEM_EMU_ZE_DRIVERS", "a whole number", |v| {
+                v.parse().ok()
+            })
+            .unwrap_or(1),
             ze_default_context: !env_flag("DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT"),
         }
     }

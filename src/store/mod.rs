@@ -105,24 +105,28 @@ struct Pool {
     workers: usize,
 }
 
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok()?.trim().parse().ok()
+fn env_count(name: &str, min: usize, max: usize) -> Option<usize> {
+    crate::logging::env_or_warn(name, &format!("a whole number from {min} to {max}"), |v| {
+        v.parse::<usize>().ok().filter(|n| (min..=max).contains(n))
+    })
 }
 
 impl Pool {
     fn configured() -> Self {
-        let chunk_mb = env_usize("DEVMEM_HOST_CHUNK_MB").filter(|m| *m >= 2 && *m <= 1 << 20);
+        let chunk_mb = env_count("DEVMEM_HOST_CHUNK_MB", 2, 1 << 20);
         let chunk_bytes = chunk_mb.map_or(DEFAULT_CHUNK, |m| (m << 20).next_multiple_of(BLOCK));
-        let threads = env_usize("DEVMEM_HOST_THREADS")
-            .filter(|t| *t >= 1)
+        let threads = env_count("DEVMEM_HOST_THREADS", 1, 1024)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get().min(16)));
-        let workers = env_usize("DEVMEM_HOST_WORKERS")
+        let workers = env_count("DEVMEM_HOST_WORKERS", 1, 1024)
             .unwrap_or(DEFAULT_WORKERS)
             .clamp(1, threads.max(1));
-        let policy = match std::env::var("DEVMEM_HOST_POLICY").as_deref() {
-            Ok("release") => devmem_host_policy::Release,
-            _ => devmem_host_policy::Keep,
-        };
+        let policy =
+            crate::logging::env_or_warn("DEVMEM_HOST_POLICY", "keep or release", |v| match v {
+                "keep" => Some(devmem_host_policy::Keep),
+                "release" => Some(devmem_host_policy::Release),
+                _ => None,
+            })
+            .unwrap_or(devmem_host_policy::Keep);
         Self {
             blocks: BlockMap::default(),
             source: None,

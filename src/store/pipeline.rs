@@ -52,11 +52,16 @@ struct Batch {
 const BATCH_BYTES: usize = 512 << 20;
 
 fn batch_bytes() -> usize {
-    std::env::var("DEVMEM_COPY_BATCH_MB")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|mb| *mb >= 1)
-        .map_or(BATCH_BYTES, |mb| mb << 20)
+    crate::logging::env_or_warn(
+        "DEVMEM_COPY_BATCH_MB",
+        "a whole number of MiB from 1 to 65536",
+        |v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|mb| (1..=65536).contains(mb))
+        },
+    )
+    .map_or(BATCH_BYTES, |mb| mb << 20)
 }
 
 /// Unmaps and releases one target. `Err` when it is still mapped with its contents.
