@@ -9,6 +9,28 @@ jobs=${DEVMEM_JOBS:-2}
 
 step() { printf '\n=== %s\n' "$*"; }
 
+# Everything this script needs, checked before anything is built.
+command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh needs cargo: https://rustup.rs" >&2; exit 1; }
+apt=() cargo_tools=() pip=()
+for tool in cmake c++ cc readelf prlimit; do
+  command -v "$tool" >/dev/null 2>&1 || case $tool in
+    c++) apt+=(g++) ;; cc) apt+=(gcc) ;; readelf) apt+=(binutils) ;; prlimit) apt+=(util-linux) ;;
+    *) apt+=("$tool") ;; esac
+done
+cargo nextest --version >/dev/null 2>&1 || cargo_tools+=(cargo-nextest)
+if [ "${DEVMEM_FUZZ_SECONDS:-30}" -gt 0 ]; then
+  cargo fuzz --version >/dev/null 2>&1 || cargo_tools+=(cargo-fuzz)
+fi
+python3 -m pytest --version >/dev/null 2>&1 || pip+=(pytest)
+if [ ${#apt[@]} -gt 0 ] || [ ${#cargo_tools[@]} -gt 0 ] || [ ${#pip[@]} -gt 0 ]; then
+  echo "scripts/test.sh needs tools this machine lacks. .ci/run installs them and runs the tests;" >&2
+  echo "or install them yourself:" >&2
+  [ ${#apt[@]} -gt 0 ] && echo "  sudo apt-get update && sudo apt-get install -y ${apt[*]}" >&2
+  [ ${#cargo_tools[@]} -gt 0 ] && echo "  cargo install --locked ${cargo_tools[*]}" >&2
+  [ ${#pip[@]} -gt 0 ] && echo "  python3 -m pip install ${pip[*]}" >&2
+  exit 1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
