@@ -85,6 +85,13 @@ step "install the package into build/prefix"
 rm -rf build/pkg build/prefix build/ctests build/ctests-asan build/ctests-ze
 cmake -S . -B build/pkg -DCMAKE_INSTALL_PREFIX="$PWD/build/prefix" >/dev/null
 cmake --install build/pkg
+lib=build/prefix/lib/libdevmem.so.0.1.0
+if readelf -S "$lib" | grep -q '\.debug_info'; then echo "FAIL: $lib still has debug info" >&2; exit 1; fi
+readelf -S build/prefix/lib/.debug/libdevmem.so.0.1.0.debug | grep -q '\.debug_info' \
+  || { echo "FAIL: the separate debug file lacks .debug_info" >&2; exit 1; }
+readelf -p .gnu_debuglink "$lib" | grep -q 'libdevmem.so.0.1.0.debug' \
+  || { echo "FAIL: $lib has no .gnu_debuglink" >&2; exit 1; }
+echo "installed $(du -k "$lib" | cut -f1) KiB stripped, debug info in build/prefix/lib/.debug/"
 valgrind_opt=OFF
 if command -v valgrind >/dev/null 2>&1; then valgrind_opt=ON; fi
 step "C tests against the installed package and the emulator (valgrind: $valgrind_opt)"
