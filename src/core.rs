@@ -315,7 +315,7 @@ pub fn validate_tag(tag: &str) -> Result<()> {
     validate_tag_named(tag, "tag")
 }
 
-/// Like [`validate_tag`], naming the argument in the message ("tags[2] is empty").
+/// Like [`validate_tag`], naming the argument in the message (`tags[2] is empty`).
 pub fn validate_tag_named(tag: &str, what: &str) -> Result<()> {
     if tag.is_empty() {
         bail!(InvalidTag, "{what} is empty");
