@@ -73,22 +73,18 @@ fn config_child() {
 
 #[test]
 fn invalid_log_level_and_emulator_settings_are_reported() {
-    let exe = std::env::current_exe().expect("test binary");
-    let out = std::process::Command::new(exe)
-        .args(["--exact", "config_child", "--ignored", "--nocapture"])
-        .env("DEVMEM_CONFIG_CHILD", "1")
-        .output()
-        .expect("child");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("1 passed"), "{stdout}");
-    assert!(
-        stderr.contains("devmem: ignoring DEVMEM_LOG=\"bogus\": not one of off, error, warn"),
-        "{stderr}"
+    let printed = run_child_test(
+        &[],
+        "config_child",
+        &[("DEVMEM_CONFIG_CHILD", "1")],
+        std::time::Duration::from_secs(120),
     );
     assert!(
-        stderr.contains("cuemu: ignoring DEVMEM_EMU_CAPACITY=\"lots\": not a size"),
-        "{stderr}"
+        printed.contains("devmem: ignoring DEVMEM_LOG=\"bogus\": not one of off, error, warn"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("cuemu: ignoring DEVMEM_EMU_CAPACITY=\"lots\": not a size"),
+        "{printed}"
     );
 }

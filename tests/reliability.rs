@@ -552,60 +552,26 @@ fn nproc_child() {
 /// meets a real refusal from the kernel, fails the sleep and never hangs or panics.
 #[test]
 fn needs_setpriv_unprivileged_nproc_limit_never_hangs() {
-    let exe = std::env::current_exe().expect("test binary");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let mut cmd = if root {
-        let mut c = std::process::Command::new("setpriv");
-        c.args([
+    let prefix: &[&str] = if root {
+        &[
+            "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "prlimit",
-        ]);
-        c
+            "--nproc=1",
+        ]
     } else {
-        std::process::Command::new("prlimit")
+        &["prlimit", "--nproc=1"]
     };
-    cmd.arg("--nproc=1")
-        .arg(&exe)
-        .args([
-            "--exact",
-            "nproc_child",
-            "--ignored",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env("DEVMEM_NPROC_CHILD", "1")
-        .env(
-            "DEVMEM_TEST_BACKEND",
-            std::env::var("DEVMEM_TEST_BACKEND").unwrap_or_default(),
-        );
-    let out = std::env::temp_dir().join(format!("devmem-nproc-{}.log", std::process::id()));
-    let log = std::fs::File::create(&out).expect("log file");
-    cmd.stdout(log.try_clone().expect("log")).stderr(log);
-    let mut child = cmd.spawn().expect("setpriv / prlimit");
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let text = std::fs::read_to_string(&out).unwrap_or_default();
-            let _ = std::fs::remove_file(&out);
-            assert!(
-                status.success(),
-                "the limited child failed: {status}\n{text}"
-            );
-            assert!(
-                text.contains("test result: ok. 1 passed"),
-                "the child did not run nproc_child:\n{text}"
-            );
-            break;
-        }
-        if start.elapsed() > std::time::Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("the limited child hung for 120 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    run_child_test(
+        prefix,
+        "nproc_child",
+        &[("DEVMEM_NPROC_CHILD", "1")],
+        std::time::Duration::from_secs(120),
+    );
 }
 
 // --- Double faults found by fuzzing ----------------------------------------------------------

@@ -353,6 +353,30 @@ pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> R {
     with_context("cuMemFreeHost", |emu, _| emu.free_host(p))
 }
 
+/// Every copy entry point: checks that `device_side` is device memory, queues the copy on
+/// `stream` of the current device, and for a synchronous copy (`stream` `None`, the legacy
+/// stream) runs the legacy stream's work up to and including it before returning.
+fn memcpy(
+    name: &str,
+    dst: u64,
+    src: u64,
+    len: usize,
+    device_side: u64,
+    stream: Option<CUstream>,
+) -> R {
+    with_context(name, |emu, device| {
+        if !emu.is_device_range(device_side, len) {
+            return INVALID_VALUE;
+        }
+        let key = (device, stream.map_or(0, |s| s as usize));
+        let rc = emu.enqueue(key, Work::Copy { dst, src, len });
+        if rc == SUCCESS && stream.is_none() {
+            emu.complete_stream(key, u64::MAX);
+        }
+        rc
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     dst: *mut c_void,
@@ -360,19 +384,14 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     len: usize,
     stream: CUstream,
 ) -> R {
-    with_context("cuMemcpyDtoHAsync_v2", |emu, device| {
-        if !emu.is_device_range(src, len) {
-            return INVALID_VALUE;
-        }
-        emu.enqueue(
-            (device, stream as usize),
-            Work::Copy {
-                dst: dst as u64,
-                src,
-                len,
-            },
-        )
-    })
+    memcpy(
+        "cuMemcpyDtoHAsync_v2",
+        dst as u64,
+        src,
+        len,
+        src,
+        Some(stream),
+    )
 }
 
 #[no_mangle]
@@ -382,41 +401,24 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     len: usize,
     stream: CUstream,
 ) -> R {
-    with_context("cuMemcpyHtoDAsync_v2", |emu, device| {
-        if !emu.is_device_range(dst, len) {
-            return INVALID_VALUE;
-        }
-        emu.enqueue(
-            (device, stream as usize),
-            Work::Copy {
-                dst,
-                src: src as u64,
-                len,
-            },
-        )
-    })
+    memcpy(
+        "cuMemcpyHtoDAsync_v2",
+        dst,
+        src as u64,
+        len,
+        dst,
+        Some(stream),
+    )
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, len: usize) -> R {
-    with_context("cuMemcpyHtoD_v2", |emu, device| {
-        if !emu.is_device_range(dst, len) {
-            return INVALID_VALUE;
-        }
-        emu.complete_stream((device, 0), u64::MAX);
-        emu.copy(dst, src as u64, len)
-    })
+    memcpy("cuMemcpyHtoD_v2", dst, src as u64, len, dst, None)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len: usize) -> R {
-    with_context("cuMemcpyDtoH_v2", |emu, device| {
-        if !emu.is_device_range(src, len) {
-            return INVALID_VALUE;
-        }
-        emu.complete_stream((device, 0), u64::MAX);
-        emu.copy(dst as u64, src, len)
-    })
+    memcpy("cuMemcpyDtoH_v2", dst as u64, src, len, src, None)
 }
 
 #[no_mangle]

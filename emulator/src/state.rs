@@ -408,20 +408,4 @@ impl Emu {
             .next_back()
             .is_some_and(|(base, (size, _))| base + *size as u64 > p)
     }
-
-    /// Copies `len` bytes; device ranges must be mapped with access.
-    pub(crate) fn copy(&self, dst: u64, src: u64, len: usize) -> R {
-        if dst == 0 || src == 0 {
-            return INVALID_VALUE;
-        }
-        for p in [dst, src] {
-            if self.is_device_range(p, len) && !self.accessible(p, len) {
-                return INVALID_VALUE;
-            }
-        }
-        // SAFETY: device ranges were checked to be accessible mappings; host ranges belong to
-        // the caller.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
-        SUCCESS
-    }
 }

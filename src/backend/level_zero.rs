@@ -179,7 +179,7 @@ impl LevelZeroBackend {
                 "the Level Zero device has no virtual memory support (zeVirtualMemQueryPageSize: {})",
                 ze::result_name(ze::ZE_RESULT_ERROR_UNSUPPORTED_FEATURE)
             ),
-            Err(code) => return api.check("zeVirtualMemQueryPageSize", code).map(|()| 0),
+            Err(code) => return Err(api.error("zeVirtualMemQueryPageSize", code)),
         };
         if page == 0 || !page.is_power_of_two() {
             bail!(Driver, "zeVirtualMemQueryPageSize returned {page}");

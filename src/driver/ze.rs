@@ -200,15 +200,20 @@ impl ZeApi {
         if code == ZE_RESULT_SUCCESS {
             return Ok(());
         }
+        Err(self.error(call, code))
+    }
+
+    /// The error for a failed `call` that returned `code`.
+    pub(crate) fn error(&self, call: &str, code: ZeResult) -> Error {
         let status = match code {
             ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY => devmem_status::OutOfMemory,
             ZE_RESULT_ERROR_OUT_OF_HOST_MEMORY => devmem_status::HostOutOfMemory,
             _ => devmem_status::Driver,
         };
-        Err(Error::new(
+        Error::new(
             status,
             format!("{call} failed: {} ({code:#x})", result_name(code)),
-        ))
+        )
     }
 }
 

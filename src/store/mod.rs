@@ -346,10 +346,6 @@ fn free_chunks(source: Option<&Arc<dyn HostSource>>, chunks: Vec<Chunk>) -> Resu
     first_error.map_or(Ok(freed), Err)
 }
 
-fn source() -> Option<Arc<dyn HostSource>> {
-    with_pool(|p| p.source.clone())
-}
-
 /// Takes a backup of `len` bytes, waiting for the grower when the ready chunks are not enough.
 pub fn take(backend: &Arc<dyn Backend>, device: i32, len: usize) -> Result<Backup> {
     let need = blocks_for(len);
@@ -411,8 +407,8 @@ pub fn after_wake() -> Result<()> {
 /// Frees every chunk no backup uses; returns the bytes freed.
 pub fn release_free() -> Result<usize> {
     wait_for_grower();
-    let unused = with_pool(|p| p.blocks.remove_unused());
-    free_chunks(source().as_ref(), unused)
+    let (unused, source) = with_pool(|p| (p.blocks.remove_unused(), p.source.clone()));
+    free_chunks(source.as_ref(), unused)
 }
 
 /// Grows the store until it has at least `bytes` free for backups, in the background; with

@@ -401,3 +401,63 @@ pub fn release_store_and_assert_clean() {
         "leak: {c:?}"
     );
 }
+
+/// Runs the ignored test `name` of this test binary in a child process, behind `prefix` (a
+/// command and its arguments, e.g. `prlimit --nproc=1`; empty for none), with `env` added and
+/// `DEVMEM_TEST_BACKEND` passed on. Fails the calling test when the child runs longer than
+/// `timeout`, fails, or did not run exactly that one test; returns everything it printed.
+pub fn run_child_test(
+    prefix: &[&str],
+    name: &str,
+    env: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> String {
+    let exe = std::env::current_exe().expect("test binary");
+    let mut cmd = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => std::process::Command::new(&exe),
+    };
+    cmd.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--test-threads=1",
+        "--nocapture",
+    ])
+    .env(
+        "DEVMEM_TEST_BACKEND",
+        std::env::var("DEVMEM_TEST_BACKEND").unwrap_or_default(),
+    )
+    .envs(env.iter().copied());
+    // One file for both streams: the child may run as another user, so no pipes to drain.
+    let out = std::env::temp_dir().join(format!("devmem-child-{}-{name}.log", std::process::id()));
+    let log = std::fs::File::create(&out).expect("log file");
+    cmd.stdout(log.try_clone().expect("log")).stderr(log);
+    let mut child = cmd.spawn().expect("child process");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("the child running {name} hung for {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        status.success(),
+        "the child running {name} failed: {status}\n{text}"
+    );
+    assert!(
+        text.contains("test result: ok. 1 passed"),
+        "the child did not run {name}:\n{text}"
+    );
+    text
+}
