@@ -16,11 +16,31 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+// The odd constant that spreads word positions.
+#define GOLDEN 11400714819323198485ull
+
 // Longest tag in bytes, not counting the terminating NUL.
 #define DEVMEM_MAX_TAG_LEN 255
 
 // Size of the tag buffer in `devmem_allocation_info`: the longest tag plus its NUL.
 #define DEVMEM_TAG_BUFFER_LEN 256
+
+// `devmem_shared_store_options.flags`: leave the region in place when the last process
+// closes it, so a later process can restore from it (durable sleep).
+#define DEVMEM_SHARED_KEEP 1
+
+// `devmem_shared_store_options.flags`: when a left-over region has another layout and no
+// process uses it, remove it and create a new one (without it, that is an error).
+#define DEVMEM_SHARED_RECLAIM 2
+
+// Slots per rank: the most allocations one rank can hold in the region at once.
+#define SLOTS 1024
+
+// Longest instance name, in bytes.
+#define MAX_NAME_LEN 128
+
+// Most ranks one region can have.
+#define MAX_WORLD 4096
 
 // Result of every fallible devmem function.
 //
@@ -59,6 +79,10 @@ enum devmem_status
   DEVMEM_STATUS_BUFFER_TOO_SMALL = 12,
   // The operation is not supported by this driver or device.
   DEVMEM_STATUS_UNSUPPORTED = 13,
+  // A shared host-store region was refused (another owner, a wrong mode, a symbolic link,
+  // a corrupt header, another layout, a rank in use, a creator that never finished), or
+  // what it stores does not match the allocations asking for it.
+  DEVMEM_STATUS_REGION = 14,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -108,6 +132,31 @@ typedef int32_t devmem_host_policy;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// What a sleep may assume about a tag's bytes (`devmem_set_read_only`).
+enum devmem_read_only
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Every sleep copies the tag's bytes (default).
+  DEVMEM_READ_ONLY_OFF = 0,
+  // The bytes do not change after the declaration: a wake keeps the host copy, and the next
+  // sleep only unmaps. Writing them anyway is the caller's error: the next sleep does not
+  // copy them, and the wake after it restores the older bytes.
+  DEVMEM_READ_ONLY_ON = 1,
+  // Like `On`, but each sleep first compares a checksum computed on the device with the
+  // one recorded with the host copy, and copies again on a mismatch (counted in
+  // `devmem_transfer.verify_mismatches`). CUDA only.
+  DEVMEM_READ_ONLY_VERIFY = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum devmem_read_only devmem_read_only;
+#else
+typedef int32_t devmem_read_only;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Which backend to load.
 enum devmem_backend
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -143,6 +192,12 @@ typedef struct devmem_transfer {
   uint64_t bytes_mapped;
   // Bytes copied back from host memory.
   uint64_t bytes_restored;
+  // Bytes of read-only tags put to sleep without a copy: their host copy from an earlier
+  // cycle was still valid (included in `bytes_freed`, not in `bytes_saved`).
+  uint64_t bytes_skipped;
+  // Read-only allocations whose device checksum no longer matched their host copy, and
+  // were copied again.
+  uint64_t verify_mismatches;
   // Wall time of the call in seconds.
   double seconds;
 } devmem_transfer;
@@ -196,6 +251,26 @@ typedef struct devmem_allocation_info {
 // Called after an allocation is made (`on_alloc`) or before it is freed (`on_free`).
 typedef void (*devmem_allocation_callback)(const struct devmem_allocation_info *info,
                                            void *user_data);
+
+// Where and how large the shared host store is (`devmem_shared_store_open`).
+typedef struct devmem_shared_store_options {
+  // The instance's name: 1 to 128 bytes of printable ASCII, no `/`, no `..`. Every process
+  // of one instance passes the same name. The file is `<dir>/devmem-<name>.region`.
+  const char *name;
+  // The directory holding the region; NULL for `/dev/shm`.
+  const char *dir;
+  // Bytes of backups each rank can hold (rounded up to 2 MiB).
+  uint64_t bytes_per_rank;
+  // This process's rank, below `world`.
+  uint32_t rank;
+  // Processes sharing the region (every one passes the same value).
+  uint32_t world;
+  // `DEVMEM_SHARED_KEEP` and/or `DEVMEM_SHARED_RECLAIM`.
+  uint32_t flags;
+  // How long to wait for another process that is creating the region, in milliseconds;
+  // 0 for the default (30 s).
+  uint32_t timeout_ms;
+} devmem_shared_store_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -366,6 +441,40 @@ devmem_status devmem_set_host_limit(uint64_t bytes);
 // Writes the cap on the host store to `*out` (0: no cap). Fails with
 // `DEVMEM_STATUS_INVALID_ARGUMENT` when `DEVMEM_HOST_LIMIT` is set but not a size.
 devmem_status devmem_get_host_limit(uint64_t *out);
+
+// Opens the shared host store, creating it when this process is the first of its instance:
+// backups of later sleeps go to this rank's area of the region instead of private memory. The
+// area is reserved, populated and pinned before this returns (`HOST_OUT_OF_MEMORY` when the
+// host or `/dev/shm` has no room). The region is refused with `DEVMEM_STATUS_REGION` when it
+// belongs to another user, has another mode than 0600, is a symbolic link, has a corrupt
+// header or another layout, or the rank is taken. `DEVMEM_SHARED_STORE` and its companion
+// variables open one at the first sleep instead (README, "Shared and durable host store").
+devmem_status devmem_shared_store_open(const struct devmem_shared_store_options *options);
+
+// Leaves the shared host store: later backups go to private memory again. Backups already in
+// the region stay valid for this process. The last process to leave removes the file unless
+// the region is kept. A process that exits without calling this leaves the file behind for
+// the next instance, which reuses (kept) or reclaims (not kept) it. `INVALID_STATE` when none
+// is open.
+devmem_status devmem_shared_store_close(void);
+
+// Fills the live, mapped allocations of the `n` listed tags with the bytes the shared store
+// holds for them: the restart half of durable sleep. Allocations are matched by tag, by their
+// index among the tag's allocations (allocation order) and by size; any mismatch is
+// `DEVMEM_STATUS_REGION` before a byte is copied. Stored checksums are verified on the device
+// after the copy (CUDA); a mismatch is `DEVMEM_STATUS_REGION` naming the allocations. See
+// `devmem_get_last_transfer` for the bytes restored.
+devmem_status devmem_restore_from_store(const char *const *tags, size_t n);
+
+// Declares what sleeps may assume about `tag`'s bytes: `DEVMEM_READ_ONLY_OFF` (default),
+// `DEVMEM_READ_ONLY_ON` (a wake keeps the host copy and the next sleep only unmaps; bytes
+// written after the declaration are lost at the next sleep) or `DEVMEM_READ_ONLY_VERIFY`
+// (each sleep compares a device checksum with the host copy's and copies again on a
+// mismatch; `DEVMEM_STATUS_UNSUPPORTED` without a device checksum, e.g. on Level Zero).
+devmem_status devmem_set_read_only(const char *tag, int mode);
+
+// Writes what sleeps assume about `tag`'s bytes to `*out`.
+devmem_status devmem_get_read_only(const char *tag, devmem_read_only *out);
 
 // Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
 // else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use crate::backend::{self, Backend};
 use crate::error::{bail, devmem_status, Error, Result};
 use crate::store::pipeline::{self, Left, RestoreTarget, SaveTarget};
+use crate::store::shared::SlotKey;
 use crate::store::{self, Backup};
 
 pub use crate::backend::devmem_backend;
@@ -110,8 +111,32 @@ pub struct devmem_transfer {
     pub bytes_mapped: u64,
     /// Bytes copied back from host memory.
     pub bytes_restored: u64,
+    /// Bytes of read-only tags put to sleep without a copy: their host copy from an earlier
+    /// cycle was still valid (included in `bytes_freed`, not in `bytes_saved`).
+    pub bytes_skipped: u64,
+    /// Read-only allocations whose device checksum no longer matched their host copy, and
+    /// were copied again.
+    pub verify_mismatches: u64,
     /// Wall time of the call in seconds.
     pub seconds: f64,
+}
+
+/// What a sleep may assume about a tag's bytes (`devmem_set_read_only`).
+#[allow(non_camel_case_types)]
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, strum::FromRepr)]
+pub enum devmem_read_only {
+    /// Every sleep copies the tag's bytes (default).
+    #[default]
+    Off = 0,
+    /// The bytes do not change after the declaration: a wake keeps the host copy, and the next
+    /// sleep only unmaps. Writing them anyway is the caller's error: the next sleep does not
+    /// copy them, and the wake after it restores the older bytes.
+    On = 1,
+    /// Like `On`, but each sleep first compares a checksum computed on the device with the
+    /// one recorded with the host copy, and copies again on a mismatch (counted in
+    /// `devmem_transfer.verify_mismatches`). CUDA only.
+    Verify = 2,
 }
 
 /// One allocation as the lookup and iteration functions report it.
@@ -223,9 +248,42 @@ struct Registry {
     total: devmem_stats,
     callbacks: Callbacks,
     last_transfer: devmem_transfer,
+    read_only: HashMap<Arc<str>, devmem_read_only>,
 }
 
 impl Registry {
+    fn read_only(&self, tag: &str) -> devmem_read_only {
+        self.read_only.get(tag).copied().unwrap_or_default()
+    }
+
+    /// Each allocation's key in the shared region: its tag and its index among the live
+    /// allocations of that tag, in allocation order (the order a restarted process repeats).
+    fn slot_keys(&self) -> HashMap<u64, SlotKey> {
+        let mut by_tag: Vec<(&Arc<str>, u64, u64)> = self
+            .allocations
+            .values()
+            .map(|a| (&a.tag, a.id, a.va))
+            .collect();
+        by_tag.sort_unstable();
+        let mut out = HashMap::with_capacity(by_tag.len());
+        let mut index = 0u32;
+        for (i, (tag, _, va)) in by_tag.iter().enumerate() {
+            index = if i > 0 && by_tag[i - 1].0 == *tag {
+                index + 1
+            } else {
+                0
+            };
+            out.insert(
+                *va,
+                SlotKey {
+                    tag: Arc::clone(tag),
+                    index,
+                },
+            );
+        }
+        out
+    }
+
     fn each_stats(&mut self, tag: &Arc<str>, f: impl Fn(&mut devmem_stats)) {
         f(&mut self.total);
         f(self.per_tag.entry(Arc::clone(tag)).or_default());
@@ -637,9 +695,14 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
     let backend = backend::get()?;
     let _op = lock_ops(&*backend);
     let start = Instant::now();
+    let region_on = store::shared_region(&backend, host_device(&*backend))?.is_some();
     let mut offloads: Vec<SaveTarget> = Vec::new();
     let mut discards: Vec<SaveTarget> = Vec::new();
+    // Read-only allocations whose host copy from the last cycle is kept: (target, checksum to
+    // compare with, when verifying).
+    let mut unchanged: Vec<(SaveTarget, Option<u64>)> = Vec::new();
     with_registry(|reg| {
+        let keys = reg.slot_keys();
         for a in reg.allocations.values() {
             let (Some(action), Some(handle)) = (select(&a.tag), a.handle) else {
                 continue;
@@ -647,21 +710,39 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
             if a.state != devmem_state::Mapped {
                 continue;
             }
+            let read_only = reg.read_only(&a.tag);
             let target = SaveTarget {
                 va: a.va,
                 size: a.size,
                 device: a.device,
                 handle,
+                key: keys.get(&a.va).cloned().unwrap_or_else(|| SlotKey {
+                    tag: Arc::clone(&a.tag),
+                    index: 0,
+                }),
+                checksum: region_on || read_only == devmem_read_only::Verify,
             };
-            match action {
-                Action::Offload => offloads.push(target),
-                Action::Discard => discards.push(target),
+            match (action, &a.backup) {
+                (Action::Offload, Some(kept)) if read_only != devmem_read_only::Off => {
+                    match (read_only, kept.checksum()) {
+                        // Nothing to compare with: copy again.
+                        (devmem_read_only::Verify, None) => offloads.push(target),
+                        (devmem_read_only::Verify, Some(sum)) => unchanged.push((target, Some(sum))),
+                        _ => unchanged.push((target, None)),
+                    }
+                }
+                (Action::Offload, _) => offloads.push(target),
+                (Action::Discard, _) => discards.push(target),
             }
         }
     });
     let mut transfer = devmem_transfer::default();
+    let skipped = verify_unchanged(&*backend, unchanged, &mut offloads, &mut transfer)?;
+    let skip_set: BTreeSet<u64> = skipped.iter().map(|t| t.va).collect();
+    discards.extend(skipped);
     let saved = pipeline::save(&backend, &offloads, &discards, |t, backup, kept| {
-        let state = if backup.is_some() {
+        let unchanged = skip_set.contains(&t.va);
+        let state = if backup.is_some() || unchanged {
             devmem_state::Offloaded
         } else {
             devmem_state::Discarded
@@ -670,22 +751,81 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
         if kept.is_none() {
             transfer.bytes_freed += t.size as u64;
         }
-        match state {
-            devmem_state::Offloaded => transfer.bytes_saved += t.size as u64,
-            _ => transfer.bytes_discarded += t.size as u64,
+        if unchanged {
+            transfer.bytes_skipped += t.size as u64;
+        } else if backup.is_some() {
+            transfer.bytes_saved += t.size as u64;
+        } else {
+            transfer.bytes_discarded += t.size as u64;
         }
-        with_registry(|reg| reg.transition(t.va, state, kept, backup));
+        with_registry(|reg| {
+            let backup = if unchanged {
+                reg.allocations.get_mut(&t.va).and_then(|a| a.backup.take())
+            } else {
+                backup
+            };
+            reg.transition(t.va, state, kept, backup)
+        });
     });
     transfer.seconds = start.elapsed().as_secs_f64();
     with_registry(|reg| reg.last_transfer = transfer);
     log::info!(
-        "devmem: sleep freed {} bytes ({} saved to host, {} discarded) in {:.3} s",
+        "devmem: sleep freed {} bytes ({} saved to host, {} unchanged, {} discarded) in {:.3} s",
         transfer.bytes_freed,
         transfer.bytes_saved,
+        transfer.bytes_skipped,
         transfer.bytes_discarded,
         transfer.seconds
     );
     saved.map(|()| transfer)
+}
+
+/// Splits read-only allocations with a kept host copy into those that need no copy (returned)
+/// and those whose device checksum no longer matches (their stale copy is dropped and they
+/// join `offloads`; each counts in `verify_mismatches`).
+fn verify_unchanged(
+    backend: &dyn Backend,
+    unchanged: Vec<(SaveTarget, Option<u64>)>,
+    offloads: &mut Vec<SaveTarget>,
+    transfer: &mut devmem_transfer,
+) -> Result<Vec<SaveTarget>> {
+    let mut skip = Vec::with_capacity(unchanged.len());
+    let mut check: BTreeMap<i32, Vec<(SaveTarget, u64)>> = BTreeMap::new();
+    for (t, expect) in unchanged {
+        match expect {
+            None => skip.push(t),
+            Some(sum) => check.entry(t.device).or_default().push((t, sum)),
+        }
+    }
+    for (device, targets) in check {
+        if !targets.is_empty() {
+            backend.synchronize(device).map_err(|e| {
+                e.context("sleep: waiting for the device before verifying; nothing was released")
+            })?;
+        }
+        let ranges: Vec<(u64, usize)> = targets.iter().map(|(t, _)| (t.va, t.size)).collect();
+        let sums = backend.checksums(device, &ranges).map_err(|e| {
+            e.context("sleep: verifying read-only allocations; nothing was released")
+        })?;
+        for ((t, expect), sum) in targets.into_iter().zip(sums) {
+            if sum == expect {
+                skip.push(t);
+                continue;
+            }
+            log::warn!(
+                "devmem: read-only allocation {:#x} (tag {:?}) changed since its host copy was                  made; copying it again",
+                t.va,
+                t.key.tag
+            );
+            transfer.verify_mismatches += 1;
+            let stale = with_registry(|reg| {
+                reg.allocations.get_mut(&t.va).and_then(|a| a.backup.take())
+            });
+            drop(stale);
+            offloads.push(t);
+        }
+    }
+    Ok(skip)
 }
 
 fn tag_set(tags: &[String]) -> Result<BTreeSet<&str>> {
@@ -788,6 +928,7 @@ fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
         Err(failure) => return Err(record_failed_wake(&targets, failure)),
     };
     let mut transfer = devmem_transfer::default();
+    let mut released = Vec::new();
     with_registry(|reg| {
         for (t, handle) in targets.iter().zip(handles) {
             transfer.allocations += 1;
@@ -795,9 +936,21 @@ fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
             if !t.pieces.is_empty() {
                 transfer.bytes_restored += t.size as u64;
             }
-            reg.transition(t.va, devmem_state::Mapped, Some(handle), None);
+            // A read-only tag keeps its host copy for the next sleep.
+            let keep = reg
+                .allocations
+                .get(&t.va)
+                .is_some_and(|a| reg.read_only(&a.tag) != devmem_read_only::Off);
+            let Some(a) = reg.allocations.get_mut(&t.va) else {
+                continue;
+            };
+            let backup = a.backup.take();
+            let (kept, gone) = if keep { (backup, None) } else { (None, backup) };
+            released.extend(gone);
+            reg.transition(t.va, devmem_state::Mapped, Some(handle), kept);
         }
     });
+    drop(released); // outside the registry lock: back to the store
     if let Err(err) = store::after_wake() {
         log::warn!("devmem: releasing the host store after wake: {err}");
     }
@@ -855,6 +1008,190 @@ fn record_failed_wake(targets: &[RestoreTarget], failure: pipeline::RestoreFailu
         )
     };
     failure.error.context(note)
+}
+
+/// Declares what sleeps may assume about `tag`'s bytes (see [`devmem_read_only`]). Turning
+/// it off drops the host copies kept for the tag's mapped allocations.
+pub fn set_read_only(tag: &str, mode: devmem_read_only) -> Result<()> {
+    validate_tag(tag)?;
+    let backend = backend::get()?;
+    if mode == devmem_read_only::Verify && !backend.can_checksum() {
+        bail!(
+            Unsupported,
+            "the {} backend has no device checksum; declare {tag:?} read-only without \
+             verification",
+            backend.name()
+        );
+    }
+    let _op = lock_ops(&*backend);
+    let dropped: Vec<Backup> = with_registry(|reg| {
+        if mode == devmem_read_only::Off {
+            reg.read_only.remove(tag);
+            reg.allocations
+                .values_mut()
+                .filter(|a| &*a.tag == tag && a.state == devmem_state::Mapped)
+                .filter_map(|a| a.backup.take())
+                .collect()
+        } else {
+            reg.read_only.insert(Arc::from(tag), mode);
+            Vec::new()
+        }
+    });
+    drop(dropped);
+    Ok(())
+}
+
+/// What sleeps assume about `tag`'s bytes.
+pub fn read_only(tag: &str) -> Result<devmem_read_only> {
+    validate_tag(tag)?;
+    Ok(with_registry(|reg| reg.read_only(tag)))
+}
+
+/// Opens (or creates) the shared host store; backups go there until it is closed.
+pub fn open_shared_store(options: &store::shared::Options) -> Result<()> {
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    store::open_shared(options, &backend, host_device(&*backend))
+}
+
+/// Leaves the shared host store (see [`store::close_shared`]).
+pub fn close_shared_store() -> Result<()> {
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    store::close_shared()
+}
+
+/// Fills the mapped allocations of `tags` with the bytes the shared store holds for them
+/// (an earlier process slept them into a kept region). Every allocation is matched by tag,
+/// index among the tag's allocations and size before any byte is copied; a mismatch is a
+/// `REGION` error and nothing is copied. After the copies, each stored checksum is compared
+/// with one computed on the device; a mismatch is a `REGION` error naming the allocations,
+/// whose bytes must then be loaded another way, and their stored copies are dropped.
+/// Read-only tags keep the stored copy as their host copy; the others' copies are freed.
+pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
+    let set = tag_set(tags)?;
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let start = Instant::now();
+    let Some(region) = store::shared_region(&backend, host_device(&*backend))? else {
+        bail!(
+            InvalidState,
+            "no shared store is open (devmem_shared_store_open or DEVMEM_SHARED_STORE)"
+        );
+    };
+    let mut plan = Vec::new();
+    with_registry(|reg| -> Result<()> {
+        let keys = reg.slot_keys();
+        for a in reg.allocations.values().filter(|a| set.contains(&*a.tag)) {
+            let key = &keys[&a.va];
+            if a.state != devmem_state::Mapped || a.backup.is_some() {
+                bail!(
+                    InvalidState,
+                    "tag {:?} #{} at {:#x} is {} with a backup of its own; restore from the \
+                     store only into freshly allocated memory",
+                    key.tag,
+                    key.index,
+                    a.va,
+                    if a.state == devmem_state::Mapped { "mapped" } else { "asleep" }
+                );
+            }
+            let Some(stored) = region.find(key) else {
+                bail!(
+                    Region,
+                    "the shared store {} holds no copy of tag {:?} #{} ({} bytes)",
+                    region.path().display(),
+                    key.tag,
+                    key.index,
+                    a.size
+                );
+            };
+            if stored.size != a.size {
+                bail!(
+                    Region,
+                    "the shared store's copy of tag {:?} #{} has {} bytes; the allocation has {}",
+                    key.tag,
+                    key.index,
+                    stored.size,
+                    a.size
+                );
+            }
+            let read_only = reg.read_only(&a.tag) != devmem_read_only::Off;
+            plan.push((a.va, a.device, a.size, key.clone(), stored, read_only));
+        }
+        Ok(())
+    })?;
+    if plan.is_empty() {
+        bail!(
+            InvalidArgument,
+            "no live allocation has the tag(s) {:?}",
+            set.iter().collect::<Vec<_>>()
+        );
+    }
+    let devices: BTreeSet<i32> = plan.iter().map(|p| p.1).collect();
+    let copied = plan.iter().try_for_each(|(va, device, size, _, stored, _)| {
+        backend.copy_to_device_async(*device, *va, stored.ptr as *const u8, *size)
+    });
+    let waited = devices.iter().try_for_each(|d| backend.wait_copies(*d));
+    copied.and(waited).map_err(|e| {
+        e.context("restore from the shared store: the allocations hold unspecified bytes")
+    })?;
+    let mut bad = Vec::new();
+    if backend.can_checksum() {
+        for device in &devices {
+            let checked: Vec<_> = plan
+                .iter()
+                .filter(|p| p.1 == *device && p.4.checksum.is_some())
+                .collect();
+            let ranges: Vec<(u64, usize)> = checked.iter().map(|p| (p.0, p.2)).collect();
+            let sums = backend.checksums(*device, &ranges).map_err(|e| {
+                e.context("restore from the shared store: verifying the restored bytes")
+            })?;
+            for (p, sum) in checked.into_iter().zip(sums) {
+                if Some(sum) != p.4.checksum {
+                    bad.push(p.0);
+                    region.release(p.4.slot);
+                }
+            }
+        }
+    }
+    if !bad.is_empty() {
+        let names: Vec<String> = plan
+            .iter()
+            .filter(|p| bad.contains(&p.0))
+            .map(|p| format!("tag {:?} #{} at {:#x}", p.3.tag, p.3.index, p.0))
+            .collect();
+        bail!(
+            Region,
+            "the shared store's copies of {} fail their checksum (the stored bytes changed); \
+             those allocations hold unspecified bytes and must be loaded another way; their \
+             stored copies were dropped",
+            names.join(", ")
+        );
+    }
+    let mut transfer = devmem_transfer::default();
+    for (va, _, size, _, stored, read_only) in plan {
+        transfer.allocations += 1;
+        transfer.bytes_restored += size as u64;
+        if read_only && region.adopt(stored.slot).is_ok() {
+            let backup = Backup::in_region(Arc::clone(&region), stored);
+            with_registry(|reg| {
+                if let Some(a) = reg.allocations.get_mut(&va) {
+                    a.backup = Some(backup);
+                }
+            });
+        } else {
+            region.release(stored.slot);
+        }
+    }
+    transfer.seconds = start.elapsed().as_secs_f64();
+    with_registry(|reg| reg.last_transfer = transfer);
+    log::info!(
+        "devmem: restored {} bytes of {} allocation(s) from the shared store in {:.3} s",
+        transfer.bytes_restored,
+        transfer.allocations,
+        transfer.seconds
+    );
+    Ok(transfer)
 }
 
 /// The host pieces holding `[ptr, ptr+len)` of an offloaded allocation, as (offset into the
@@ -951,7 +1288,9 @@ pub fn stats(tag: Option<&str>) -> Result<devmem_stats> {
         Some(t) => reg.per_tag.get(t).copied().unwrap_or_default(),
     });
     if tag.is_none() {
-        out.host_store_bytes = store::held_bytes() as u64;
+        out.host_store_bytes = (store::held_bytes()
+            + store::shared_open_now().map_or(0, |r| r.rank_bytes()))
+            as u64;
         out.unknown_frees = UNKNOWN_FREES.load(std::sync::atomic::Ordering::Relaxed);
     }
     Ok(out)

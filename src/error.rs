@@ -49,6 +49,10 @@ pub enum devmem_status {
     BufferTooSmall = 12,
     /// The operation is not supported by this driver or device.
     Unsupported = 13,
+    /// A shared host-store region was refused (another owner, a wrong mode, a symbolic link,
+    /// a corrupt header, another layout, a rank in use, a creator that never finished), or
+    /// what it stores does not match the allocations asking for it.
+    Region = 14,
 }
 
 impl devmem_status {

@@ -13,7 +13,7 @@ use std::ptr;
 
 use crate::core::{
     self, devmem_allocation_callback, devmem_allocation_info, devmem_backend, devmem_host_policy,
-    devmem_stats, devmem_transfer, DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
+    devmem_read_only, devmem_stats, devmem_transfer, DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
 };
 use crate::error::{
     bail, clear_last_error, devmem_status, last_error, set_last_error, Error, Result,
@@ -651,6 +651,156 @@ pub extern "C" fn devmem_get_host_limit(out: *mut u64) -> devmem_status {
         let limit = core::host_limit()?;
         // SAFETY: the caller passes NULL or a valid out-pointer.
         unsafe { write_out(out, "out", limit) }
+    })
+}
+
+/// `devmem_shared_store_options.flags`: leave the region in place when the last process
+/// closes it, so a later process can restore from it (durable sleep).
+pub const DEVMEM_SHARED_KEEP: u32 = 1;
+/// `devmem_shared_store_options.flags`: when a left-over region has another layout and no
+/// process uses it, remove it and create a new one (without it, that is an error).
+pub const DEVMEM_SHARED_RECLAIM: u32 = 2;
+
+/// Where and how large the shared host store is (`devmem_shared_store_open`).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct devmem_shared_store_options {
+    /// The instance's name: 1 to 128 bytes of printable ASCII, no `/`, no `..`. Every process
+    /// of one instance passes the same name. The file is `<dir>/devmem-<name>.region`.
+    pub name: *const c_char,
+    /// The directory holding the region; NULL for `/dev/shm`.
+    pub dir: *const c_char,
+    /// Bytes of backups each rank can hold (rounded up to 2 MiB).
+    pub bytes_per_rank: u64,
+    /// This process's rank, below `world`.
+    pub rank: u32,
+    /// Processes sharing the region (every one passes the same value).
+    pub world: u32,
+    /// `DEVMEM_SHARED_KEEP` and/or `DEVMEM_SHARED_RECLAIM`.
+    pub flags: u32,
+    /// How long to wait for another process that is creating the region, in milliseconds;
+    /// 0 for the default (30 s).
+    pub timeout_ms: u32,
+}
+
+/// Opens the shared host store, creating it when this process is the first of its instance:
+/// backups of later sleeps go to this rank's area of the region instead of private memory. The
+/// area is reserved, populated and pinned before this returns (`HOST_OUT_OF_MEMORY` when the
+/// host or `/dev/shm` has no room). The region is refused with `DEVMEM_STATUS_REGION` when it
+/// belongs to another user, has another mode than 0600, is a symbolic link, has a corrupt
+/// header or another layout, or the rank is taken. `DEVMEM_SHARED_STORE` and its companion
+/// variables open one at the first sleep instead (README, "Shared and durable host store").
+#[no_mangle]
+pub extern "C" fn devmem_shared_store_open(
+    options: *const devmem_shared_store_options,
+) -> devmem_status {
+    guard(|| {
+        if options.is_null() {
+            bail!(NullPointer, "options is NULL");
+        }
+        // SAFETY: checked non-NULL; the caller passes a valid struct.
+        let o = unsafe { *options };
+        if o.name.is_null() {
+            bail!(NullPointer, "options.name is NULL");
+        }
+        if o.flags & !(DEVMEM_SHARED_KEEP | DEVMEM_SHARED_RECLAIM) != 0 {
+            bail!(
+                InvalidArgument,
+                "options.flags {:#x} has unknown bits",
+                o.flags
+            );
+        }
+        // SAFETY: non-NULL and NUL-terminated per the contract.
+        let name = unsafe { CStr::from_ptr(o.name) }.to_str().map_err(|_| {
+            Error::new(devmem_status::InvalidArgument, "options.name is not UTF-8")
+        })?;
+        let dir = if o.dir.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL and NUL-terminated per the contract.
+            let bytes = unsafe { CStr::from_ptr(o.dir) }.to_bytes();
+            use std::os::unix::ffi::OsStrExt;
+            Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+        };
+        let timeout = if o.timeout_ms == 0 {
+            crate::store::shared::DEFAULT_TIMEOUT
+        } else {
+            std::time::Duration::from_millis(u64::from(o.timeout_ms))
+        };
+        core::open_shared_store(&crate::store::shared::Options {
+            name: name.to_string(),
+            dir,
+            bytes_per_rank: o.bytes_per_rank,
+            rank: o.rank,
+            world: o.world,
+            keep: o.flags & DEVMEM_SHARED_KEEP != 0,
+            reclaim: o.flags & DEVMEM_SHARED_RECLAIM != 0,
+            timeout,
+        })
+    })
+}
+
+/// Leaves the shared host store: later backups go to private memory again. Backups already in
+/// the region stay valid for this process. The last process to leave removes the file unless
+/// the region is kept. A process that exits without calling this leaves the file behind for
+/// the next instance, which reuses (kept) or reclaims (not kept) it. `INVALID_STATE` when none
+/// is open.
+#[no_mangle]
+pub extern "C" fn devmem_shared_store_close() -> devmem_status {
+    guard(core::close_shared_store)
+}
+
+/// Fills the live, mapped allocations of the `n` listed tags with the bytes the shared store
+/// holds for them: the restart half of durable sleep. Allocations are matched by tag, by their
+/// index among the tag's allocations (allocation order) and by size; any mismatch is
+/// `DEVMEM_STATUS_REGION` before a byte is copied. Stored checksums are verified on the device
+/// after the copy (CUDA); a mismatch is `DEVMEM_STATUS_REGION` naming the allocations. See
+/// `devmem_get_last_transfer` for the bytes restored.
+#[no_mangle]
+pub extern "C" fn devmem_restore_from_store(tags: *const *const c_char, n: usize) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        if tags.is_empty() {
+            bail!(InvalidArgument, "no tags given");
+        }
+        core::restore_from_store(&tags).map(drop)
+    })
+}
+
+/// Declares what sleeps may assume about `tag`'s bytes: `DEVMEM_READ_ONLY_OFF` (default),
+/// `DEVMEM_READ_ONLY_ON` (a wake keeps the host copy and the next sleep only unmaps; bytes
+/// written after the declaration are lost at the next sleep) or `DEVMEM_READ_ONLY_VERIFY`
+/// (each sleep compares a device checksum with the host copy's and copies again on a
+/// mismatch; `DEVMEM_STATUS_UNSUPPORTED` without a device checksum, e.g. on Level Zero).
+#[no_mangle]
+pub extern "C" fn devmem_set_read_only(tag: *const c_char, mode: c_int) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes NULL or a NUL-terminated string.
+        let tag = unsafe { tag_from_c(tag, "tag") }?;
+        let Some(mode) = devmem_read_only::from_repr(mode) else {
+            bail!(
+                InvalidArgument,
+                "read-only mode {mode} is not a devmem_read_only value"
+            );
+        };
+        core::set_read_only(&tag, mode)
+    })
+}
+
+/// Writes what sleeps assume about `tag`'s bytes to `*out`.
+#[no_mangle]
+pub extern "C" fn devmem_get_read_only(
+    tag: *const c_char,
+    out: *mut devmem_read_only,
+) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes NULL or a NUL-terminated string.
+        let tag = unsafe { tag_from_c(tag, "tag") }?;
+        let mode = core::read_only(&tag)?;
+        // SAFETY: the caller passes NULL or a valid out-pointer.
+        unsafe { write_out(out, "out", mode) }
     })
 }
 

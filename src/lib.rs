@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub(crate) mod backend;
+pub mod checksum;
 pub mod core;
 pub(crate) mod driver;
 pub mod error;
@@ -26,7 +27,8 @@ pub mod threads;
 
 pub use crate::backend::devmem_backend;
 pub use crate::core::{
-    devmem_allocation_callback, devmem_allocation_info, devmem_counter, devmem_state, devmem_stats,
+    devmem_allocation_callback, devmem_allocation_info, devmem_counter, devmem_read_only, devmem_state,
+    devmem_stats,
     devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN, DEVMEM_TAG_BUFFER_LEN,
 };
 pub use crate::error::{devmem_status, Error, Result};

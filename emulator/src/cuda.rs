@@ -22,6 +22,8 @@ pub(crate) const INVALID_CONTEXT: R = 201;
 pub(crate) const INVALID_HANDLE: R = 400;
 pub(crate) const NOT_PERMITTED: R = 800;
 pub(crate) const NOT_SUPPORTED: R = 801;
+pub(crate) const INVALID_IMAGE: R = 200;
+pub(crate) const NOT_FOUND: R = 500;
 
 pub(crate) const ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
     (SUCCESS, c"CUDA_SUCCESS", c"no error"),
@@ -71,6 +73,12 @@ pub(crate) const ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
         c"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED",
         c"pointer does not correspond to a registered memory region",
     ),
+    (
+        INVALID_IMAGE,
+        c"CUDA_ERROR_INVALID_IMAGE",
+        c"device kernel image is invalid",
+    ),
+    (NOT_FOUND, c"CUDA_ERROR_NOT_FOUND", c"named symbol not found"),
     (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
 ];
 
@@ -515,5 +523,86 @@ pub extern "C" fn cuEventDestroy_v2(event: CUevent) -> R {
         }
         emu.events = emu.events.saturating_sub(1);
         SUCCESS
+    })
+}
+
+/// The one module the emulator loads: devmem's checksum PTX.
+const CHECKSUM_MODULE: usize = 0xc4ec_0000;
+/// Its `devmem_checksum` function.
+const CHECKSUM_FUNCTION: usize = 0xc4ec_0010;
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadData(module: *mut *mut c_void, image: *const c_void) -> R {
+    with_context("cuModuleLoadData", |_, _| {
+        if module.is_null() || image.is_null() {
+            return INVALID_VALUE;
+        }
+        // SAFETY: a PTX image is a NUL-terminated string, per the driver contract.
+        let text = unsafe { CStr::from_ptr(image.cast()) }.to_string_lossy();
+        if !text.contains(".entry devmem_checksum(") {
+            return INVALID_IMAGE;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(module, CHECKSUM_MODULE as *mut c_void) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    function: *mut *mut c_void,
+    module: *mut c_void,
+    name: *const c_char,
+) -> R {
+    with_context("cuModuleGetFunction", |_, _| {
+        if function.is_null() || name.is_null() || module as usize != CHECKSUM_MODULE {
+            return INVALID_VALUE;
+        }
+        // SAFETY: a NUL-terminated name, per the driver contract.
+        if unsafe { CStr::from_ptr(name) } != c"devmem_checksum" {
+            return NOT_FOUND;
+        }
+        // SAFETY: out-pointer per the driver contract.
+        unsafe { put(function, CHECKSUM_FUNCTION as *mut c_void) }
+    })
+}
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cuLaunchKernel(
+    function: *mut c_void,
+    grid_x: c_uint,
+    _grid_y: c_uint,
+    _grid_z: c_uint,
+    block_x: c_uint,
+    _block_y: c_uint,
+    _block_z: c_uint,
+    _shared: c_uint,
+    stream: CUstream,
+    params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> R {
+    with_context("cuLaunchKernel", |emu, device| {
+        if function as usize != CHECKSUM_FUNCTION || params.is_null() {
+            return INVALID_VALUE;
+        }
+        if grid_x as usize != CHECKSUM_PARTIALS || block_x == 0 || block_x > 1024 {
+            return INVALID_VALUE;
+        }
+        // SAFETY: the kernel's three parameters (words, count, partials), each a pointer to a
+        // u64, per cuLaunchKernel's contract.
+        let (src, count, partials) = unsafe {
+            let arg = |i: usize| *(*params.add(i)).cast::<u64>();
+            (arg(0), arg(1), arg(2))
+        };
+        let Some(len) = usize::try_from(count).ok().and_then(|c| c.checked_mul(8)) else {
+            return INVALID_VALUE;
+        };
+        if !emu.is_device_range(src, len) || !emu.is_device_range(partials, CHECKSUM_PARTIALS * 8) {
+            return INVALID_VALUE;
+        }
+        emu.enqueue(
+            (device, stream as usize),
+            Work::Checksum { src, len, partials },
+        )
     })
 }

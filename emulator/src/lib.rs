@@ -18,6 +18,9 @@
 //! * Asynchrony (`queue`): queued copies run only at synchronisation points; unmapping or
 //!   freeing memory that queued work still uses is a recorded violation (`cuemu_counters`,
 //!   `cuemu_violation`), and `cuemu_launch_fill` queues application work to wait for.
+//! * Kernels: `cuModuleLoadData` accepts only devmem's checksum PTX, and `cuLaunchKernel` of
+//!   its `devmem_checksum` queues the checksum (devmem's own host function, `src/checksum.rs`)
+//!   as stream work, so it runs at the next synchronisation like the real kernel.
 //!
 //! Files: `config` (environment), `state` (the memory model, locking, fault injection),
 //! `queue` (asynchrony), `cuda` and `ze` (the two driver faces), `control` (`cuemu_*`).
@@ -31,6 +34,9 @@
 // These are C entry points; the driver API documents their pointer contracts.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+#[path = "../../src/checksum.rs"]
+#[allow(dead_code)]
+mod checksum;
 mod config;
 mod control;
 mod cuda;

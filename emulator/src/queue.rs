@@ -25,7 +25,13 @@ pub(crate) enum Work {
     Copy { dst: u64, src: u64, len: usize },
     /// A kernel writing `byte` over `len` bytes of device memory at `dst`.
     Fill { dst: u64, len: usize, byte: u8 },
+    /// devmem's checksum kernel: the checksum of `len` bytes at `src` into the first of the
+    /// `CHECKSUM_PARTIALS` 8-byte partial sums at `partials`, zeros into the rest.
+    Checksum { src: u64, len: usize, partials: u64 },
 }
+
+/// Partial sums the checksum kernel writes (one per block of devmem's launch).
+pub(crate) const CHECKSUM_PARTIALS: usize = 1024;
 
 impl Work {
     /// The address ranges the work reads or writes.
@@ -33,6 +39,7 @@ impl Work {
         match *self {
             Work::Copy { dst, src, len } => [(dst, len), (src, len)],
             Work::Fill { dst, len, .. } => [(dst, len), (dst, 0)],
+            Work::Checksum { src, len, partials } => [(src, len), (partials, CHECKSUM_PARTIALS * 8)],
         }
     }
 
@@ -151,6 +158,13 @@ impl Emu {
             // SAFETY: as above.
             Work::Fill { dst, len, byte } => unsafe {
                 std::ptr::write_bytes(dst as *mut u8, byte, len)
+            },
+            // SAFETY: as above; the partials range was checked like every device range.
+            Work::Checksum { src, len, partials } => unsafe {
+                let bytes = std::slice::from_raw_parts(src as *const u8, len);
+                let out = std::slice::from_raw_parts_mut(partials as *mut u64, CHECKSUM_PARTIALS);
+                out.fill(0);
+                out[0] = crate::checksum::of(bytes);
             },
         }
     }

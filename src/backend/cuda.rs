@@ -6,11 +6,12 @@
 //! device supports it with VMM, and fabric handles when supported, falling back to POSIX file
 //! descriptors and then to no shareable handle when the driver refuses.
 
+use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdevice_attribute, CUevent, CUevent_flags, CUmemAccessDesc,
+    CUcontext, CUdevice, CUdevice_attribute, CUevent, CUevent_flags, CUfunction, CUmemAccessDesc,
     CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
     CUmemAllocationProp, CUmemAllocationType, CUmemLocationType, CUstream,
     CU_MEMHOSTREGISTER_PORTABLE,
@@ -19,7 +20,7 @@ use parking_lot::Mutex;
 
 use super::Backend;
 use crate::driver::cuda::{CudaApi, CUDA_ERROR_NOT_PERMITTED, CUDA_ERROR_NOT_SUPPORTED};
-use crate::error::{bail, Result};
+use crate::error::{bail, devmem_status::Unsupported, Result};
 
 /// `CU_STREAM_NON_BLOCKING`: devmem's streams never synchronise with the legacy stream.
 const STREAM_NON_BLOCKING: u32 = 1;
@@ -43,7 +44,16 @@ struct DeviceState {
     /// Index into [`HANDLE_TYPES`] of the handle type the driver last accepted.
     handle_type: AtomicUsize,
     granularity: usize,
+    /// The checksum kernel (`CUfunction` as an address), loaded on first use.
+    checksum: Mutex<Option<usize>>,
 }
+
+/// The checksum kernel's PTX (see `kernels/checksum.cu`), NUL-terminated.
+const CHECKSUM_PTX: &str = concat!(include_str!("kernels/checksum.ptx"), "\0");
+/// Blocks per checksum launch, each writing one partial sum.
+const CHECKSUM_BLOCKS: usize = 1024;
+/// Threads per block (the kernel's shared array holds 256).
+const CHECKSUM_THREADS: u32 = 256;
 
 impl DeviceState {
     fn properties(&self) -> CUmemAllocationProp {
@@ -150,6 +160,7 @@ impl CudaBackend {
             gpu_direct_rdma: rdma,
             handle_type: AtomicUsize::new(if fabric { 0 } else { 1 }),
             granularity: 0,
+            checksum: Mutex::new(None),
         };
         let stream = self.in_context(&state, || api.create_stream(STREAM_NON_BLOCKING))?;
         state.stream = stream as usize;
@@ -199,6 +210,72 @@ impl CudaBackend {
     fn with_device<T>(&self, ordinal: i32, f: impl FnOnce(&DeviceState) -> Result<T>) -> Result<T> {
         let state = self.device(ordinal)?;
         self.in_context(&state, || f(&state))
+    }
+}
+
+impl CudaBackend {
+    fn checksum_function(&self, state: &DeviceState) -> Result<CUfunction> {
+        let mut loaded = state.checksum.lock();
+        if let Some(function) = *loaded {
+            return Ok(function as CUfunction);
+        }
+        let image = CStr::from_bytes_with_nul(CHECKSUM_PTX.as_bytes())
+            .map_err(|e| crate::error::Error::new(Unsupported, format!("checksum PTX: {e}")))?;
+        let module = self
+            .api
+            .load_module(image)
+            .map_err(|e| e.context("loading devmem's checksum kernel"))?;
+        let function = self.api.function(module, c"devmem_checksum")?;
+        *loaded = Some(function as usize);
+        Ok(function)
+    }
+
+    /// Launches the checksum kernel over each range into its slice of the partial sums at
+    /// `partials`, copies them back and adds them up.
+    fn run_checksums(
+        &self,
+        state: &DeviceState,
+        ranges: &[(u64, usize)],
+        partials: u64,
+    ) -> Result<Vec<u64>> {
+        let function = self.checksum_function(state)?;
+        for (i, &(va, len)) in ranges.iter().enumerate() {
+            let mut words = va;
+            let mut count = (len / 8) as u64;
+            let mut out = partials + (i * CHECKSUM_BLOCKS * 8) as u64;
+            let mut params: [*mut c_void; 3] = [
+                (&raw mut words).cast(),
+                (&raw mut count).cast(),
+                (&raw mut out).cast(),
+            ];
+            // SAFETY: the parameters match `devmem_checksum(const u64*, u64, u64*)` and are
+            // copied by the driver at launch; `va..va+len` is mapped device memory and `out`
+            // has room for CHECKSUM_BLOCKS partial sums.
+            unsafe {
+                self.api.launch(
+                    function,
+                    CHECKSUM_BLOCKS as u32,
+                    CHECKSUM_THREADS,
+                    state.stream(),
+                    &mut params,
+                )
+            }?;
+        }
+        let mut sums = vec![0u64; ranges.len() * CHECKSUM_BLOCKS];
+        // SAFETY: `sums` is large enough and outlives the stream synchronisation below.
+        unsafe {
+            self.api.copy_to_host_async(
+                sums.as_mut_ptr().cast(),
+                partials,
+                sums.len() * 8,
+                state.stream(),
+            )
+        }?;
+        self.api.synchronize_stream(state.stream())?;
+        Ok(sums
+            .chunks(CHECKSUM_BLOCKS)
+            .map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+            .collect())
     }
 }
 
@@ -344,6 +421,47 @@ impl Backend for CudaBackend {
             // backup uses, after every copy into them was waited for.
             unsafe { self.api.host_unregister(ptr.cast()) }
         })
+    }
+
+    fn can_checksum(&self) -> bool {
+        self.api.can_launch()
+    }
+
+    fn checksums(&self, device: i32, ranges: &[(u64, usize)]) -> Result<Vec<u64>> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let state = self.device(device)?;
+        // Scratch device memory for the partial sums, released before returning, so nothing
+        // stays allocated while the process sleeps.
+        let size = (ranges.len() * CHECKSUM_BLOCKS * 8).next_multiple_of(state.granularity);
+        let va = self.reserve(device, size)?;
+        let handle = match self.create_and_map(device, va, size) {
+            Ok(handle) => handle,
+            Err(stranded) => {
+                if !stranded.holds_anything() {
+                    if let Err(err) = self.free_va(device, va, size) {
+                        log::error!("devmem: freeing checksum scratch addresses: {err}");
+                    }
+                }
+                return Err(stranded.error.context("checksum: scratch memory"));
+            }
+        };
+        let sums = self.with_device(device, |state| self.run_checksums(state, ranges, va));
+        if sums.is_err() {
+            // Nothing may still run on the scratch memory when it goes.
+            if let Err(err) = self.wait_copies(device) {
+                log::error!("devmem: waiting for checksum kernels after a failure: {err}");
+            }
+        }
+        let freed = self
+            .unmap(device, va, size)
+            .and_then(|()| self.release(device, handle))
+            .and_then(|()| self.free_va(device, va, size));
+        if let Err(err) = freed {
+            log::error!("devmem: releasing {size} bytes of checksum scratch memory: {err}");
+        }
+        sums.map_err(|e| e.context(format!("checksum of {} range(s) on device {device}", ranges.len())))
     }
 
     fn record_copy_marker(&self, device: i32) -> Result<u64> {

@@ -123,6 +123,21 @@ pub trait Backend: Send + Sync {
         self.alloc_host(0, 0).map(drop)
     }
 
+    /// Whether [`checksums`](Self::checksums) can work (the driver has what the kernel needs).
+    fn can_checksum(&self) -> bool {
+        false
+    }
+
+    /// Checksums ([`crate::checksum`]) of device ranges (each a multiple of 8 bytes), computed
+    /// on the device in one pass that waits for itself. `Unsupported` where the backend has no
+    /// kernel for it.
+    fn checksums(&self, _device: i32, _ranges: &[(u64, usize)]) -> Result<Vec<u64>> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!("the {} backend cannot checksum device memory", self.name()),
+        ))
+    }
+
     /// A line for logs: which driver library, which context.
     fn describe(&self) -> String {
         self.name().to_string()

@@ -9,8 +9,8 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUmemAccessDesc,
-    CUmemAllocationProp, CUmemGenericAllocationHandle, CUresult, CUstream,
+    CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUfunction, CUmemAccessDesc,
+    CUmemAllocationProp, CUmemGenericAllocationHandle, CUmodule, CUresult, CUstream,
 };
 
 use super::symbol_table;
@@ -77,7 +77,14 @@ symbol_table! {
         event_record = "cuEventRecord": fn(CUevent, CUstream);
         event_synchronize = "cuEventSynchronize": fn(CUevent);
     }
-    optional {}
+    optional {
+        module_load_data = "cuModuleLoadData": fn(*mut CUmodule, *const c_void) -> RawResult;
+        module_get_function = "cuModuleGetFunction":
+            fn(*mut CUfunction, CUmodule, *const c_char) -> RawResult;
+        launch_kernel = "cuLaunchKernel":
+            fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream,
+               *mut *mut c_void, *mut *mut c_void) -> RawResult;
+    }
 }
 
 impl CudaApi {
@@ -434,6 +441,76 @@ impl CudaApi {
         // SAFETY: a handle the driver validates.
         self.check("cuEventSynchronize", unsafe {
             (self.event_synchronize)(event)
+        })
+    }
+
+    fn optional<F>(&self, entry: Option<F>, call: &str) -> Result<F> {
+        entry.ok_or_else(|| {
+            Error::new(
+                devmem_status::Unsupported,
+                format!("{call} is missing from {}", self.path()),
+            )
+        })
+    }
+
+    /// Whether the module and launch entry points were found.
+    pub(crate) fn can_launch(&self) -> bool {
+        self.module_load_data.is_some()
+            && self.module_get_function.is_some()
+            && self.launch_kernel.is_some()
+    }
+
+    /// `cuModuleLoadData` with a NUL-terminated PTX image, in the current context.
+    pub(crate) fn load_module(&self, image: &CStr) -> Result<CUmodule> {
+        let load = self.optional(self.module_load_data, "cuModuleLoadData")?;
+        let mut module: CUmodule = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid; the image is NUL-terminated and outlives the call.
+        self.check("cuModuleLoadData", unsafe {
+            load(&mut module, image.as_ptr().cast())
+        })?;
+        Ok(module)
+    }
+
+    /// `cuModuleGetFunction`.
+    pub(crate) fn function(&self, module: CUmodule, name: &CStr) -> Result<CUfunction> {
+        let get = self.optional(self.module_get_function, "cuModuleGetFunction")?;
+        let mut function: CUfunction = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid; `module` came from `load_module`.
+        self.check("cuModuleGetFunction", unsafe {
+            get(&mut function, module, name.as_ptr())
+        })?;
+        Ok(function)
+    }
+
+    /// `cuLaunchKernel` on a one-dimensional grid, without dynamic shared memory.
+    ///
+    /// # Safety
+    /// `params` must match the kernel's parameters, and every pointer they carry must stay
+    /// valid until the launch has completed on `stream`.
+    pub(crate) unsafe fn launch(
+        &self,
+        function: CUfunction,
+        grid: c_uint,
+        block: c_uint,
+        stream: CUstream,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let launch = self.optional(self.launch_kernel, "cuLaunchKernel")?;
+        // SAFETY: the caller guarantees the parameters; the grid is checked by the driver.
+        self.check("cuLaunchKernel", unsafe {
+            launch(
+                function,
+                grid,
+                1,
+                1,
+                block,
+                1,
+                1,
+                0,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         })
     }
 }

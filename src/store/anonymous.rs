@@ -86,7 +86,7 @@ impl HostSource for Anonymous {
 /// transparent huge pages each first write maps a whole 2 MiB page. (Measured faster than
 /// MADV_POPULATE_WRITE on the kernels devmem was tested on.) A slice whose thread the OS
 /// refuses is faulted in by the calling thread.
-fn populate(base: usize, len: usize, threads: usize) {
+pub(super) fn populate(base: usize, len: usize, threads: usize) {
     let touch = |start: usize, n: usize| {
         for page in (start..start + n).step_by(4096) {
             // SAFETY: `page` lies inside the private writable mapping being populated, which

@@ -27,6 +27,7 @@ pub mod blocks;
 pub mod bound;
 pub mod driver_host;
 pub mod pipeline;
+pub mod shared;
 pub mod source;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use self::blocks::{BlockMap, Chunk, Extent, BLOCK};
+use self::shared::{Region, SlotKey};
 use self::source::HostSource;
 use crate::backend::Backend;
 use crate::error::{bail, devmem_status, Error, Result};
@@ -59,12 +61,45 @@ pub enum devmem_host_policy {
 #[derive(Debug)]
 pub struct Backup {
     extents: Vec<Extent>,
+    /// A slot of the shared region instead of blocks of the pool: (region, slot, address).
+    shared: Option<(Arc<Region>, usize, usize)>,
+    /// The device checksum of the saved bytes, when one was computed.
+    checksum: Option<u64>,
 }
 
 impl Backup {
+    /// A backup held in a slot of the shared region.
+    pub fn in_region(region: Arc<Region>, stored: shared::Stored) -> Self {
+        Self {
+            extents: Vec::new(),
+            shared: Some((region, stored.slot, stored.ptr)),
+            checksum: stored.checksum,
+        }
+    }
+
+    /// The device checksum recorded for the saved bytes.
+    pub fn checksum(&self) -> Option<u64> {
+        self.checksum
+    }
+
+    /// Records the device checksum of the bytes being saved.
+    pub fn set_checksum(&mut self, checksum: Option<u64>) {
+        self.checksum = checksum;
+    }
+
+    /// Marks the saved bytes complete (in the shared region, the slot becomes valid).
+    pub fn seal(&self) {
+        if let Some((region, slot, _)) = &self.shared {
+            region.seal(*slot, self.checksum);
+        }
+    }
+
     /// Pairs each piece of `[va, va+len)` with the host address that holds it, as
     /// (device address, host address, bytes).
     pub fn pieces(&self, va: u64, len: usize) -> Vec<(u64, usize, usize)> {
+        if let Some((_, _, ptr)) = &self.shared {
+            return vec![(va, *ptr, len)];
+        }
         let mut out = Vec::with_capacity(self.extents.len());
         let mut offset = 0usize;
         for extent in &self.extents {
@@ -81,6 +116,10 @@ impl Backup {
 
 impl Drop for Backup {
     fn drop(&mut self) {
+        if let Some((region, slot, _)) = self.shared.take() {
+            region.release(slot);
+            return;
+        }
         let extents = std::mem::take(&mut self.extents);
         with_pool(|p| {
             if let Err(bad) = p.blocks.put_back(&extents) {
@@ -154,9 +193,69 @@ fn with_pool<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
     f(guard.get_or_insert_with(Pool::configured))
 }
 
-/// Bytes of pinned host memory the store holds (free or in backups).
+/// Bytes of pinned host memory the pool holds (free or in backups).
 pub fn held_bytes() -> usize {
     with_pool(|p| p.blocks.held_blocks() * BLOCK)
+}
+
+/// The open shared region, if any.
+static SHARED: Mutex<Option<Arc<Region>>> = Mutex::new(None);
+
+/// Opens (or creates) the shared region; backups go there until it is closed.
+pub fn open_shared(options: &shared::Options, backend: &Arc<dyn Backend>, device: i32) -> Result<()> {
+    let mut active = SHARED.lock();
+    if let Some(region) = active.as_ref() {
+        bail!(
+            InvalidState,
+            "a shared store is already open ({}); close it first",
+            region.path().display()
+        );
+    }
+    let region = Region::open(options, backend, device)?;
+    log::info!(
+        "devmem: shared store {} open: rank {}, generation {}, {} bytes, {} stored allocation(s)",
+        region.path().display(),
+        options.rank,
+        region.generation(),
+        region.rank_bytes(),
+        region.valid_slots()
+    );
+    *active = Some(region);
+    Ok(())
+}
+
+/// Leaves the shared region: new backups go to the pool again. Backups already in the region
+/// stay valid (this process keeps its mapping until they are gone); the last process to leave
+/// removes the file unless it is kept.
+pub fn close_shared() -> Result<()> {
+    let Some(region) = SHARED.lock().take() else {
+        bail!(InvalidState, "no shared store is open");
+    };
+    region.leave();
+    Ok(())
+}
+
+/// The open shared region, opening it from the environment (`DEVMEM_SHARED_STORE`) first
+/// when that names one.
+pub fn shared_region(backend: &Arc<dyn Backend>, device: i32) -> Result<Option<Arc<Region>>> {
+    if let Some(region) = SHARED.lock().as_ref() {
+        return Ok(Some(Arc::clone(region)));
+    }
+    let Some(options) = shared::options_from_env()? else {
+        return Ok(None);
+    };
+    match open_shared(&options, backend, device) {
+        Ok(()) => {}
+        // Another thread opened it meanwhile.
+        Err(e) if e.status == devmem_status::InvalidState => {}
+        Err(e) => return Err(e.context("opening the shared store named by DEVMEM_SHARED_STORE")),
+    }
+    Ok(SHARED.lock().clone())
+}
+
+/// The open shared region, without opening one.
+pub fn shared_open_now() -> Option<Arc<Region>> {
+    SHARED.lock().clone()
 }
 
 /// Sets the cap on the bytes the store holds (0: no cap).
@@ -346,15 +445,25 @@ fn free_chunks(source: Option<&Arc<dyn HostSource>>, chunks: Vec<Chunk>) -> Resu
     first_error.map_or(Ok(freed), Err)
 }
 
-/// Takes a backup of `len` bytes, waiting for the grower when the ready chunks are not enough.
-pub fn take(backend: &Arc<dyn Backend>, device: i32, len: usize) -> Result<Backup> {
+/// Takes a backup of `len` bytes for the allocation `key`: a slot of the shared region when
+/// one is open, else blocks of the pool (waiting for the grower when the ready chunks are not
+/// enough).
+pub fn take(backend: &Arc<dyn Backend>, device: i32, len: usize, key: &SlotKey) -> Result<Backup> {
+    if let Some(region) = shared_region(backend, device)? {
+        let stored = region.take(key, len)?;
+        return Ok(Backup::in_region(region, stored));
+    }
     let need = blocks_for(len);
     let mut requests = 0;
     let mut guard = POOL.lock();
     loop {
         let pool = guard.get_or_insert_with(Pool::configured);
         if let Some(extents) = pool.blocks.take(need) {
-            return Ok(Backup { extents });
+            return Ok(Backup {
+                extents,
+                shared: None,
+                checksum: None,
+            });
         }
         if let Some(err) = pool.grow_error.take() {
             return Err(err);
@@ -385,6 +494,9 @@ pub fn expect(
     device: i32,
     lens: impl Iterator<Item = usize>,
 ) -> Result<()> {
+    if shared_region(backend, device)?.is_some() {
+        return Ok(()); // the region's area was reserved when it was opened
+    }
     let need = lens.map(blocks_for).fold(0usize, usize::saturating_add);
     if need == 0 {
         return Ok(());

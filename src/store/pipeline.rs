@@ -11,12 +11,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use super::shared::SlotKey;
 use super::Backup;
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::{devmem_status, Error, Result};
 
 /// One mapped allocation to save or discard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SaveTarget {
     /// Start address.
     pub va: u64,
@@ -26,6 +27,10 @@ pub struct SaveTarget {
     pub device: i32,
     /// The physical memory mapped there.
     pub handle: u64,
+    /// Which allocation it is, for a slot of the shared region.
+    pub key: SlotKey,
+    /// Record a device checksum of the bytes with the backup (where the backend has one).
+    pub checksum: bool,
 }
 
 /// How far releasing one target got, when it got as far as unmapping.
@@ -138,6 +143,10 @@ pub fn save(
             .map_err(|e| e.context("sleep: nothing was released"))?;
     }
 
+    let mut sums = checksums(backend, offloads)
+        .map_err(|e| e.context("sleep: checksums of the bytes to save; nothing was released"))?
+        .into_iter();
+
     // 1. Queue the copies.
     let limit = batch_bytes();
     let mut backups: Vec<Option<Backup>> = Vec::with_capacity(offloads.len());
@@ -146,7 +155,9 @@ pub fn save(
     let mut in_batch = 0;
     let mut failure: Option<Error> = None;
     for (i, t) in offloads.iter().enumerate() {
-        let queued = super::take(backend, t.device, t.size).and_then(|backup| {
+        let sum = sums.next().flatten();
+        let queued = super::take(backend, t.device, t.size, &t.key).and_then(|mut backup| {
+            backup.set_checksum(sum);
             let pieces = backup.pieces(t.va, t.size);
             backups.push(Some(backup));
             pieces.into_iter().try_for_each(|(src, dst, n)| {
@@ -197,6 +208,9 @@ pub fn save(
             failure = Some(err.context("sleep: waiting for the copies to host memory"));
             break;
         }
+        for backup in backups[batch.targets.clone()].iter().flatten() {
+            backup.seal();
+        }
         for i in batch.targets.clone() {
             let backup = backups[i].take();
             if let Err((err, unused)) =
@@ -221,6 +235,36 @@ pub fn save(
     finish_copies(&**backend, &devices);
     drop(backups);
     Err(err)
+}
+
+/// Device checksums of the targets that ask for one (`None` for the others, and for all of
+/// them where the backend has no checksum kernel).
+fn checksums(backend: &Arc<dyn Backend>, targets: &[SaveTarget]) -> Result<Vec<Option<u64>>> {
+    let mut out = vec![None; targets.len()];
+    let devices: BTreeSet<i32> = targets
+        .iter()
+        .filter(|t| t.checksum)
+        .map(|t| t.device)
+        .collect();
+    for device in devices {
+        let picked: Vec<usize> = (0..targets.len())
+            .filter(|&i| targets[i].checksum && targets[i].device == device)
+            .collect();
+        let ranges: Vec<(u64, usize)> = picked
+            .iter()
+            .map(|&i| (targets[i].va, targets[i].size))
+            .collect();
+        match backend.checksums(device, &ranges) {
+            Ok(sums) => {
+                for (i, sum) in picked.into_iter().zip(sums) {
+                    out[i] = Some(sum);
+                }
+            }
+            Err(e) if e.status == devmem_status::Unsupported => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// One sleeping allocation to map again, and the saved pieces to copy back.

@@ -1,0 +1,1188 @@
+//! A host-memory region shared by the processes of one instance and kept across restarts
+//! (seed 004's SharedOffloadRegion, made safe to share and durable).
+//!
+//! One file per instance, `<dir>/devmem-<name>.region` (`dir` defaults to `/dev/shm`), mapped
+//! `MAP_SHARED` by every process (rank) of the instance:
+//!
+//! ```text
+//! | header | rank 0 table | rank 1 table | ... | pad to 2 MiB | rank 0 area | rank 1 area | ...
+//! ```
+//!
+//! * Each rank owns one contiguous area (`bytes_per_rank`, rounded up to 2 MiB) and one table
+//!   of [`SLOTS`] slots, each recording which allocation it holds (tag, index among the tag's
+//!   allocations, size, device checksum) and its state (free, being written, valid). A rank
+//!   reserves (`fallocate`), populates (`MADV_POPULATE_WRITE`) and pins only its own area, and
+//!   writes only its own table.
+//! * **Create**: `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600, `ftruncate`, header written, then
+//!   `ready` set last. **Open**: `O_NOFOLLOW`, the owner must be this uid and the mode 0600;
+//!   waits (up to the timeout) for `ready`, then checks the header before touching anything.
+//! * **Liveness** by open-file-description locks: every user holds a read lock on byte 0, the
+//!   owner of rank `r` a write lock on byte `1 + r`. They vanish with the process, however it
+//!   ends. A user that finds no other holder of byte 0 is the first of a new instance: a region
+//!   whose last user left with `keep` is reused (durable restart); one left without it (a crash)
+//!   is reported as stale and reclaimed, keeping its valid slots. A different layout is never
+//!   reused: it is an error, or with `reclaim` the old file is removed and a new one created.
+//! * **Cleanup**: on close, the last user (the one that can turn its byte-0 lock into a write
+//!   lock) unlinks the file unless the region is kept. A process keeps its mapping (and its
+//!   rank) until its last backup in the region is gone.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::blocks::BLOCK;
+use crate::backend::{Backend, HostMemory};
+use crate::error::{bail, devmem_status, Error, Result};
+
+/// Slots per rank: the most allocations one rank can hold in the region at once.
+pub const SLOTS: usize = 1024;
+/// Longest instance name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most ranks one region can have.
+pub const MAX_WORLD: u32 = 4096;
+/// Where regions live unless the caller names a directory.
+pub const DEFAULT_DIR: &str = "/dev/shm";
+
+const MAGIC: [u8; 8] = *b"DEVMEMSR";
+const VERSION: u32 = 1;
+/// The only layout so far: one contiguous area per rank.
+const LAYOUT_CONTIGUOUS: u32 = 1;
+/// `ready` once the creator has written the header.
+const READY: u32 = 0x5245_4459;
+
+const FREE: u32 = 0;
+const WRITING: u32 = 1;
+const VALID: u32 = 2;
+
+#[repr(C)]
+struct Header {
+    magic: [u8; 8],
+    version: u32,
+    layout: u32,
+    ready: AtomicU32,
+    /// Set by any user that opened with `keep`: the last user leaves the file in place.
+    kept: AtomicU32,
+    header_bytes: u64,
+    total_bytes: u64,
+    rank_bytes: u64,
+    world: u32,
+    slots_per_rank: u32,
+    creator_pid: AtomicU32,
+    /// The pid of the first user of the current instance.
+    instance_pid: AtomicU32,
+    /// Incremented each time a new instance starts using the region.
+    generation: AtomicU64,
+}
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    index: u32,
+    offset: u64,
+    size: u64,
+    checksum: u64,
+    has_checksum: u32,
+    tag_len: u32,
+    tag: [u8; 256],
+}
+
+#[repr(C)]
+struct RankTable {
+    owner_pid: AtomicU32,
+    _pad: u32,
+    slots: [Slot; SLOTS],
+}
+
+/// What a caller asks for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The instance's name (no `/`, no `..`, at most [`MAX_NAME_LEN`] bytes).
+    pub name: String,
+    /// Directory holding the region ([`DEFAULT_DIR`] when `None`).
+    pub dir: Option<PathBuf>,
+    /// Bytes of backups each rank can hold.
+    pub bytes_per_rank: u64,
+    /// This process's rank.
+    pub rank: u32,
+    /// Ranks sharing the region.
+    pub world: u32,
+    /// Leave the region in place when the last user closes it (durable sleep).
+    pub keep: bool,
+    /// Replace a left-over region whose layout differs, when no process uses it.
+    pub reclaim: bool,
+    /// How long to wait for another process that is creating the region.
+    pub timeout: Duration,
+}
+
+/// The sizes a region with these options has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    header_bytes: u64,
+    rank_bytes: u64,
+    world: u32,
+    total_bytes: u64,
+}
+
+impl Layout {
+    fn of(options: &Options) -> Result<Self> {
+        if options.world == 0 || options.world > MAX_WORLD {
+            bail!(
+                InvalidArgument,
+                "shared store: world size {} is not between 1 and {MAX_WORLD}",
+                options.world
+            );
+        }
+        if options.rank >= options.world {
+            bail!(
+                InvalidArgument,
+                "shared store: rank {} is not below the world size {}",
+                options.rank,
+                options.world
+            );
+        }
+        let overflow = || {
+            Error::new(
+                devmem_status::InvalidArgument,
+                format!(
+                    "shared store: {} bytes per rank for {} ranks overflow",
+                    options.bytes_per_rank, options.world
+                ),
+            )
+        };
+        if options.bytes_per_rank == 0 {
+            bail!(InvalidArgument, "shared store: bytes per rank is 0");
+        }
+        let rank_bytes = options
+            .bytes_per_rank
+            .checked_next_multiple_of(BLOCK as u64)
+            .ok_or_else(overflow)?;
+        let tables = std::mem::size_of::<Header>()
+            + options.world as usize * std::mem::size_of::<RankTable>();
+        let header_bytes = (tables as u64).next_multiple_of(BLOCK as u64);
+        let total_bytes = rank_bytes
+            .checked_mul(u64::from(options.world))
+            .and_then(|b| b.checked_add(header_bytes))
+            .filter(|b| *b <= i64::MAX as u64)
+            .ok_or_else(overflow)?;
+        Ok(Self {
+            header_bytes,
+            rank_bytes,
+            world: options.world,
+            total_bytes,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} rank(s) of {} bytes, {} header bytes",
+            self.world, self.rank_bytes, self.header_bytes
+        )
+    }
+}
+
+/// Checks an instance name: non-empty, at most [`MAX_NAME_LEN`] bytes of printable ASCII, no
+/// `/`, no `..`.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        bail!(
+            InvalidArgument,
+            "shared store: the name must be 1 to {MAX_NAME_LEN} bytes; got {}",
+            name.len()
+        );
+    }
+    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+        bail!(
+            InvalidArgument,
+            "shared store: name {name:?} contains {c:?}; use printable ASCII without spaces"
+        );
+    }
+    if name.contains('/') || name.contains("..") {
+        bail!(
+            InvalidArgument,
+            "shared store: name {name:?} contains '/' or '..'"
+        );
+    }
+    Ok(())
+}
+
+/// The file a region with `name` lives in.
+pub fn path_for(name: &str, dir: Option<&Path>) -> Result<PathBuf> {
+    check_name(name)?;
+    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
+    Ok(dir.join(format!("devmem-{name}.region")))
+}
+
+fn os_error(what: impl std::fmt::Display, status: devmem_status) -> Error {
+    Error::new(
+        status,
+        format!("shared store: {what}: {}", std::io::Error::last_os_error()),
+    )
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Error::new(
+            devmem_status::InvalidArgument,
+            format!("shared store: path {} contains a NUL byte", path.display()),
+        )
+    })
+}
+
+/// An open-file-description lock on one byte: `Ok(true)` taken, `Ok(false)` held elsewhere.
+fn lock_byte(fd: &OwnedFd, byte: u64, kind: libc::c_int) -> Result<bool> {
+    // SAFETY: plain C struct; all-zero is valid.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = byte as libc::off_t;
+    lock.l_len = 1;
+    // SAFETY: a valid descriptor and a valid flock struct.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(os_error("fcntl(F_OFD_SETLK)", devmem_status::Region)),
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    pid != 0 && (unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 || errno() == libc::EPERM)
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// A slot's key: which allocation it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotKey {
+    /// The allocation's tag.
+    pub tag: Arc<str>,
+    /// Its index among the live allocations of that tag, in allocation order.
+    pub index: u32,
+}
+
+/// A valid slot found for a key.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored {
+    /// Slot number in this rank's table.
+    pub slot: usize,
+    /// Host address of the bytes.
+    pub ptr: usize,
+    /// Bytes stored.
+    pub size: usize,
+    /// Device checksum recorded when the bytes were saved.
+    pub checksum: Option<u64>,
+}
+
+/// One process's view of an open region.
+pub struct Region {
+    path: PathBuf,
+    fd: OwnedFd,
+    base: usize,
+    layout: Layout,
+    rank: u32,
+    pinned: Option<(Arc<dyn Backend>, i32)>,
+    /// Slots this process took or adopted (the rest of the valid ones are snapshots left by
+    /// an earlier process, which may be evicted when space runs out).
+    claimed: Mutex<Vec<bool>>,
+    /// Still a user of the instance (holds its byte-0 lock); false once closed.
+    member: Mutex<bool>,
+    generation: u64,
+}
+
+// SAFETY: the raw mapping is only reached through methods that synchronise on `claimed` (this
+// rank's table) or use atomics (the header); the backend is Send + Sync.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Region({}, rank {})", self.path.display(), self.rank)
+    }
+}
+
+/// How a file at the region's path was opened.
+enum Opened {
+    Created(OwnedFd),
+    Existing(OwnedFd),
+}
+
+fn open_file(path: &Path) -> Result<Opened> {
+    let c = c_path(path)?;
+    let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    // SAFETY: a NUL-terminated path; the mode is passed for O_CREAT.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CREAT | libc::O_EXCL, 0o600) };
+    if fd >= 0 {
+        // SAFETY: a descriptor just returned by open and owned by nothing else.
+        return Ok(Opened::Created(unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    match errno() {
+        libc::EEXIST => {}
+        libc::ENOSPC | libc::ENOMEM => {
+            return Err(os_error(
+                format!("creating {}", path.display()),
+                devmem_status::HostOutOfMemory,
+            ))
+        }
+        _ => {
+            return Err(os_error(
+                format!("creating {}", path.display()),
+                devmem_status::Region,
+            ))
+        }
+    }
+    // SAFETY: as above, without O_CREAT.
+    let fd = unsafe { libc::open(c.as_ptr(), flags) };
+    if fd < 0 {
+        let e = errno();
+        if e == libc::ELOOP {
+            bail!(
+                Region,
+                "shared store: {} is a symbolic link; refused",
+                path.display()
+            );
+        }
+        return Err(os_error(
+            format!("opening {}", path.display()),
+            devmem_status::Region,
+        ));
+    }
+    // SAFETY: a descriptor just returned by open and owned by nothing else.
+    Ok(Opened::Existing(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn fstat(fd: &OwnedFd) -> Result<libc::stat> {
+    // SAFETY: plain C struct; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(os_error("fstat", devmem_status::Region));
+    }
+    Ok(st)
+}
+
+/// Refuses a file that is not a regular file of this user with mode 0600.
+fn check_owner(path: &Path, st: &libc::stat) -> Result<()> {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        bail!(Region, "shared store: {} is not a regular file", path.display());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if st.st_uid != me {
+        bail!(
+            Region,
+            "shared store: {} belongs to uid {}, not to this process's uid {me}; refused",
+            path.display(),
+            st.st_uid
+        );
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode != 0o600 {
+        bail!(
+            Region,
+            "shared store: {} has mode {mode:o}, not 600; refused",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `path` still names the file open at `fd` (a last user may have unlinked it).
+fn still_linked(path: &Path, st: &libc::stat) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.dev() == st.st_dev && m.ino() == st.st_ino
+    })
+}
+
+fn map_file(fd: &OwnedFd, len: u64) -> Result<usize> {
+    // SAFETY: a shared mapping of a file this process opened read-write; nothing else is
+    // placed at the returned address.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(os_error(
+            format!("mmap of {len} bytes"),
+            devmem_status::HostOutOfMemory,
+        ));
+    }
+    Ok(raw as usize)
+}
+
+fn unmap_file(base: usize, len: u64) {
+    // SAFETY: a mapping made by `map_file` that nothing uses any more.
+    if unsafe { libc::munmap(base as *mut libc::c_void, len as usize) } != 0 {
+        log::error!(
+            "devmem: shared store: munmap: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Region {
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping starts with a header checked by `check_header`, and stays mapped
+        // for the life of `self`.
+        unsafe { &*(self.base as *const Header) }
+    }
+
+    fn table(&self) -> &RankTable {
+        let at = self.base
+            + std::mem::size_of::<Header>()
+            + self.rank as usize * std::mem::size_of::<RankTable>();
+        // SAFETY: the layout check put every rank's table inside the header area.
+        unsafe { &*(at as *const RankTable) }
+    }
+
+    /// This rank's table, for writing. Only this process writes it (it holds the rank's lock).
+    #[allow(clippy::mut_from_ref)]
+    fn slot_mut(&self, _guard: &mut Vec<bool>, slot: usize) -> &mut Slot {
+        let table = self.table() as *const RankTable as *mut RankTable;
+        // SAFETY: this process owns the rank (its lock) and holds `claimed`'s guard, the only
+        // way to write the table, so no other reference to this slot is alive.
+        unsafe { &mut (*table).slots[slot] }
+    }
+
+    fn area(&self) -> usize {
+        self.base
+            + self.layout.header_bytes as usize
+            + self.rank as usize * self.layout.rank_bytes as usize
+    }
+
+    /// The file this region lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The generation of the instance using the region (1 for a new file).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Bytes of this rank's area.
+    pub fn rank_bytes(&self) -> usize {
+        self.layout.rank_bytes as usize
+    }
+
+    /// Opens (or creates) the region and claims `options.rank` in it; the area is reserved,
+    /// populated and pinned (with `backend` for `device`) before this returns.
+    pub fn open(options: &Options, backend: &Arc<dyn Backend>, device: i32) -> Result<Arc<Self>> {
+        let layout = Layout::of(options)?;
+        let path = path_for(&options.name, options.dir.as_deref())?;
+        let deadline = Instant::now() + options.timeout;
+        let (fd, created) = loop {
+            match Self::join(&path, &layout, options, deadline)? {
+                Some(joined) => break joined,
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let base = match map_file(&fd, layout.total_bytes) {
+            Ok(base) => base,
+            Err(err) => {
+                Self::abandon(&path, &fd, created);
+                return Err(err);
+            }
+        };
+        let mut region = Self {
+            path,
+            fd,
+            base,
+            layout,
+            rank: options.rank,
+            pinned: None,
+            claimed: Mutex::new(vec![false; SLOTS]),
+            member: Mutex::new(true),
+            generation: 0,
+        };
+        if let Err(err) = region.start(options, created, backend, device) {
+            region.leave();
+            return Err(err);
+        }
+        Ok(Arc::new(region))
+    }
+
+    /// One attempt at joining the instance: `Ok(None)` to try again shortly.
+    fn join(
+        path: &Path,
+        layout: &Layout,
+        options: &Options,
+        deadline: Instant,
+    ) -> Result<Option<(OwnedFd, bool)>> {
+        let timed_out = Instant::now() >= deadline;
+        match open_file(path)? {
+            Opened::Created(fd) => {
+                if !lock_byte(&fd, 0, libc::F_RDLCK)? {
+                    bail!(Region, "shared store: could not lock the new {}", path.display());
+                }
+                if let Err(err) = Self::create(&fd, layout, options.keep) {
+                    Self::abandon(path, &fd, true);
+                    return Err(err.context(format!("shared store: creating {}", path.display())));
+                }
+                Ok(Some((fd, true)))
+            }
+            Opened::Existing(fd) => {
+                let st = fstat(&fd)?;
+                check_owner(path, &st)?;
+                if !lock_byte(&fd, 0, libc::F_RDLCK)? || !still_linked(path, &st) {
+                    // A last user is removing it, or a new file took its place: start again.
+                    return if timed_out {
+                        Err(Error::new(
+                            devmem_status::Region,
+                            format!(
+                                "shared store: {} kept changing for {:?}",
+                                path.display(),
+                                options.timeout
+                            ),
+                        ))
+                    } else {
+                        Ok(None)
+                    };
+                }
+                match Self::check_existing(path, &fd, &st, layout)? {
+                    Check::Ready => Ok(Some((fd, false))),
+                    Check::NotReady if !timed_out => Ok(None),
+                    Check::NotReady => {
+                        let alone = lock_byte(&fd, 0, libc::F_WRLCK)?;
+                        bail!(
+                            Region,
+                            "shared store: {} was not initialised within {:?}{}",
+                            path.display(),
+                            options.timeout,
+                            if alone {
+                                "; no process uses it (its creator died): remove it or open \
+                                 with reclaim"
+                            } else {
+                                ""
+                            }
+                        )
+                    }
+                    Check::Different(found) => {
+                        if options.reclaim && lock_byte(&fd, 0, libc::F_WRLCK)? {
+                            log::warn!(
+                                "devmem: shared store: replacing {} ({found}); asked for {}",
+                                path.display(),
+                                layout.describe()
+                            );
+                            Self::abandon(path, &fd, true);
+                            return Ok(None);
+                        }
+                        bail!(
+                            Region,
+                            "shared store: {} has a different layout ({found}) than asked for \
+                             ({}); it is never reused with another layout: remove it, or open \
+                             with reclaim when no process uses it",
+                            path.display(),
+                            layout.describe()
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sizes a new file and writes its header; `ready` is set last.
+    fn create(fd: &OwnedFd, layout: &Layout, keep: bool) -> Result<()> {
+        // SAFETY: a valid descriptor; the mode is exactly 0600 whatever the umask.
+        if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } != 0 {
+            return Err(os_error("fchmod", devmem_status::Region));
+        }
+        // SAFETY: a valid descriptor; the length was checked to fit off_t.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), layout.total_bytes as libc::off_t) } != 0 {
+            let status = match errno() {
+                libc::ENOSPC | libc::ENOMEM | libc::EFBIG => devmem_status::HostOutOfMemory,
+                _ => devmem_status::Region,
+            };
+            return Err(os_error(
+                format!("ftruncate to {} bytes", layout.total_bytes),
+                status,
+            ));
+        }
+        let header_len = std::mem::size_of::<Header>() as u64;
+        let base = map_file(fd, header_len)?;
+        // SAFETY: the first bytes of the new, zero-filled file, mapped just above; no other
+        // process reads them before `ready` is set.
+        let header = unsafe { &mut *(base as *mut Header) };
+        header.magic = MAGIC;
+        header.version = VERSION;
+        header.layout = LAYOUT_CONTIGUOUS;
+        header.header_bytes = layout.header_bytes;
+        header.total_bytes = layout.total_bytes;
+        header.rank_bytes = layout.rank_bytes;
+        header.world = layout.world;
+        header.slots_per_rank = SLOTS as u32;
+        header.kept.store(u32::from(keep), Ordering::Relaxed);
+        header.creator_pid.store(std::process::id(), Ordering::Relaxed);
+        header.instance_pid.store(std::process::id(), Ordering::Relaxed);
+        header.generation.store(1, Ordering::Relaxed);
+        header.ready.store(READY, Ordering::Release);
+        unmap_file(base, header_len);
+        Ok(())
+    }
+
+    /// Checks an existing file's header against the layout asked for, touching nothing else.
+    fn check_existing(path: &Path, fd: &OwnedFd, st: &libc::stat, want: &Layout) -> Result<Check> {
+        let header_len = std::mem::size_of::<Header>() as u64;
+        if (st.st_size as u64) < header_len {
+            // A creator between ftruncate and its header, or a truncated file.
+            return Ok(Check::NotReady);
+        }
+        let base = map_file(fd, header_len)?;
+        // SAFETY: the first `header_len` bytes of the file, just mapped.
+        let header = unsafe { &*(base as *const Header) };
+        let out = Self::read_header(path, header, st.st_size as u64, want);
+        unmap_file(base, header_len);
+        out
+    }
+
+    fn read_header(path: &Path, h: &Header, file_len: u64, want: &Layout) -> Result<Check> {
+        if h.ready.load(Ordering::Acquire) != READY {
+            if h.magic != [0; 8] && h.magic != MAGIC {
+                bail!(
+                    Region,
+                    "shared store: {} is not a devmem region (bad magic)",
+                    path.display()
+                );
+            }
+            return Ok(Check::NotReady);
+        }
+        if h.magic != MAGIC {
+            bail!(
+                Region,
+                "shared store: {} is not a devmem region (bad magic)",
+                path.display()
+            );
+        }
+        if h.version != VERSION || h.layout != LAYOUT_CONTIGUOUS {
+            bail!(
+                Region,
+                "shared store: {} has version {} layout {}; this devmem reads version {VERSION} \
+                 layout {LAYOUT_CONTIGUOUS}",
+                path.display(),
+                h.version,
+                h.layout
+            );
+        }
+        let found = Layout {
+            header_bytes: h.header_bytes,
+            rank_bytes: h.rank_bytes,
+            world: h.world,
+            total_bytes: h.total_bytes,
+        };
+        let consistent = h.slots_per_rank as usize == SLOTS
+            && h.world >= 1
+            && h.world <= MAX_WORLD
+            && h.rank_bytes % BLOCK as u64 == 0
+            && Layout::of(&Options {
+                name: String::new(),
+                dir: None,
+                bytes_per_rank: h.rank_bytes.max(1),
+                rank: 0,
+                world: h.world,
+                keep: false,
+                reclaim: false,
+                timeout: Duration::ZERO,
+            })
+            .is_ok_and(|l| l == found);
+        if !consistent {
+            bail!(
+                Region,
+                "shared store: {} has a corrupt header ({} slots per rank, {})",
+                path.display(),
+                h.slots_per_rank,
+                found.describe()
+            );
+        }
+        if file_len != h.total_bytes {
+            bail!(
+                Region,
+                "shared store: {} is {file_len} bytes but its header says {} (truncated or \
+                 corrupt)",
+                path.display(),
+                h.total_bytes
+            );
+        }
+        if found != *want {
+            return Ok(Check::Different(found.describe()));
+        }
+        Ok(Check::Ready)
+    }
+
+    /// Everything after the file is open, mapped and checked: instance, rank, slots, memory.
+    fn start(
+        &mut self,
+        options: &Options,
+        created: bool,
+        backend: &Arc<dyn Backend>,
+        device: i32,
+    ) -> Result<()> {
+        let me = std::process::id();
+        // The first user of an instance holds byte 0 alone for a moment.
+        if !created && lock_byte(&self.fd, 0, libc::F_WRLCK)? {
+            let h = self.header();
+            let previous = h.instance_pid.load(Ordering::Relaxed);
+            let generation = h.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            if h.kept.load(Ordering::Relaxed) == 0 {
+                log::warn!(
+                    "devmem: shared store: {} was left by an instance (pid {previous}) that \
+                     ended without closing it; reclaiming it as generation {generation}, \
+                     keeping its valid slots",
+                    self.path.display()
+                );
+            } else {
+                log::info!(
+                    "devmem: shared store: reopening kept region {} as generation {generation}",
+                    self.path.display()
+                );
+            }
+            h.kept.store(u32::from(options.keep), Ordering::Relaxed);
+            h.instance_pid.store(me, Ordering::Relaxed);
+            if !lock_byte(&self.fd, 0, libc::F_RDLCK)? {
+                bail!(Region, "shared store: could not downgrade the instance lock");
+            }
+        } else if options.keep {
+            self.header().kept.store(1, Ordering::Relaxed);
+        }
+        self.generation = self.header().generation.load(Ordering::Acquire);
+        if !lock_byte(&self.fd, 1 + u64::from(self.rank), libc::F_WRLCK)? {
+            let owner = self.table().owner_pid.load(Ordering::Relaxed);
+            bail!(
+                Region,
+                "shared store: rank {} of {} is in use by another process (pid {owner}{})",
+                self.rank,
+                self.path.display(),
+                if pid_alive(owner) { "" } else { ", or a process that reopened it" }
+            );
+        }
+        self.table().owner_pid.store(me, Ordering::Relaxed);
+        self.check_slots()?;
+        self.prepare(backend, device)
+    }
+
+    /// Validates this rank's slots and frees those a killed process left half-written.
+    fn check_slots(&self) -> Result<()> {
+        let mut guard = self.claimed.lock();
+        let mut dropped = 0;
+        for i in 0..SLOTS {
+            let slot = self.slot_mut(&mut guard, i);
+            match slot.state.load(Ordering::Acquire) {
+                FREE => {}
+                WRITING => {
+                    slot.state.store(FREE, Ordering::Release);
+                    dropped += 1;
+                }
+                VALID => {
+                    let fits = slot
+                        .offset
+                        .checked_add(slot.size)
+                        .is_some_and(|end| end <= self.layout.rank_bytes)
+                        && slot.offset % BLOCK as u64 == 0
+                        && slot.tag_len as usize <= slot.tag.len()
+                        && slot.tag_len > 0;
+                    if !fits {
+                        bail!(
+                            Region,
+                            "shared store: {} rank {} slot {i} is corrupt (offset {}, size {}, \
+                             tag length {})",
+                            self.path.display(),
+                            self.rank,
+                            slot.offset,
+                            slot.size,
+                            slot.tag_len
+                        );
+                    }
+                }
+                other => bail!(
+                    Region,
+                    "shared store: {} rank {} slot {i} has an unknown state {other}",
+                    self.path.display(),
+                    self.rank
+                ),
+            }
+        }
+        if dropped > 0 {
+            log::warn!(
+                "devmem: shared store: rank {} dropped {dropped} slot(s) a previous process \
+                 left half-written",
+                self.rank
+            );
+        }
+        Ok(())
+    }
+
+    /// Reserves, populates and pins this rank's area, after checking the bound on host memory.
+    fn prepare(&mut self, backend: &Arc<dyn Backend>, device: i32) -> Result<()> {
+        let (area, len) = (self.area(), self.rank_bytes());
+        let missing = len - resident_bytes(area, len);
+        if missing > 0 {
+            super::bound::check(
+                missing as u64,
+                super::held_bytes() as u64,
+                &super::bound::Room::read(),
+            )
+            .map_err(|e| e.context("shared store: reserving this rank's area"))?;
+        }
+        let offset = area - self.base;
+        // SAFETY: a valid descriptor; the range lies inside the file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 && errno() != libc::EOPNOTSUPP {
+            return Err(os_error(
+                format!(
+                    "reserving {len} bytes of {} for rank {}",
+                    self.path.display(),
+                    self.rank
+                ),
+                devmem_status::HostOutOfMemory,
+            ));
+        }
+        // SAFETY: advice on this rank's part of the mapping made by `open`.
+        let rc = unsafe { libc::madvise(area as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            match errno() {
+                // Kernels before 5.14: fault the pages in by hand (fallocate made them exist).
+                libc::EINVAL => super::anonymous::populate(area, len, 1),
+                _ => {
+                    return Err(os_error(
+                        format!("populating {len} bytes for rank {}", self.rank),
+                        devmem_status::HostOutOfMemory,
+                    ))
+                }
+            }
+        }
+        if backend.host_memory() == HostMemory::Register {
+            backend
+                .host_register(device, area as *mut u8, len)
+                .map_err(|e| e.context("shared store: pinning this rank's area"))?;
+            self.pinned = Some((Arc::clone(backend), device));
+        }
+        Ok(())
+    }
+
+    /// Removes a file this process created (or found abandoned) and could not use.
+    fn abandon(path: &Path, fd: &OwnedFd, remove: bool) {
+        if remove {
+            if let Ok(c) = c_path(path) {
+                let st = fstat(fd).ok();
+                // Only the file this descriptor is: never one created meanwhile by another.
+                if st.is_some_and(|st| still_linked(path, &st)) {
+                    // SAFETY: a NUL-terminated path.
+                    unsafe { libc::unlink(c.as_ptr()) };
+                }
+            }
+        }
+    }
+
+    /// Leaves the instance: the last user unlinks the file unless it is kept. The mapping and
+    /// the rank stay this process's until the region is dropped.
+    pub fn leave(&self) {
+        let mut member = self.member.lock();
+        if !*member {
+            return;
+        }
+        *member = false;
+        let last = lock_byte(&self.fd, 0, libc::F_WRLCK).unwrap_or(false);
+        if last && self.header().kept.load(Ordering::Relaxed) == 0 {
+            Self::abandon(&self.path, &self.fd, true);
+            log::info!("devmem: shared store: removed {}", self.path.display());
+        }
+        if let Err(err) = lock_byte(&self.fd, 0, libc::F_UNLCK) {
+            log::warn!("devmem: shared store: {err}");
+        }
+    }
+
+    /// Takes a slot for `key` with room for `len` bytes, marked as being written. Reuses the
+    /// slot of an earlier snapshot of the same allocation when it has the same size; evicts
+    /// snapshots no allocation of this process holds when space runs out.
+    pub fn take(&self, key: &SlotKey, len: usize) -> Result<Stored> {
+        let len_blocks = len.next_multiple_of(BLOCK);
+        let mut claimed = self.claimed.lock();
+        let same = self.find_locked(&claimed, key);
+        let slot = match same {
+            Some(s) if !claimed[s.slot] && s.size == len => s.slot,
+            _ => {
+                let free = (0..SLOTS)
+                    .find(|&i| self.table().slots[i].state.load(Ordering::Acquire) == FREE);
+                let Some(free) = free else {
+                    bail!(
+                        HostOutOfMemory,
+                        "shared store: rank {} of {} has all its {SLOTS} slots in use",
+                        self.rank,
+                        self.path.display()
+                    );
+                };
+                let offset = loop {
+                    if let Some(offset) = self.fit(len_blocks) {
+                        break offset;
+                    }
+                    let victim = (0..SLOTS).find(|&i| {
+                        !claimed[i]
+                            && self.table().slots[i].state.load(Ordering::Acquire) == VALID
+                    });
+                    let Some(victim) = victim else {
+                        bail!(
+                            HostOutOfMemory,
+                            "shared store: rank {} of {} has no room for {len} more bytes \
+                             (area {} bytes)",
+                            self.rank,
+                            self.path.display(),
+                            self.rank_bytes()
+                        );
+                    };
+                    log::warn!(
+                        "devmem: shared store: evicting an unclaimed snapshot (slot {victim}) \
+                         to make room"
+                    );
+                    self.slot_mut(&mut claimed, victim)
+                        .state
+                        .store(FREE, Ordering::Release);
+                };
+                let s = self.slot_mut(&mut claimed, free);
+                s.offset = offset as u64;
+                free
+            }
+        };
+        let s = self.slot_mut(&mut claimed, slot);
+        s.state.store(WRITING, Ordering::Release);
+        s.index = key.index;
+        s.size = len as u64;
+        s.checksum = 0;
+        s.has_checksum = 0;
+        let tag = key.tag.as_bytes();
+        s.tag_len = tag.len().min(s.tag.len()) as u32;
+        s.tag = [0; 256];
+        s.tag[..s.tag_len as usize].copy_from_slice(&tag[..s.tag_len as usize]);
+        let stored = Stored {
+            slot,
+            ptr: self.area() + s.offset as usize,
+            size: len,
+            checksum: None,
+        };
+        claimed[slot] = true;
+        Ok(stored)
+    }
+
+    /// The first offset of a free run of `len` bytes in this rank's area.
+    fn fit(&self, len: usize) -> Option<usize> {
+        let mut used: Vec<(usize, usize)> = self
+            .table()
+            .slots
+            .iter()
+            .filter(|s| s.state.load(Ordering::Acquire) != FREE)
+            .map(|s| {
+                (
+                    s.offset as usize,
+                    (s.size as usize).next_multiple_of(BLOCK),
+                )
+            })
+            .collect();
+        used.sort_unstable();
+        let mut at = 0usize;
+        for (start, n) in used {
+            if start >= at + len {
+                return Some(at);
+            }
+            at = at.max(start + n);
+        }
+        (at + len <= self.rank_bytes()).then_some(at)
+    }
+
+    /// Marks a slot's bytes complete, with their device checksum when one was computed.
+    pub fn seal(&self, slot: usize, checksum: Option<u64>) {
+        let mut claimed = self.claimed.lock();
+        let s = self.slot_mut(&mut claimed, slot);
+        s.checksum = checksum.unwrap_or(0);
+        s.has_checksum = u32::from(checksum.is_some());
+        s.state.store(VALID, Ordering::Release);
+    }
+
+    /// Frees a slot: its bytes are no longer anyone's backup.
+    pub fn release(&self, slot: usize) {
+        let mut claimed = self.claimed.lock();
+        claimed[slot] = false;
+        self.slot_mut(&mut claimed, slot)
+            .state
+            .store(FREE, Ordering::Release);
+    }
+
+    /// Adopts a valid slot left by an earlier process as this process's backup.
+    pub fn adopt(&self, slot: usize) -> Result<()> {
+        let mut claimed = self.claimed.lock();
+        if claimed[slot] {
+            bail!(
+                InvalidState,
+                "shared store: slot {slot} already holds one of this process's backups"
+            );
+        }
+        claimed[slot] = true;
+        Ok(())
+    }
+
+    /// The valid slot holding `key`, if any.
+    pub fn find(&self, key: &SlotKey) -> Option<Stored> {
+        let claimed = self.claimed.lock();
+        self.find_locked(&claimed, key)
+    }
+
+    fn find_locked(&self, _claimed: &[bool], key: &SlotKey) -> Option<Stored> {
+        let tag = key.tag.as_bytes();
+        self.table().slots.iter().enumerate().find_map(|(i, s)| {
+            let valid = s.state.load(Ordering::Acquire) == VALID;
+            (valid
+                && s.index == key.index
+                && s.tag_len as usize == tag.len()
+                && &s.tag[..tag.len()] == tag)
+                .then(|| Stored {
+                    slot: i,
+                    ptr: self.area() + s.offset as usize,
+                    size: s.size as usize,
+                    checksum: (s.has_checksum != 0).then_some(s.checksum),
+                })
+        })
+    }
+
+    /// Valid slots of this rank (claimed or not).
+    pub fn valid_slots(&self) -> usize {
+        self.table()
+            .slots
+            .iter()
+            .filter(|s| s.state.load(Ordering::Acquire) == VALID)
+            .count()
+    }
+}
+
+enum Check {
+    Ready,
+    NotReady,
+    Different(String),
+}
+
+/// Bytes of `[base, base+len)` already in memory (a region's pages survive its processes).
+fn resident_bytes(base: usize, len: usize) -> usize {
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `base..base+len` is a mapping of this process; `vec` has one byte per page.
+    if unsafe { libc::mincore(base as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    vec.iter().filter(|b| **b & 1 != 0).count() * page
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.leave();
+        if let Some((backend, device)) = &self.pinned {
+            if let Err(err) = backend.host_unregister(*device, self.area() as *mut u8) {
+                log::error!("devmem: shared store: unpinning: {err}");
+            }
+        }
+        self.table().owner_pid.store(0, Ordering::Relaxed);
+        unmap_file(self.base, self.layout.total_bytes);
+    }
+}
+
+/// Default wait for a creator that is still initialising the region.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn env_value<T>(
+    name: &str,
+    accepted: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => parse(v.trim()).map(Some).ok_or_else(|| {
+            Error::new(
+                devmem_status::InvalidArgument,
+                format!("{name}={v:?} is not valid: expected {accepted}"),
+            )
+        }),
+        Err(std::env::VarError::NotUnicode(v)) => bail!(
+            InvalidArgument,
+            "{name}={v:?} is not valid: expected {accepted}"
+        ),
+    }
+}
+
+fn flag(v: &str) -> Option<bool> {
+    match v {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// The region `DEVMEM_SHARED_STORE` names, with `DEVMEM_SHARED_BYTES` (required),
+/// `DEVMEM_SHARED_RANK`, `DEVMEM_SHARED_WORLD`, `DEVMEM_SHARED_DIR`, `DEVMEM_SHARED_KEEP`,
+/// `DEVMEM_SHARED_RECLAIM` and `DEVMEM_SHARED_TIMEOUT_S`. Any invalid value is an error.
+pub fn options_from_env() -> Result<Option<Options>> {
+    let Some(name) = env_value("DEVMEM_SHARED_STORE", "an instance name", |v| {
+        check_name(v).ok().map(|()| v.to_string())
+    })?
+    else {
+        return Ok(None);
+    };
+    let sizes = "a size in bytes, with an optional K, M, G or T suffix";
+    let Some(bytes_per_rank) =
+        env_value("DEVMEM_SHARED_BYTES", sizes, |v| super::bound::parse_size(v).filter(|b| *b > 0))?
+    else {
+        bail!(
+            InvalidArgument,
+            "DEVMEM_SHARED_STORE={name:?} needs DEVMEM_SHARED_BYTES (bytes each rank can hold)"
+        );
+    };
+    let count = |v: &str| v.parse::<u32>().ok();
+    let world = env_value("DEVMEM_SHARED_WORLD", "a whole number from 1", count)?.unwrap_or(1);
+    let rank = env_value("DEVMEM_SHARED_RANK", "a whole number below the world size", count)?
+        .unwrap_or(0);
+    let dir = env_value("DEVMEM_SHARED_DIR", "a directory", |v| {
+        (!v.is_empty()).then(|| PathBuf::from(v))
+    })?;
+    let yes_no = "1 or 0";
+    let keep = env_value("DEVMEM_SHARED_KEEP", yes_no, flag)?.unwrap_or(false);
+    let reclaim = env_value("DEVMEM_SHARED_RECLAIM", yes_no, flag)?.unwrap_or(false);
+    let timeout = env_value(
+        "DEVMEM_SHARED_TIMEOUT_S",
+        "a number of seconds from 0 to 86400",
+        |v| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| (0.0..=86400.0).contains(s))
+                .map(Duration::from_secs_f64)
+        },
+    )?
+    .unwrap_or(DEFAULT_TIMEOUT);
+    Ok(Some(Options {
+        name,
+        dir,
+        bytes_per_rank,
+        rank,
+        world,
+        keep,
+        reclaim,
+        timeout,
+    }))
+}
