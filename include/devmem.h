@@ -16,9 +16,6 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-// The odd constant that spreads word positions.
-#define GOLDEN 11400714819323198485ull
-
 // Longest tag in bytes, not counting the terminating NUL.
 #define DEVMEM_MAX_TAG_LEN 255
 
@@ -32,15 +29,6 @@
 // `devmem_shared_store_options.flags`: when a left-over region has another layout and no
 // process uses it, remove it and create a new one (without it, that is an error).
 #define DEVMEM_SHARED_RECLAIM 2
-
-// Slots per rank: the most allocations one rank can hold in the region at once.
-#define SLOTS 1024
-
-// Longest instance name, in bytes.
-#define MAX_NAME_LEN 128
-
-// Most ranks one region can have.
-#define MAX_WORLD 4096
 
 // Result of every fallible devmem function.
 //

@@ -7,7 +7,7 @@
 //! position term makes moved or swapped words count.
 
 /// The odd constant that spreads word positions.
-pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64's finaliser.
 pub fn mix(mut z: u64) -> u64 {

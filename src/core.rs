@@ -727,7 +727,9 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
                     match (read_only, kept.checksum()) {
                         // Nothing to compare with: copy again.
                         (devmem_read_only::Verify, None) => offloads.push(target),
-                        (devmem_read_only::Verify, Some(sum)) => unchanged.push((target, Some(sum))),
+                        (devmem_read_only::Verify, Some(sum)) => {
+                            unchanged.push((target, Some(sum)))
+                        }
                         _ => unchanged.push((target, None)),
                     }
                 }
@@ -818,9 +820,8 @@ fn verify_unchanged(
                 t.key.tag
             );
             transfer.verify_mismatches += 1;
-            let stale = with_registry(|reg| {
-                reg.allocations.get_mut(&t.va).and_then(|a| a.backup.take())
-            });
+            let stale =
+                with_registry(|reg| reg.allocations.get_mut(&t.va).and_then(|a| a.backup.take()));
             drop(stale);
             offloads.push(t);
         }
@@ -1092,7 +1093,11 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
                     key.tag,
                     key.index,
                     a.va,
-                    if a.state == devmem_state::Mapped { "mapped" } else { "asleep" }
+                    if a.state == devmem_state::Mapped {
+                        "mapped"
+                    } else {
+                        "asleep"
+                    }
                 );
             }
             let Some(stored) = region.find(key) else {
@@ -1128,9 +1133,11 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
         );
     }
     let devices: BTreeSet<i32> = plan.iter().map(|p| p.1).collect();
-    let copied = plan.iter().try_for_each(|(va, device, size, _, stored, _)| {
-        backend.copy_to_device_async(*device, *va, stored.ptr as *const u8, *size)
-    });
+    let copied = plan
+        .iter()
+        .try_for_each(|(va, device, size, _, stored, _)| {
+            backend.copy_to_device_async(*device, *va, stored.ptr as *const u8, *size)
+        });
     let waited = devices.iter().try_for_each(|d| backend.wait_copies(*d));
     copied.and(waited).map_err(|e| {
         e.context("restore from the shared store: the allocations hold unspecified bytes")
@@ -1288,9 +1295,8 @@ pub fn stats(tag: Option<&str>) -> Result<devmem_stats> {
         Some(t) => reg.per_tag.get(t).copied().unwrap_or_default(),
     });
     if tag.is_none() {
-        out.host_store_bytes = (store::held_bytes()
-            + store::shared_open_now().map_or(0, |r| r.rank_bytes()))
-            as u64;
+        out.host_store_bytes =
+            (store::held_bytes() + store::shared_open_now().map_or(0, |r| r.rank_bytes())) as u64;
         out.unknown_frees = UNKNOWN_FREES.load(std::sync::atomic::Ordering::Relaxed);
     }
     Ok(out)

@@ -712,9 +712,9 @@ pub extern "C" fn devmem_shared_store_open(
             );
         }
         // SAFETY: non-NULL and NUL-terminated per the contract.
-        let name = unsafe { CStr::from_ptr(o.name) }.to_str().map_err(|_| {
-            Error::new(devmem_status::InvalidArgument, "options.name is not UTF-8")
-        })?;
+        let name = unsafe { CStr::from_ptr(o.name) }
+            .to_str()
+            .map_err(|_| Error::new(devmem_status::InvalidArgument, "options.name is not UTF-8"))?;
         let dir = if o.dir.is_null() {
             None
         } else {

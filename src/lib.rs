@@ -27,9 +27,9 @@ pub mod threads;
 
 pub use crate::backend::devmem_backend;
 pub use crate::core::{
-    devmem_allocation_callback, devmem_allocation_info, devmem_counter, devmem_read_only, devmem_state,
-    devmem_stats,
-    devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN, DEVMEM_TAG_BUFFER_LEN,
+    devmem_allocation_callback, devmem_allocation_info, devmem_counter, devmem_read_only,
+    devmem_state, devmem_stats, devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN,
+    DEVMEM_TAG_BUFFER_LEN,
 };
 pub use crate::error::{devmem_status, Error, Result};
 pub use crate::store::devmem_host_policy;

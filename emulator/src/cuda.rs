@@ -78,7 +78,11 @@ pub(crate) const ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
         c"CUDA_ERROR_INVALID_IMAGE",
         c"device kernel image is invalid",
     ),
-    (NOT_FOUND, c"CUDA_ERROR_NOT_FOUND", c"named symbol not found"),
+    (
+        NOT_FOUND,
+        c"CUDA_ERROR_NOT_FOUND",
+        c"named symbol not found",
+    ),
     (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
 ];
 

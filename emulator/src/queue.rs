@@ -39,7 +39,9 @@ impl Work {
         match *self {
             Work::Copy { dst, src, len } => [(dst, len), (src, len)],
             Work::Fill { dst, len, .. } => [(dst, len), (dst, 0)],
-            Work::Checksum { src, len, partials } => [(src, len), (partials, CHECKSUM_PARTIALS * 8)],
+            Work::Checksum { src, len, partials } => {
+                [(src, len), (partials, CHECKSUM_PARTIALS * 8)]
+            }
         }
     }
 

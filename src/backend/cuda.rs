@@ -461,7 +461,12 @@ impl Backend for CudaBackend {
         if let Err(err) = freed {
             log::error!("devmem: releasing {size} bytes of checksum scratch memory: {err}");
         }
-        sums.map_err(|e| e.context(format!("checksum of {} range(s) on device {device}", ranges.len())))
+        sums.map_err(|e| {
+            e.context(format!(
+                "checksum of {} range(s) on device {device}",
+                ranges.len()
+            ))
+        })
     }
 
     fn record_copy_marker(&self, device: i32) -> Result<u64> {

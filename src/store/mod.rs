@@ -202,7 +202,11 @@ pub fn held_bytes() -> usize {
 static SHARED: Mutex<Option<Arc<Region>>> = Mutex::new(None);
 
 /// Opens (or creates) the shared region; backups go there until it is closed.
-pub fn open_shared(options: &shared::Options, backend: &Arc<dyn Backend>, device: i32) -> Result<()> {
+pub fn open_shared(
+    options: &shared::Options,
+    backend: &Arc<dyn Backend>,
+    device: i32,
+) -> Result<()> {
     let mut active = SHARED.lock();
     if let Some(region) = active.as_ref() {
         bail!(

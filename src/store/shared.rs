@@ -41,11 +41,11 @@ use crate::backend::{Backend, HostMemory};
 use crate::error::{bail, devmem_status, Error, Result};
 
 /// Slots per rank: the most allocations one rank can hold in the region at once.
-pub const SLOTS: usize = 1024;
+pub(crate) const SLOTS: usize = 1024;
 /// Longest instance name, in bytes.
-pub const MAX_NAME_LEN: usize = 128;
+pub(crate) const MAX_NAME_LEN: usize = 128;
 /// Most ranks one region can have.
-pub const MAX_WORLD: u32 = 4096;
+pub(crate) const MAX_WORLD: u32 = 4096;
 /// Where regions live unless the caller names a directory.
 pub const DEFAULT_DIR: &str = "/dev/shm";
 
@@ -374,7 +374,11 @@ fn fstat(fd: &OwnedFd) -> Result<libc::stat> {
 /// Refuses a file that is not a regular file of this user with mode 0600.
 fn check_owner(path: &Path, st: &libc::stat) -> Result<()> {
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        bail!(Region, "shared store: {} is not a regular file", path.display());
+        bail!(
+            Region,
+            "shared store: {} is not a regular file",
+            path.display()
+        );
     }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
@@ -530,7 +534,11 @@ impl Region {
         match open_file(path)? {
             Opened::Created(fd) => {
                 if !lock_byte(&fd, 0, libc::F_RDLCK)? {
-                    bail!(Region, "shared store: could not lock the new {}", path.display());
+                    bail!(
+                        Region,
+                        "shared store: could not lock the new {}",
+                        path.display()
+                    );
                 }
                 if let Err(err) = Self::create(&fd, layout, options.keep) {
                     Self::abandon(path, &fd, true);
@@ -629,8 +637,12 @@ impl Region {
         header.world = layout.world;
         header.slots_per_rank = SLOTS as u32;
         header.kept.store(u32::from(keep), Ordering::Relaxed);
-        header.creator_pid.store(std::process::id(), Ordering::Relaxed);
-        header.instance_pid.store(std::process::id(), Ordering::Relaxed);
+        header
+            .creator_pid
+            .store(std::process::id(), Ordering::Relaxed);
+        header
+            .instance_pid
+            .store(std::process::id(), Ordering::Relaxed);
         header.generation.store(1, Ordering::Relaxed);
         header.ready.store(READY, Ordering::Release);
         unmap_file(base, header_len);
@@ -755,7 +767,10 @@ impl Region {
             h.kept.store(u32::from(options.keep), Ordering::Relaxed);
             h.instance_pid.store(me, Ordering::Relaxed);
             if !lock_byte(&self.fd, 0, libc::F_RDLCK)? {
-                bail!(Region, "shared store: could not downgrade the instance lock");
+                bail!(
+                    Region,
+                    "shared store: could not downgrade the instance lock"
+                );
             }
         } else if options.keep {
             self.header().kept.store(1, Ordering::Relaxed);
@@ -768,7 +783,11 @@ impl Region {
                 "shared store: rank {} of {} is in use by another process (pid {owner}{})",
                 self.rank,
                 self.path.display(),
-                if pid_alive(owner) { "" } else { ", or a process that reopened it" }
+                if pid_alive(owner) {
+                    ""
+                } else {
+                    ", or a process that reopened it"
+                }
             );
         }
         self.table().owner_pid.store(me, Ordering::Relaxed);
@@ -860,7 +879,8 @@ impl Region {
             ));
         }
         // SAFETY: advice on this rank's part of the mapping made by `open`.
-        let rc = unsafe { libc::madvise(area as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        let rc =
+            unsafe { libc::madvise(area as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
         if rc != 0 {
             match errno() {
                 // Kernels before 5.14: fault the pages in by hand (fallocate made them exist).
@@ -939,8 +959,7 @@ impl Region {
                         break offset;
                     }
                     let victim = (0..SLOTS).find(|&i| {
-                        !claimed[i]
-                            && self.table().slots[i].state.load(Ordering::Acquire) == VALID
+                        !claimed[i] && self.table().slots[i].state.load(Ordering::Acquire) == VALID
                     });
                     let Some(victim) = victim else {
                         bail!(
@@ -992,12 +1011,7 @@ impl Region {
             .slots
             .iter()
             .filter(|s| s.state.load(Ordering::Acquire) != FREE)
-            .map(|s| {
-                (
-                    s.offset as usize,
-                    (s.size as usize).next_multiple_of(BLOCK),
-                )
-            })
+            .map(|s| (s.offset as usize, (s.size as usize).next_multiple_of(BLOCK)))
             .collect();
         used.sort_unstable();
         let mut at = 0usize;
@@ -1146,8 +1160,9 @@ pub fn options_from_env() -> Result<Option<Options>> {
         return Ok(None);
     };
     let sizes = "a size in bytes, with an optional K, M, G or T suffix";
-    let Some(bytes_per_rank) =
-        env_value("DEVMEM_SHARED_BYTES", sizes, |v| super::bound::parse_size(v).filter(|b| *b > 0))?
+    let Some(bytes_per_rank) = env_value("DEVMEM_SHARED_BYTES", sizes, |v| {
+        super::bound::parse_size(v).filter(|b| *b > 0)
+    })?
     else {
         bail!(
             InvalidArgument,
@@ -1156,8 +1171,12 @@ pub fn options_from_env() -> Result<Option<Options>> {
     };
     let count = |v: &str| v.parse::<u32>().ok();
     let world = env_value("DEVMEM_SHARED_WORLD", "a whole number from 1", count)?.unwrap_or(1);
-    let rank = env_value("DEVMEM_SHARED_RANK", "a whole number below the world size", count)?
-        .unwrap_or(0);
+    let rank = env_value(
+        "DEVMEM_SHARED_RANK",
+        "a whole number below the world size",
+        count,
+    )?
+    .unwrap_or(0);
     let dir = env_value("DEVMEM_SHARED_DIR", "a directory", |v| {
         (!v.is_empty()).then(|| PathBuf::from(v))
     })?;

@@ -113,6 +113,8 @@ pub struct Emu {
     mapping: unsafe extern "C" fn(u64) -> c_int,
     violation: unsafe extern "C" fn(u64, *mut c_char, usize) -> usize,
     launch_fill: unsafe extern "C" fn(u64, usize, u8) -> c_uint,
+    hold: unsafe extern "C" fn(*const c_char) -> c_uint,
+    wait_held: unsafe extern "C" fn(u64) -> c_int,
 }
 
 /// Mirrors the emulator's CuemuCounters.
@@ -150,6 +152,8 @@ pub fn emu() -> &'static Emu {
                 mapping: *lib.get(b"cuemu_mapping\0").expect("cuemu_mapping"),
                 violation: *lib.get(b"cuemu_violation\0").expect("cuemu_violation"),
                 launch_fill: *lib.get(b"cuemu_launch_fill\0").expect("cuemu_launch_fill"),
+                hold: *lib.get(b"cuemu_hold\0").expect("cuemu_hold"),
+                wait_held: *lib.get(b"cuemu_wait_held\0").expect("cuemu_wait_held"),
                 _lib: lib,
             }
         }
@@ -221,6 +225,19 @@ impl Emu {
     pub fn launch_fill(&self, ptr: u64, len: usize, byte: u8) {
         // SAFETY: plain values; the emulator checks the range.
         assert_eq!(unsafe { (self.launch_fill)(ptr, len, byte) }, 0);
+    }
+
+    /// Makes the next call of exactly `name` wait until the process ends (or is killed).
+    pub fn hold(&self, name: &str) {
+        let name = CString::new(name).expect("name");
+        // SAFETY: valid NUL-terminated name.
+        assert_eq!(unsafe { (self.hold)(name.as_ptr()) }, 0);
+    }
+
+    /// Waits up to `millis` for a thread to be held by [`hold`](Self::hold).
+    pub fn wait_held(&self, millis: u64) -> bool {
+        // SAFETY: plain value.
+        unsafe { (self.wait_held)(millis) == 1 }
     }
 
     pub fn clear_faults(&self) {
