@@ -24,6 +24,8 @@ from ._lib import (
     OutOfMemoryError,
     PanicError,
     HostPolicy,
+    ReadOnly,
+    RegionError,
     State,
     Status,
     UnknownPointerError,
@@ -55,6 +57,11 @@ from .api import (
     select_backend,
     set_level_zero_context,
     reserve_host_store,
+    open_shared_store,
+    close_shared_store,
+    restore_from_store,
+    set_read_only,
+    read_only,
     set_current_tag,
     set_host_limit,
     set_host_policy,
@@ -82,6 +89,8 @@ __all__ = [
     "free", "granularity", "host_limit", "host_policy", "last_transfer", "library_path", "malloc", "mem_get_info",
     "memory_profiling", "offload", "pause", "region", "release_host_store", "select_backend", "set_level_zero_context", "reserve_host_store", "resume",
     "set_current_tag", "set_host_limit", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
+    "ReadOnly", "RegionError", "open_shared_store", "close_shared_store", "restore_from_store", "set_read_only",
+    "read_only",
 ]
 
 __version__ = "0.1.0"

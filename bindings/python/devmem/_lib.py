@@ -56,6 +56,20 @@ class Status(enum.IntEnum):
     PANIC = 11
     BUFFER_TOO_SMALL = 12
     UNSUPPORTED = 13
+    REGION = 14
+
+
+class ReadOnly(enum.IntEnum):
+    """``devmem_read_only``: what sleeps may assume about a tag's bytes."""
+
+    OFF = 0
+    ON = 1
+    VERIFY = 2
+
+
+#: ``devmem_shared_store_options.flags``.
+SHARED_KEEP = 1
+SHARED_RECLAIM = 2
 
 
 class Backend(enum.IntEnum):
@@ -155,6 +169,10 @@ class UnsupportedError(DevmemError):
     """The device or driver does not support what was asked."""
 
 
+class RegionError(DevmemError):
+    """The shared host-store region was refused, or what it stores does not match."""
+
+
 class LibraryNotFoundError(DevmemError, OSError):
     """libdevmem.so itself could not be found or loaded."""
 
@@ -176,6 +194,7 @@ _EXCEPTIONS: Dict[int, type] = {
     Status.PANIC: PanicError,
     Status.BUFFER_TOO_SMALL: BufferTooSmallError,
     Status.UNSUPPORTED: UnsupportedError,
+    Status.REGION: RegionError,
 }
 
 
@@ -219,7 +238,23 @@ class Transfer(Structure):
         ("bytes_discarded", c_uint64),
         ("bytes_mapped", c_uint64),
         ("bytes_restored", c_uint64),
+        ("bytes_skipped", c_uint64),
+        ("verify_mismatches", c_uint64),
         ("seconds", c_double),
+    ]
+
+
+class SharedStoreOptions(Structure):
+    """``devmem_shared_store_options``."""
+
+    _fields_ = [
+        ("name", c_char_p),
+        ("dir", c_char_p),
+        ("bytes_per_rank", c_uint64),
+        ("rank", ctypes.c_uint32),
+        ("world", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("timeout_ms", ctypes.c_uint32),
     ]
 
 
@@ -275,6 +310,11 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_reserve_host_store": (c_int32, [c_size_t, c_int]),
     "devmem_set_host_limit": (c_int32, [c_uint64]),
     "devmem_get_host_limit": (c_int32, [POINTER(c_uint64)]),
+    "devmem_shared_store_open": (c_int32, [POINTER(SharedStoreOptions)]),
+    "devmem_shared_store_close": (c_int32, []),
+    "devmem_restore_from_store": (c_int32, [_TAGS, c_size_t]),
+    "devmem_set_read_only": (c_int32, [c_char_p, c_int]),
+    "devmem_get_read_only": (c_int32, [c_char_p, POINTER(c_int32)]),
     "devmem_select_backend": (c_int32, [c_int]),
     "devmem_get_backend": (c_int32, [POINTER(c_int32)]),
     "devmem_set_level_zero_context": (c_int32, [c_void_p, POINTER(c_void_p), c_size_t]),
@@ -400,7 +440,10 @@ def encode_tag(tag: Any, what: str = "tag") -> bytes:
         raise TypeError(f"{what} must be str, not {type(tag).__name__}; decode it first")
     if not isinstance(tag, str):
         raise TypeError(f"{what} must be str, not {type(tag).__name__}")
-    data = tag.encode("utf-8", "strict")
+    try:
+        data = tag.encode("utf-8", "strict")
+    except UnicodeEncodeError as err:
+        raise InvalidTagError(Status.INVALID_TAG, f"{what} is not valid Unicode text: {err.reason} at index {err.start}") from None
     if not data:
         raise InvalidTagError(Status.INVALID_TAG, f"{what} is empty")
     if len(data) > MAX_TAG_LEN:

@@ -3,9 +3,11 @@ wake, statistics and lookups. Only the standard library is needed."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -53,6 +55,10 @@ class TransferResult:
     bytes_mapped: int
     bytes_restored: int
     seconds: float
+    #: Bytes of read-only tags put to sleep without a copy (their host copy was still valid).
+    bytes_skipped: int = 0
+    #: Read-only allocations whose device checksum no longer matched, copied again.
+    verify_mismatches: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,7 @@ def last_transfer() -> TransferResult:
     return TransferResult(
         int(t.allocations), int(t.bytes_freed), int(t.bytes_saved), int(t.bytes_discarded),
         int(t.bytes_mapped), int(t.bytes_restored), float(t.seconds),
+        int(t.bytes_skipped), int(t.verify_mismatches),
     )
 
 
@@ -366,6 +373,117 @@ def host_limit() -> int:
     out = ctypes.c_uint64()
     call("devmem_get_host_limit", ctypes.byref(out))
     return int(out.value)
+
+
+def set_read_only(tag: str, mode: Union[bool, "_lib.ReadOnly"] = True) -> None:
+    """Declares ``tag``'s bytes unchanged from now on (``True`` / ``ReadOnly.ON``): a wake
+    keeps the host copy and the next sleep of the tag only unmaps, with no copy. Bytes written
+    after the declaration are lost at the next sleep (the wake after it restores the older
+    copy). ``ReadOnly.VERIFY`` compares a checksum computed on the GPU with the copy's before
+    skipping, and copies again on a mismatch (CUDA only; ``UnsupportedError`` elsewhere).
+    ``False`` / ``ReadOnly.OFF`` turns it off and drops the kept copies."""
+    if isinstance(mode, bool):
+        mode = _lib.ReadOnly.ON if mode else _lib.ReadOnly.OFF
+    mode = _lib.ReadOnly(mode)
+    call("devmem_set_read_only", encode_tag(tag), int(mode))
+
+
+def read_only(tag: str) -> "_lib.ReadOnly":
+    """What sleeps assume about ``tag``'s bytes."""
+    out = ctypes.c_int32()
+    call("devmem_get_read_only", encode_tag(tag), ctypes.byref(out))
+    return _lib.ReadOnly(out.value)
+
+
+_close_registered = False
+_kept_open = False
+
+
+def shared_store_durable() -> bool:
+    """Whether sleeps go to a kept shared store, so a new process can restore them: one this
+    process opened with ``keep=True``, or one ``DEVMEM_SHARED_STORE`` names with
+    ``DEVMEM_SHARED_KEEP=1``."""
+    env = os.environ.get("DEVMEM_SHARED_STORE") and os.environ.get("DEVMEM_SHARED_KEEP", "").strip() in (
+        "1", "true", "yes")
+    return bool(_kept_open or env)
+
+
+def open_shared_store(
+    name: str,
+    bytes_per_rank: int,
+    rank: int = 0,
+    world: int = 1,
+    dir: Optional[str] = None,
+    keep: bool = False,
+    reclaim: bool = False,
+    timeout: float = 30.0,
+) -> None:
+    """Opens the shared host store ``<dir>/devmem-<name>.region`` (``dir`` defaults to
+    ``/dev/shm``), creating it when this process is the first of its instance. Later sleeps
+    save into this rank's ``bytes_per_rank`` bytes of it. ``keep=True`` leaves the region in
+    place when the last process closes it, so a restarted process can call
+    :func:`restore_from_store`. The store is closed at interpreter exit. Raises
+    :class:`RegionError` for a region that is not this user's, not mode 0600, a symbolic link,
+    corrupt, of another layout, or whose rank is taken; ``HostOutOfMemoryError`` when the host
+    has no room."""
+    global _close_registered
+    for what, value in (("bytes_per_rank", bytes_per_rank), ("rank", rank), ("world", world)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TypeError(f"{what} must be a non-negative int")
+    if rank >= 2**32 or world >= 2**32 or bytes_per_rank >= 2**64:
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, "rank, world or bytes_per_rank is too large")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be str, not {type(name).__name__}")
+    if not 0 < timeout <= 86400:
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, "timeout must be in (0, 86400] seconds")
+    try:
+        encoded_name = name.encode("ascii")
+        encoded_dir = None if dir is None else os.fsencode(dir)
+    except UnicodeEncodeError:
+        raise _lib.InvalidArgumentError(
+            _lib.Status.INVALID_ARGUMENT, f"shared store: name {name!r} is not printable ASCII"
+        ) from None
+    options = _lib.SharedStoreOptions(
+        encoded_name, encoded_dir, bytes_per_rank, rank, world,
+        (_lib.SHARED_KEEP if keep else 0) | (_lib.SHARED_RECLAIM if reclaim else 0),
+        max(1, int(timeout * 1000)),
+    )
+    call("devmem_shared_store_open", ctypes.byref(options))
+    global _kept_open
+    _kept_open = keep
+    if not _close_registered:
+        atexit.register(_close_at_exit)
+        _close_registered = True
+
+
+def _close_at_exit() -> None:
+    try:
+        close_shared_store()
+    except _lib.InvalidStateError:
+        pass  # closed already
+    except _lib.DevmemError as err:  # never raise at exit
+        logger.warning("devmem: closing the shared store at exit: %s", err)
+
+
+def close_shared_store() -> None:
+    """Leaves the shared host store: later sleeps use private memory again; backups already in
+    the region stay valid for this process. The last process to leave removes the region
+    unless it was opened with ``keep=True``."""
+    global _kept_open
+    call("devmem_shared_store_close")
+    _kept_open = False
+
+
+def restore_from_store(tags: TagsArg) -> TransferResult:
+    """Fills this process's freshly allocated, mapped allocations of ``tags`` with the bytes a
+    kept shared store holds for them (an earlier process slept them there). Allocations are
+    matched by tag, order of allocation within the tag, and size; a mismatch raises
+    :class:`RegionError` before anything is copied. On CUDA the stored checksums are verified
+    on the GPU after the copy."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    call("devmem_restore_from_store", array, n)
+    return last_transfer()
 
 
 def select_backend(backend: "_lib.Backend") -> None:

@@ -198,4 +198,8 @@ class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
 
     @classmethod
     def supports_durable_storage(cls) -> bool:
-        return False
+        # A kept shared store (open_shared_store(keep=True), or DEVMEM_SHARED_STORE with
+        # DEVMEM_SHARED_KEEP=1) outlives the process; a new one calls restore_from_store.
+        from . import api
+
+        return api.shared_store_durable()

@@ -32,6 +32,8 @@ TYPES = {
     "struct devmem_stats *": ctypes.POINTER(_lib.Stats),
     "struct devmem_transfer *": ctypes.POINTER(_lib.Transfer),
     "struct devmem_allocation_info *": ctypes.POINTER(_lib.AllocationInfo),
+    "const struct devmem_shared_store_options *": ctypes.POINTER(_lib.SharedStoreOptions),
+    "devmem_read_only *": ctypes.POINTER(ctypes.c_int32),
     "devmem_allocation_callback": _lib.ALLOCATION_CALLBACK,
 }
 
@@ -87,14 +89,14 @@ def struct_fields(struct):
     assert match, struct
     fields = []
     for decl in filter(None, (d.strip() for d in match.group(1).split(";"))):
-        fields.append(re.sub(r"\[.*\]", "", decl.split()[-1]))
+        fields.append(re.sub(r"\[.*\]", "", decl.split()[-1]).lstrip("*"))
     return fields
 
 
 @pytest.mark.parametrize(
     "struct,cls",
     [("devmem_counter", _lib.Counter), ("devmem_stats", _lib.Stats), ("devmem_transfer", _lib.Transfer),
-     ("devmem_allocation_info", _lib.AllocationInfo)],
+     ("devmem_allocation_info", _lib.AllocationInfo), ("devmem_shared_store_options", _lib.SharedStoreOptions)],
 )
 def test_struct_fields_match_header(struct, cls):
     assert struct_fields(struct) == [f[0] for f in cls._fields_]
@@ -110,6 +112,10 @@ def test_status_and_state_values_match_header():
         assert re.search(rf"DEVMEM_BACKEND_{backend.name} = {backend.value},", text), backend
     for policy in _lib.HostPolicy:
         assert re.search(rf"DEVMEM_HOST_POLICY_{policy.name} = {policy.value},", text), policy
+    for mode in _lib.ReadOnly:
+        assert re.search(rf"DEVMEM_READ_ONLY_{mode.name} = {mode.value},", text), mode
+    assert f"#define DEVMEM_SHARED_KEEP {_lib.SHARED_KEEP}" in text
+    assert f"#define DEVMEM_SHARED_RECLAIM {_lib.SHARED_RECLAIM}" in text
     assert f"#define DEVMEM_MAX_TAG_LEN {_lib.MAX_TAG_LEN}" in text
     assert f"#define DEVMEM_TAG_BUFFER_LEN {_lib.TAG_BUFFER_LEN}" in text
 

@@ -79,6 +79,15 @@ def test_entry_point_is_discovered_and_registers_the_backend(vllm):
     assert issubclass(cls, SleepModeBackend) and cls.__name__ == "DevmemSleepModeBackend"
     assert cls.is_supported()
     assert (cls.preserves_communicators(), cls.supports_durable_storage()) == (True, False)
+    # A kept shared store makes suspended state durable; closing it ends that.
+    name = f"plugin-{os.getpid()}"
+    devmem.open_shared_store(name, 8 << 20, keep=True)
+    try:
+        assert cls.supports_durable_storage()
+    finally:
+        devmem.close_shared_store()
+        os.unlink(f"/dev/shm/devmem-{name}.region")
+    assert not cls.supports_durable_storage()
     backend = SleepModeBackendFactory.create_backend(_ModelConfig("devmem"))
     assert backend.state() == "RUNNING"
     # Loading twice (vLLM may) registers once.

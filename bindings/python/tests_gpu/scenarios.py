@@ -174,6 +174,111 @@ def bad_input():
         raise AssertionError("use_memory_pool after release_pools did not raise")
 
 
+def _digest(t):
+    return int(t.view(torch.int64).sum().item())
+
+
+def shared_store():
+    """The shared store on the real driver: the region is pinned with cuMemHostRegister,
+    sleep/wake go through it, close removes it; read-only tags skip the copy and verification
+    (the PTX checksum kernel) catches a write."""
+    name = f"gpu-{os.getpid()}"
+    path = f"/dev/shm/devmem-{name}.region"
+    devmem.open_shared_store(name, GIB + (64 << 20))
+    check(os.path.exists(path), "the region exists while open")
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        w = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    w.view(torch.int64).random_()
+    ref = _digest(w)
+    alloc.sleep(offload_tags=("weights",))
+    t = devmem.last_transfer()
+    check(t.bytes_saved == GIB, "the first sleep copies the weights into the region")
+    alloc.wake_up()
+    check(_digest(w) == ref, "bytes intact after a wake from the region")
+    devmem.set_read_only("weights", devmem.ReadOnly.VERIFY)
+    alloc.sleep(offload_tags=("weights",))  # copies again: the kept copy has a checksum now
+    alloc.wake_up()
+    alloc.sleep(offload_tags=("weights",))
+    t = devmem.last_transfer()
+    check((t.bytes_saved, t.bytes_skipped, t.verify_mismatches) == (0, GIB, 0),
+          f"verified read-only sleep skips the copy ({t.seconds * 1e3:.1f} ms)")
+    alloc.wake_up()
+    w[4096] ^= 0x10
+    ref = _digest(w)
+    alloc.sleep(offload_tags=("weights",))
+    t = devmem.last_transfer()
+    check((t.bytes_saved, t.verify_mismatches) == (GIB, 1), "the device checksum sees one changed byte")
+    alloc.wake_up()
+    check(_digest(w) == ref, "the changed byte was saved and restored")
+    devmem.set_read_only("weights", False)
+    del w
+    alloc.release_pools()
+    devmem.close_shared_store()
+    check(not os.path.exists(path), "the last user's close removed the region")
+
+
+def durable_write():
+    name = os.environ["DEVMEM_GPU_REGION"]
+    devmem.open_shared_store(name, GIB + (64 << 20), keep=True)
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        w = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    w.view(torch.int64).random_()
+    with open(os.environ["DEVMEM_GPU_DIGEST"], "w") as f:
+        f.write(str(_digest(w)))
+    alloc.sleep(offload_tags=("weights",))
+    check(True, "slept into a kept region; exiting without waking")
+    os._exit(0) if os.environ.get("DEVMEM_GPU_HARD_EXIT") else None
+
+
+def durable_read():
+    name = os.environ["DEVMEM_GPU_REGION"]
+    devmem.open_shared_store(name, GIB + (64 << 20))
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        w = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    expect_error = os.environ.get("DEVMEM_GPU_EXPECT") == "checksum"
+    try:
+        devmem.restore_from_store("weights")
+    except devmem.RegionError as err:
+        check(expect_error and "fail their checksum" in str(err), f"corrupted copy refused: {err}")
+    else:
+        check(not expect_error, "restore succeeded")
+        with open(os.environ["DEVMEM_GPU_DIGEST"]) as f:
+            check(_digest(w) == int(f.read()), "identical bytes in the new process")
+    del w
+    alloc.release_pools()
+    devmem.close_shared_store()
+
+
+def durable():
+    """Durable sleep on the real driver: a process sleeps 1 GiB into a kept region and exits;
+    a new one restores identical bytes (checksum verified on the device). Then the same with
+    one byte of the region file changed: the device checksum refuses it."""
+    import subprocess
+
+    for corrupt in (False, True):
+        name = f"gpu-durable-{os.getpid()}-{int(corrupt)}"
+        env = dict(os.environ, DEVMEM_GPU_REGION=name, DEVMEM_GPU_DIGEST=f"/tmp/{name}.digest")
+        run = lambda which, **extra: subprocess.run(  # noqa: E731
+            [sys.executable, __file__, which], env=dict(env, **extra), capture_output=True, text=True, timeout=300)
+        out = run("durable_write", DEVMEM_GPU_HARD_EXIT="1")
+        check(out.returncode == 0, f"writer exited: {out.stderr[-2000:]}")
+        path = f"/dev/shm/devmem-{name}.region"
+        check(os.path.exists(path), "the kept region outlived the writer")
+        if corrupt:
+            with open(path, "r+b") as f:
+                f.seek((2 << 20) + 777)
+                b = f.read(1)
+                f.seek((2 << 20) + 777)
+                f.write(bytes([b[0] ^ 1]))
+        out = run("durable_read", **({"DEVMEM_GPU_EXPECT": "checksum"} if corrupt else {}))
+        print(out.stdout)
+        check(out.returncode == 0 and "durable_read: PASS" in out.stdout, f"reader: {out.stderr[-2000:]}")
+        check(not os.path.exists(path), "the reader (last user, not keeping) removed the region")
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     print(f"{name}: torch {torch.__version__} on {torch.cuda.get_device_name()}")

@@ -19,6 +19,8 @@ PACKAGE = os.path.dirname(HERE)
         ("expandable", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,max_split_size_mb:256"}),
         ("profiling", {}),
         ("bad_input", {}),
+        ("shared_store", {}),
+        ("durable", {}),
     ],
 )
 def test_scenario(name, extra_env):

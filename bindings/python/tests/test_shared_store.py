@@ -1,0 +1,138 @@
+"""The shared host store, durable restore and read-only tags from Python."""
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import devmem
+from conftest import EMULATED, LEVEL_ZERO
+
+MIB = 1 << 20
+
+
+def region_path(name):
+    return f"/dev/shm/devmem-{name}.region"
+
+
+def write(ptr, data):
+    ctypes.memmove(ptr, data, len(data))
+
+
+def read(ptr, n):
+    return ctypes.string_at(ptr, n)
+
+
+pytestmark = pytest.mark.skipif(not EMULATED, reason="reads device memory through host pointers")
+
+
+def test_round_trip_through_the_region_and_cleanup():
+    name = f"py-{os.getpid()}-roundtrip"
+    devmem.open_shared_store(name, 32 * MIB)
+    try:
+        assert os.path.exists(region_path(name))
+        with devmem.use_tag("weights"):
+            p = devmem.malloc(4 * MIB)
+        data = os.urandom(4 * MIB)
+        write(p, data)
+        devmem.sleep(["weights"])
+        devmem.wake_up()
+        assert read(p, 4 * MIB) == data
+        devmem.free(p)
+    finally:
+        devmem.close_shared_store()
+    assert not os.path.exists(region_path(name))
+    with pytest.raises(devmem.InvalidStateError, match="no shared store is open"):
+        devmem.close_shared_store()
+
+
+def test_bad_arguments():
+    with pytest.raises(devmem.InvalidArgumentError, match="'/' or '..'"):
+        devmem.open_shared_store("a/b", MIB)
+    with pytest.raises(devmem.InvalidArgumentError, match="printable ASCII"):
+        devmem.open_shared_store("caf\u00e9", MIB)
+    with pytest.raises(TypeError):
+        devmem.open_shared_store("x", -1)
+    with pytest.raises(devmem.InvalidArgumentError, match="too large"):
+        devmem.open_shared_store("x", MIB, rank=2**32)
+    with pytest.raises(devmem.InvalidArgumentError, match="rank 1 is not below"):
+        devmem.open_shared_store("x", MIB, rank=1, world=1)
+    with pytest.raises(devmem.InvalidStateError, match="no shared store is open"):
+        devmem.restore_from_store("weights")
+
+
+def test_a_lone_surrogate_in_a_tag_is_an_invalid_tag():
+    with pytest.raises(devmem.InvalidTagError, match="not valid Unicode text"):
+        devmem.set_current_tag("bad\ud800")
+    with pytest.raises(devmem.InvalidTagError, match="not valid Unicode text"):
+        devmem.set_read_only("bad\ud800")
+
+
+def test_read_only_tags_skip_the_copy():
+    with devmem.use_tag("ro-weights"):
+        p = devmem.malloc(4 * MIB)
+    data = os.urandom(4 * MIB)
+    write(p, data)
+    devmem.set_read_only("ro-weights")
+    assert devmem.read_only("ro-weights") == devmem.ReadOnly.ON
+    assert devmem.sleep(["ro-weights"]).bytes_saved == 4 * MIB
+    devmem.wake_up()
+    second = devmem.sleep(["ro-weights"])
+    assert (second.bytes_saved, second.bytes_skipped) == (0, 4 * MIB)
+    devmem.wake_up()
+    assert read(p, 4 * MIB) == data
+    if LEVEL_ZERO:
+        with pytest.raises(devmem.UnsupportedError, match="no device checksum"):
+            devmem.set_read_only("ro-weights", devmem.ReadOnly.VERIFY)
+    else:
+        devmem.set_read_only("ro-weights", devmem.ReadOnly.VERIFY)
+        # The copy kept under ON has no checksum yet: this sleep copies again and records one.
+        assert devmem.sleep(["ro-weights"]).bytes_saved == 4 * MIB
+        devmem.wake_up()
+        write(p, b"\x01" * 8)
+        changed = devmem.sleep(["ro-weights"])
+        assert (changed.verify_mismatches, changed.bytes_saved) == (1, 4 * MIB)
+        devmem.wake_up()
+        assert read(p, 8) == b"\x01" * 8
+    devmem.set_read_only("ro-weights", False)
+    devmem.free(p)
+
+
+CHILD = textwrap.dedent(
+    """
+    import ctypes, sys, devmem
+    name, mode = sys.argv[1], sys.argv[2]
+    MIB = 1 << 20
+    devmem.open_shared_store(name, 32 * MIB, keep=(mode == "write"))
+    with devmem.use_tag("weights"):
+        ptrs = [devmem.malloc(n * MIB) for n in (4, 2)]
+    if mode == "write":
+        for i, p in enumerate(ptrs):
+            ctypes.memset(p, 0x40 + i, ctypes.sizeof(ctypes.c_char) * (4 - 2 * i) * MIB)
+        devmem.sleep(["weights"])
+    else:
+        t = devmem.restore_from_store("weights")
+        assert t.bytes_restored == 6 * MIB, t
+        for i, p in enumerate(ptrs):
+            n = (4 - 2 * i) * MIB
+            assert ctypes.string_at(p, n) == bytes([0x40 + i]) * n, i
+        for p in ptrs:
+            devmem.free(p)
+    print("child ok")
+    """
+)
+
+
+def test_durable_restart_from_python():
+    name = f"py-{os.getpid()}-durable"
+    env = dict(os.environ)
+    for mode in ("write", "read"):
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, name, mode], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0 and "child ok" in out.stdout, out.stderr
+        # The writer kept it (and exited asleep); the reader closed it at exit as last user.
+        assert os.path.exists(region_path(name)) == (mode == "write")
