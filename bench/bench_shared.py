@@ -120,12 +120,13 @@ def child_readonly(args):
     del w, kv
 
 
-def child_shared_wake(args):
+def child_shared_wake(args, shared=True):
     import torch
     import devmem
 
     name = f"bench-{os.getpid()}"
-    devmem.open_shared_store(name, args.weights_gib * GIB + 64 * MIB)
+    if shared:
+        devmem.open_shared_store(name, args.weights_gib * GIB + 64 * MIB)
     alloc = devmem.CuMemAllocator.get_instance()
     w = load_weights(torch, alloc, args.weights_gib * GIB, 2)
     ref = digest(torch, w)
@@ -133,10 +134,17 @@ def child_shared_wake(args):
         s = timed(lambda: alloc.sleep(offload_tags=("weights",)))
         wk = timed(alloc.wake_up)
         ok = digest(torch, w) == ref
-        emit(phase="shared_wake", cycle=cycle, nbytes=w.numel(), sleep_s=s, wake_s=wk, intact=ok)
+        emit(phase="shared_wake" if shared else "private_wake", cycle=cycle, nbytes=w.numel(), sleep_s=s,
+             wake_s=wk, library_wake_s=devmem.last_transfer().seconds, intact=ok)
     del w
     alloc.release_pools()
-    devmem.close_shared_store()
+    if shared:
+        devmem.close_shared_store()
+
+
+def child_private_wake(args):
+    """The same weights through the private host store, for comparison."""
+    child_shared_wake(args, shared=False)
 
 
 def child_durable_write(args):
@@ -269,6 +277,7 @@ def main():
         records += collect([run(args, "--child", "readonly")])
     if "shared_wake" in phases:
         records += collect([run(args, "--child", "shared_wake")])
+        records += collect([run(args, "--child", "private_wake")])
     if "durable" in phases:
         name = f"durable-{os.getpid()}"
         common = ("--name", name, "--out", tmp + ".digest", "--file", tmp + ".pt")
@@ -300,13 +309,14 @@ def report(records, raw, raw_end, device, args):
             if "wake_s" in r:
                 line += f", wake {r['wake_s'] * 1e3:.1f} ms"
             print(line + ("" if r["intact"] else "  BYTES CHANGED"))
-        elif r["phase"] in ("shared_wake", "ranks"):
+        elif r["phase"] in ("shared_wake", "private_wake", "ranks"):
             gb = r["nbytes"] / 1e9
             r["sleep_ratio"] = gb / r["sleep_s"] / d2h
             r["wake_ratio"] = gb / r["wake_s"] / h2d
-            who = f"rank {r['rank']} ({r['gpus']} GPU)" if r["phase"] == "ranks" else "shared"
+            who = f"rank {r['rank']} ({r['gpus']} GPU)" if r["phase"] == "ranks" else r["phase"].split("_")[0]
             print(f"{who} cycle {r['cycle']}: sleep {r['sleep_s'] * 1e3:.1f} ms ({r['sleep_ratio']:.2f} of raw D2H), "
-                  f"wake {r['wake_s'] * 1e3:.1f} ms ({r['wake_ratio']:.2f} of raw H2D)"
+                  f"wake {r['wake_s'] * 1e3:.1f} ms ({r['wake_ratio']:.2f} of raw H2D"
+                  + (f"; library {r['library_wake_s'] * 1e3:.1f} ms" if "library_wake_s" in r else "") + ")"
                   + ("" if r["intact"] else "  BYTES CHANGED"))
         elif r["phase"] == "durable_read":
             link = r["nbytes"] / 1e9 / h2d

@@ -1133,10 +1133,18 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
         );
     }
     let devices: BTreeSet<i32> = plan.iter().map(|p| p.1).collect();
+    // Piece by piece, each as soon as it is pinned (a region opened just now is still being
+    // pinned in the background).
     let copied = plan
         .iter()
         .try_for_each(|(va, device, size, _, stored, _)| {
-            backend.copy_to_device_async(*device, *va, stored.ptr as *const u8, *size)
+            region
+                .split(stored.ptr, *size)
+                .into_iter()
+                .try_for_each(|(offset, host, n)| {
+                    region.wait_pinned(host, n)?;
+                    backend.copy_to_device_async(*device, va + offset as u64, host as *const u8, n)
+                })
         });
     let waited = devices.iter().try_for_each(|d| backend.wait_copies(*d));
     copied.and(waited).map_err(|e| {

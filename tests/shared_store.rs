@@ -698,7 +698,11 @@ fn corrupted_reader() {
         assert!(text.contains(&format!("tag \"weights\" #{i}")), "{text}");
     }
     // The bad copies were dropped: they are never restored again.
-    expect_err(restore(&["weights"]), devmem_status::Region, "holds no copy");
+    expect_err(
+        restore(&["weights"]),
+        devmem_status::Region,
+        "holds no copy",
+    );
     free_all(&ptrs);
     ok(ffi::devmem_shared_store_close());
 }
@@ -877,4 +881,57 @@ fn needs_setpriv_another_user_cannot_open_the_region() {
         "belongs to uid 65534, not to this process's uid 0; refused",
     );
     std::fs::remove_file(&path).expect("remove");
+}
+
+/// Writer of the pinned-pieces test: allocations that straddle the 256 MiB pieces the region
+/// is pinned in.
+#[test]
+#[ignore = "run by backups_across_pinned_pieces_are_copied_piece_by_piece"]
+fn crossing_writer() {
+    setup(&[]);
+    let name = env("DEVMEM_TEST_REGION");
+    let mut o = Open::new(&name).with_flags(DEVMEM_SHARED_KEEP);
+    o.bytes = 512 * MIB as u64;
+    ok(o.call());
+    let a = alloc(200 * MIB, "a");
+    let b = alloc(100 * MIB, "b"); // stored at 200..300 MiB: across the first boundary
+    fill(a, 200 * MIB, 11);
+    fill(b, 100 * MIB, 12);
+    ok(sleep(&["a", "b"]));
+    ok(wake(None));
+    assert_eq!(mismatches(b, 100 * MIB, 12), 0);
+    ok(sleep(&["a", "b"]));
+    assert_no_violations();
+}
+
+/// Reader of the pinned-pieces test.
+#[test]
+#[ignore = "run by backups_across_pinned_pieces_are_copied_piece_by_piece"]
+fn crossing_reader() {
+    setup(&[]);
+    let name = env("DEVMEM_TEST_REGION");
+    let mut o = Open::new(&name);
+    o.bytes = 512 * MIB as u64;
+    ok(o.call());
+    let a = alloc(200 * MIB, "a");
+    let b = alloc(100 * MIB, "b");
+    ok(restore(&["a", "b"]));
+    assert_eq!(mismatches(a, 200 * MIB, 11), 0);
+    assert_eq!(mismatches(b, 100 * MIB, 12), 0);
+    free_all(&[a, b]);
+    ok(ffi::devmem_shared_store_close());
+    assert_no_violations();
+}
+
+/// The region is pinned in 256 MiB pieces, each its own registration, and the driver refuses
+/// a copy that crosses two registrations (the emulator models that): saves, wakes and durable
+/// restores of a backup across a boundary go piece by piece.
+#[test]
+fn backups_across_pinned_pieces_are_copied_piece_by_piece() {
+    setup(&[]);
+    let name = unique("pieces");
+    let e = [("DEVMEM_TEST_REGION", name.as_str())];
+    run_child_test(&[], "crossing_writer", &e, Duration::from_secs(300));
+    run_child_test(&[], "crossing_reader", &e, Duration::from_secs(300));
+    assert!(!region_path(&name, None).exists());
 }

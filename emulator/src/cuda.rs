@@ -380,6 +380,13 @@ fn memcpy(
         if !emu.is_device_range(device_side, len) {
             return INVALID_VALUE;
         }
+        // As on the H100 (bench/shm_pin_probe.py): a host range that is partly registered
+        // memory must lie inside one registration; the driver refuses a copy that crosses
+        // from one registration into another (or out of one).
+        let host = if device_side == dst { src } else { dst } as usize;
+        if emu.crosses_registrations(host, len) {
+            return INVALID_VALUE;
+        }
         let key = (device, stream.map_or(0, |s| s as usize));
         let rc = emu.enqueue(key, Work::Copy { dst, src, len });
         if rc == SUCCESS && stream.is_none() {

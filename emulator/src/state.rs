@@ -401,6 +401,20 @@ impl Emu {
     }
 
     /// Whether `[p, p+len)` touches a reservation (device address space).
+    /// Whether `[p, p+len)` overlaps registered host memory without lying inside a single
+    /// registration.
+    pub(crate) fn crosses_registrations(&self, p: usize, len: usize) -> bool {
+        let mut overlapping = self
+            .registered
+            .iter()
+            .filter(|(base, n)| p < *base + *n && **base < p + len);
+        match (overlapping.next(), overlapping.next()) {
+            (None, _) => false,
+            (Some((base, n)), None) => !(p >= *base && p + len <= base + n),
+            (Some(_), Some(_)) => true,
+        }
+    }
+
     pub(crate) fn is_device_range(&self, p: u64, len: usize) -> bool {
         let end = p + len as u64;
         self.reservations

@@ -97,8 +97,12 @@ impl Backup {
     /// Pairs each piece of `[va, va+len)` with the host address that holds it, as
     /// (device address, host address, bytes).
     pub fn pieces(&self, va: u64, len: usize) -> Vec<(u64, usize, usize)> {
-        if let Some((_, _, ptr)) = &self.shared {
-            return vec![(va, *ptr, len)];
+        if let Some((region, _, ptr)) = &self.shared {
+            return region
+                .split(*ptr, len)
+                .into_iter()
+                .map(|(offset, host, n)| (va + offset as u64, host, n))
+                .collect();
         }
         let mut out = Vec::with_capacity(self.extents.len());
         let mut offset = 0usize;

@@ -290,7 +290,9 @@ pub struct Region {
     base: usize,
     layout: Layout,
     rank: u32,
-    pinned: Option<(Arc<dyn Backend>, i32)>,
+    /// This rank's area, pinned piece by piece in the background (see [`Pinning`]).
+    pinning: Arc<Pinning>,
+    pinner: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Slots this process took or adopted (the rest of the valid ones are snapshots left by
     /// an earlier process, which may be evicted when space runs out).
     claimed: Mutex<Vec<bool>>,
@@ -511,7 +513,8 @@ impl Region {
             base,
             layout,
             rank: options.rank,
-            pinned: None,
+            pinning: Arc::new(Pinning::default()),
+            pinner: Mutex::new(None),
             claimed: Mutex::new(vec![false; SLOTS]),
             member: Mutex::new(true),
             generation: 0,
@@ -846,7 +849,10 @@ impl Region {
         Ok(())
     }
 
-    /// Reserves, populates and pins this rank's area, after checking the bound on host memory.
+    /// Reserves this rank's area (after checking the bound on host memory), then populates and
+    /// pins it in the background, piece by piece ([`Pinning`]): copies into or out of a piece
+    /// wait only for that piece, so a restore's first copies start while later pieces are
+    /// still being pinned.
     fn prepare(&mut self, backend: &Arc<dyn Backend>, device: i32) -> Result<()> {
         let (area, len) = (self.area(), self.rank_bytes());
         let missing = len - resident_bytes(area, len);
@@ -878,28 +884,45 @@ impl Region {
                 devmem_status::HostOutOfMemory,
             ));
         }
-        // SAFETY: advice on this rank's part of the mapping made by `open`.
-        let rc =
-            unsafe { libc::madvise(area as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-        if rc != 0 {
-            match errno() {
-                // Kernels before 5.14: fault the pages in by hand (fallocate made them exist).
-                libc::EINVAL => super::anonymous::populate(area, len, 1),
-                _ => {
-                    return Err(os_error(
-                        format!("populating {len} bytes for rank {}", self.rank),
-                        devmem_status::HostOutOfMemory,
-                    ))
-                }
+        let pins = backend.host_memory() == HostMemory::Register;
+        let pinning = Arc::new(Pinning::new(
+            area,
+            len,
+            pins.then(|| (Arc::clone(backend), device)),
+        ));
+        self.pinning = Arc::clone(&pinning);
+        if !pins {
+            return Ok(()); // Level Zero copies from pageable memory: nothing to pin
+        }
+        let worker = Arc::clone(&pinning);
+        match crate::threads::spawn("devmem-region-pin", move || worker.run()) {
+            Ok(handle) => *self.pinner.lock() = Some(handle),
+            Err(err) => {
+                log::debug!("devmem: shared store: pinning on the calling thread: {err}");
+                pinning.run();
             }
         }
-        if backend.host_memory() == HostMemory::Register {
-            backend
-                .host_register(device, area as *mut u8, len)
-                .map_err(|e| e.context("shared store: pinning this rank's area"))?;
-            self.pinned = Some((Arc::clone(backend), device));
-        }
         Ok(())
+    }
+
+    /// Waits until `[ptr, ptr+len)` of this rank's area is pinned.
+    pub fn wait_pinned(&self, ptr: usize, len: usize) -> Result<()> {
+        self.pinning.wait(ptr + len - self.area())
+    }
+
+    /// Splits `[ptr, ptr+len)` of this rank's area at the pinned pieces' boundaries, as
+    /// (offset into the range, address, bytes): a copy may not cross two registrations.
+    pub fn split(&self, ptr: usize, len: usize) -> Vec<(usize, usize, usize)> {
+        let area = self.area();
+        let mut out = Vec::new();
+        let mut at = ptr;
+        while at < ptr + len {
+            let piece_end = area + ((at - area) / PIN_PIECE + 1) * PIN_PIECE;
+            let n = piece_end.min(ptr + len) - at;
+            out.push((at - ptr, at, n));
+            at += n;
+        }
+        out
     }
 
     /// Removes a file this process created (or found abandoned) and could not use.
@@ -1001,6 +1024,11 @@ impl Region {
             checksum: None,
         };
         claimed[slot] = true;
+        drop(claimed);
+        if let Err(err) = self.wait_pinned(stored.ptr, len) {
+            self.release(slot);
+            return Err(err);
+        }
         Ok(stored)
     }
 
@@ -1088,6 +1116,180 @@ impl Region {
     }
 }
 
+/// Pieces the area is pinned in (each its own registration with the driver).
+const PIN_PIECE: usize = 256 << 20;
+/// Threads populating pieces ahead of the one registering them.
+const POPULATE_THREADS: usize = 4;
+
+/// Pins a rank's area in [`PIN_PIECE`]s, in order: helper threads fault pieces in
+/// (`MADV_POPULATE_WRITE`, which keeps the bytes a durable region holds) ahead of one thread
+/// that registers them with the driver (the driver registers one range at a time, measured on
+/// the H100: more registering threads are slower). Waiters block until their piece is pinned.
+#[derive(Default)]
+pub struct Pinning {
+    area: usize,
+    len: usize,
+    driver: Option<(Arc<dyn Backend>, i32)>,
+    state: parking_lot::Mutex<PinState>,
+    changed: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct PinState {
+    /// Pieces pinned so far (always a prefix of the area).
+    pinned: usize,
+    /// Per piece: 0 to populate, 1 being populated, 2 populated.
+    populated: Vec<u8>,
+    error: Option<Error>,
+    stop: bool,
+    done: bool,
+}
+
+impl Pinning {
+    fn new(area: usize, len: usize, driver: Option<(Arc<dyn Backend>, i32)>) -> Self {
+        let pieces = len.div_ceil(PIN_PIECE);
+        let done = driver.is_none();
+        Self {
+            area,
+            len,
+            driver,
+            state: parking_lot::Mutex::new(PinState {
+                pinned: if done { pieces } else { 0 },
+                populated: vec![0; pieces],
+                error: None,
+                stop: false,
+                done,
+            }),
+            changed: parking_lot::Condvar::new(),
+        }
+    }
+
+    fn piece(&self, i: usize) -> (usize, usize) {
+        let start = i * PIN_PIECE;
+        (self.area + start, PIN_PIECE.min(self.len - start))
+    }
+
+    /// Claims the next piece to populate, if any.
+    fn claim(&self) -> Option<usize> {
+        let mut st = self.state.lock();
+        if st.stop || st.error.is_some() {
+            return None;
+        }
+        let i = st.populated.iter().position(|p| *p == 0)?;
+        st.populated[i] = 1;
+        Some(i)
+    }
+
+    fn populate(&self, i: usize) {
+        let (ptr, len) = self.piece(i);
+        // SAFETY: advice on a piece of this rank's shared mapping, which stays mapped until the
+        // pinning has stopped. MADV_POPULATE_WRITE faults pages in without changing them.
+        let rc = unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 && errno() != libc::EINVAL {
+            // EINVAL: a kernel before 5.14; the registration faults the pages in instead.
+            let err = os_error(
+                format!("populating {len} bytes of the region"),
+                devmem_status::HostOutOfMemory,
+            );
+            self.state.lock().error.get_or_insert(err);
+        }
+        self.state.lock().populated[i] = 2;
+        self.changed.notify_all();
+    }
+
+    /// The pinning thread: registers every piece in order, with helpers populating ahead.
+    fn run(&self) {
+        let Some((backend, device)) = &self.driver else {
+            return;
+        };
+        let pieces = self.len.div_ceil(PIN_PIECE);
+        std::thread::scope(|scope| {
+            for _ in 1..POPULATE_THREADS.min(pieces) {
+                let spawned = crate::threads::spawn_scoped(scope, "devmem-region-populate", || {
+                    while let Some(i) = self.claim() {
+                        self.populate(i);
+                    }
+                });
+                if spawned.is_err() {
+                    break; // fewer helpers: only slower
+                }
+            }
+            for i in 0..pieces {
+                let mut st = self.state.lock();
+                if st.populated[i] == 0 {
+                    st.populated[i] = 1;
+                    drop(st);
+                    self.populate(i);
+                    st = self.state.lock();
+                }
+                while st.populated[i] != 2 && !st.stop {
+                    self.changed.wait(&mut st);
+                }
+                if st.stop || st.error.is_some() {
+                    break;
+                }
+                drop(st);
+                let (ptr, len) = self.piece(i);
+                let pinned = backend
+                    .host_register(*device, ptr as *mut u8, len)
+                    .map_err(|e| e.context("shared store: pinning this rank's area"));
+                let mut st = self.state.lock();
+                match pinned {
+                    Ok(()) => st.pinned = i + 1,
+                    Err(err) => {
+                        st.error.get_or_insert(err);
+                    }
+                }
+                drop(st);
+                self.changed.notify_all();
+            }
+            let mut st = self.state.lock();
+            st.stop = true; // the helpers stop claiming
+            st.done = true;
+        });
+        self.changed.notify_all();
+    }
+
+    /// Waits until the first `end` bytes of the area are pinned; the pinning's error if any.
+    fn wait(&self, end: usize) -> Result<()> {
+        let need = end.div_ceil(PIN_PIECE);
+        let mut st = self.state.lock();
+        loop {
+            if st.pinned >= need {
+                return Ok(());
+            }
+            if let Some(err) = &st.error {
+                return Err(err.clone());
+            }
+            if st.done {
+                bail!(
+                    HostOutOfMemory,
+                    "shared store: the area was not pinned (the pinning stopped)"
+                );
+            }
+            self.changed.wait(&mut st);
+        }
+    }
+
+    fn stop(&self) {
+        self.state.lock().stop = true;
+        self.changed.notify_all();
+    }
+
+    fn unpin_all(&self) {
+        let Some((backend, device)) = &self.driver else {
+            return;
+        };
+        let pinned = self.state.lock().pinned;
+        for i in 0..pinned {
+            let (ptr, _) = self.piece(i);
+            if let Err(err) = backend.host_unregister(*device, ptr as *mut u8) {
+                log::error!("devmem: shared store: unpinning: {err}");
+            }
+        }
+    }
+}
+
 enum Check {
     Ready,
     NotReady,
@@ -1108,11 +1310,13 @@ fn resident_bytes(base: usize, len: usize) -> usize {
 impl Drop for Region {
     fn drop(&mut self) {
         self.leave();
-        if let Some((backend, device)) = &self.pinned {
-            if let Err(err) = backend.host_unregister(*device, self.area() as *mut u8) {
-                log::error!("devmem: shared store: unpinning: {err}");
+        self.pinning.stop();
+        if let Some(handle) = self.pinner.lock().take() {
+            if handle.join().is_err() {
+                log::error!("devmem: shared store: the pinning thread panicked");
             }
         }
+        self.pinning.unpin_all();
         self.table().owner_pid.store(0, Ordering::Relaxed);
         unmap_file(self.base, self.layout.total_bytes);
     }
