@@ -75,7 +75,19 @@ def second_process(path, n, threads, populate):
     mm, base = mapped(path, n)
     t1 = time.perf_counter()
     if populate:
-        mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
+        # `populate` threads, each faulting in every populate-th 256 MiB piece.
+        advise = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def fault(k):
+            for off in range(k * PIECE, n, PIECE * populate):
+                libc.madvise(ctypes.c_void_p(base + off), c_size(min(PIECE, n - off)), advise)
+
+        ws = [threading.Thread(target=fault, args=(k,)) for k in range(populate)]
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.join()
     t2 = time.perf_counter()
     reg, pieces = register(base, n, threads, ctx)
     # H2D copies of the whole range, one per registered piece (a copy may not cross from one
@@ -96,7 +108,7 @@ def second_process(path, n, threads, populate):
     for p, _ in pieces:
         cu.cuMemHostUnregister(ctypes.c_void_p(p))
     t4 = time.perf_counter()
-    print(f"threads={threads:2d} populate={int(populate)}: mmap {1e3 * (t1 - t0):6.1f} ms, populate "
+    print(f"register threads={threads:2d} populate threads={populate:2d}: mmap {1e3 * (t1 - t0):6.1f} ms, populate "
           f"{1e3 * (t2 - t1):6.1f} ms, register {1e3 * reg:7.1f} ms ({len(pieces)} piece(s)), "
           f"H2D {n / min(times) / 1e9:5.1f} GB/s piece by piece, unregister {1e3 * (t4 - t3):6.1f} ms", flush=True)
 
@@ -127,7 +139,7 @@ def main():
         n = int(sys.argv[1]) * GIB
         if mode == "vmm":
             return vmm(n)
-        return second_process(sys.argv[3], n, int(mode), sys.argv[4] == "1")
+        return second_process(sys.argv[3], n, int(mode), int(sys.argv[4]))
     n = int(sys.argv[1] if len(sys.argv) > 1 else 8) * GIB
     path = f"/dev/shm/probe-{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -141,7 +153,7 @@ def main():
           flush=True)
     mm.close()
     try:
-        for threads, populate in ((0, 1), (0, 0), (1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 1)):
+        for threads, populate in ((0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (1, 4)):
             subprocess.run([sys.executable, __file__, str(n // GIB), str(threads), path, str(populate)], check=True)
         subprocess.run([sys.executable, __file__, str(n // GIB), "vmm"], check=True)
     finally:

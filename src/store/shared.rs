@@ -865,14 +865,19 @@ impl Region {
             .map_err(|e| e.context("shared store: reserving this rank's area"))?;
         }
         let offset = area - self.base;
-        // SAFETY: a valid descriptor; the range lies inside the file.
-        let rc = unsafe {
-            libc::fallocate(
-                self.fd.as_raw_fd(),
-                0,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
+        // A restarted process finds every page there already.
+        let rc = if missing == 0 {
+            0
+        } else {
+            // SAFETY: a valid descriptor; the range lies inside the file.
+            unsafe {
+                libc::fallocate(
+                    self.fd.as_raw_fd(),
+                    0,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            }
         };
         if rc != 0 && errno() != libc::EOPNOTSUPP {
             return Err(os_error(
@@ -1203,6 +1208,7 @@ impl Pinning {
             return;
         };
         let pieces = self.len.div_ceil(PIN_PIECE);
+        let started = Instant::now();
         std::thread::scope(|scope| {
             for _ in 1..POPULATE_THREADS.min(pieces) {
                 let spawned = crate::threads::spawn_scoped(scope, "devmem-region-populate", || {
@@ -1247,6 +1253,11 @@ impl Pinning {
             st.stop = true; // the helpers stop claiming
             st.done = true;
         });
+        log::info!(
+            "devmem: shared store: pinned {} bytes in {:.3} s",
+            self.state.lock().pinned * PIN_PIECE,
+            started.elapsed().as_secs_f64()
+        );
         self.changed.notify_all();
     }
 
