@@ -889,6 +889,10 @@ impl Region {
                 devmem_status::HostOutOfMemory,
             ));
         }
+        // SAFETY: advice on this rank's part of the mapping; where shared memory may use
+        // transparent huge pages (`shmem_enabled` advise or always) pinning is far cheaper,
+        // elsewhere the advice fails or does nothing.
+        unsafe { libc::madvise(area as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
         let pins = backend.host_memory() == HostMemory::Register;
         let pinning = Arc::new(Pinning::new(
             area,
