@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Mutation check of the synchronisation points and guards (issue 11): applies each mutation to a
+"""Mutation check of the synchronisation points and guards (issues 11 and 12): applies each mutation to a
 git worktree (default /tmp/mut: git worktree add /tmp/mut HEAD), runs the Rust suites on both
 emulator faces and writes the failing tests to <worktree>/results.txt. Usage:
   python3 scripts/mutations.py [/path/to/worktree] [M1 M2 ...]
@@ -49,8 +49,35 @@ muts = [
   'if let Err(err) = threads::spawn("devmem-host-store", move || grow(source)) {',
   'if let Err(err) = Ok::<_, std::io::Error>(std::thread::spawn(move || grow(source))) {'),
 ]
+# Issue 12: the shared store's guards; the suites are limited to tests/shared_store.rs (the
+# fourth field), which holds every test of the store.
+SHARED = ['--test', 'shared_store']
+muts = [m + (None,) for m in muts] + [
+ ("M10 the region's path is followed through a symlink", 'src/store/shared.rs',
+  "let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW;", "let flags = libc::O_RDWR | libc::O_CLOEXEC;", SHARED),
+ ("M11 no owner or mode check", 'src/store/shared.rs',
+  "fn check_owner(path: &Path, st: &libc::stat) -> Result<()> {", "fn check_owner(path: &Path, st: &libc::stat) -> Result<()> {\n    if true { return Ok(()); }", SHARED),
+ ("M12 no magic check", 'src/store/shared.rs', "if h.magic != MAGIC {", "if false {", SHARED),
+ ("M13 half-written slots kept on claim", 'src/store/shared.rs',
+  """                WRITING => {
+                    slot.state.store(FREE, Ordering::Release);""", """                WRITING => {""", SHARED),
+ ("M14 the last user never unlinks", 'src/store/shared.rs',
+  "if last && self.header().kept.load(Ordering::Relaxed) == 0 {", "if false {", SHARED),
+ ("M15 the kept flag is ignored", 'src/store/shared.rs',
+  "if last && self.header().kept.load(Ordering::Relaxed) == 0 {", "if last {", SHARED),
+ ("M16 read-only tags always copied", 'src/core.rs',
+  "(Action::Offload, Some(kept)) if read_only != devmem_read_only::Off => {", "(Action::Offload, Some(kept)) if false => {", SHARED),
+ ("M17 verification never finds a change", 'src/core.rs', "            if sum == expect {", "            if sum == expect || true {", SHARED),
+ ("M18 no size check on restore", 'src/core.rs', "            if stored.size != a.size {", "            if false {", SHARED),
+ ("M19 no checksum check on restore", 'src/core.rs', "                if Some(sum) != p.4.checksum {", "                if false {", SHARED),
+ ("M20 backups in the region copied whole", 'src/store/mod.rs',
+  """            return region
+                .split(*ptr, len)""", """            return vec![(0usize, *ptr, len)]""", SHARED),
+ ("M21 no host-memory bound for the region", 'src/store/shared.rs',
+  ".map_err(|e| e.context(\"shared store: reserving this rank's area\"))?;", ";", SHARED),
+]
 only = [a for a in sys.argv[1:] if not a.startswith('/')] 
-for name, path, old, new in muts:
+for name, path, old, new, tests in muts:
     if only and not any(name.startswith(o) for o in only): continue
     full=os.path.join(root,path)
     src=open(full).read()
@@ -61,7 +88,7 @@ for name, path, old, new in muts:
     for backend in ('cuda','level_zero'):
         e=dict(env)
         if backend=='level_zero': e['DEVMEM_TEST_BACKEND']='level_zero'
-        r=subprocess.run(['timeout','900','cargo','nextest','run','--workspace','--no-fail-fast','-j','2'],cwd=root,env=e,capture_output=True,text=True)
+        r=subprocess.run(['timeout','900','cargo','nextest','run','--workspace','--no-fail-fast','-j','2'] + (tests or []),cwd=root,env=e,capture_output=True,text=True)
         out=r.stdout+r.stderr
         f=sorted(set(re.findall(r'^\s+(?:FAIL|SIGABRT|SIGSEGV|TIMEOUT|ABORT)\s+\[.*?\]\s+\(.*?\)\s+(\S+ \S+)', out, re.M)))
         summ=[l for l in out.splitlines() if 'Summary' in l]
