@@ -58,19 +58,31 @@ def emit(**record):
     print("RECORD " + json.dumps(record), flush=True)
 
 
-def digest(torch, t):
-    """A cheap content check: int64 sum and a strided sample."""
-    v = t.view(torch.int64)
-    return [int(v.sum().item()), int(v[:: 1 << 20].sum().item())]
+def digest(torch, ts):
+    """A cheap content check: int64 sums and strided samples of each tensor."""
+    out = []
+    for t in ts if isinstance(ts, list) else [ts]:
+        v = t.view(torch.int64)
+        out += [int(v.sum().item()), int(v[:: 1 << 20].sum().item())]
+    return out
+
+
+TENSORS = 1
 
 
 def load_weights(torch, alloc, nbytes, seed):
+    """The weights as TENSORS tensors of equal size (one devmem allocation each)."""
     with alloc.use_memory_pool("weights"):
-        w = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        ws = [torch.empty(nbytes // TENSORS, dtype=torch.uint8, device="cuda") for _ in range(TENSORS)]
     g = torch.Generator(device="cuda").manual_seed(seed)
-    w.view(torch.int64).random_(generator=g)
+    for w in ws:
+        w.view(torch.int64).random_(generator=g)
     torch.cuda.synchronize()
-    return w
+    return ws if TENSORS > 1 else ws[0]
+
+
+def numel(w):
+    return sum(t.numel() for t in w) if isinstance(w, list) else w.numel()
 
 
 def timed(fn):
@@ -109,7 +121,7 @@ def child_readonly(args):
             if not ok:
                 raise SystemExit("weights changed across a read-only cycle")
     # A write after the declaration is caught by verification and copied again.
-    w[12345] ^= 1
+    (w[0] if isinstance(w, list) else w)[12345] ^= 1
     torch.cuda.synchronize()
     ref = digest(torch, w)
     s = timed(lambda: alloc.sleep(offload_tags=("weights",)))
@@ -134,7 +146,7 @@ def child_shared_wake(args, shared=True):
         s = timed(lambda: alloc.sleep(offload_tags=("weights",)))
         wk = timed(alloc.wake_up)
         ok = digest(torch, w) == ref
-        emit(phase="shared_wake" if shared else "private_wake", cycle=cycle, nbytes=w.numel(), sleep_s=s,
+        emit(phase="shared_wake" if shared else "private_wake", cycle=cycle, nbytes=numel(w), sleep_s=s,
              wake_s=wk, library_wake_s=devmem.last_transfer().seconds, intact=ok)
     del w
     alloc.release_pools()
@@ -156,9 +168,9 @@ def child_durable_write(args):
     w = load_weights(torch, alloc, args.weights_gib * GIB, 3)
     with open(args.out, "w") as f:
         json.dump(digest(torch, w), f)
-    torch.save(w.cpu(), args.file)
+    torch.save([t.cpu() for t in w] if isinstance(w, list) else w.cpu(), args.file)
     alloc.sleep(offload_tags=("weights",))
-    emit(phase="durable_write", nbytes=w.numel())
+    emit(phase="durable_write", nbytes=numel(w))
     os._exit(0)  # asleep, without closing: the kept region holds the weights
 
 
@@ -174,8 +186,10 @@ def child_durable_read(args):
     devmem.open_shared_store(args.name, args.weights_gib * GIB + 64 * MIB)
     t_open = time.perf_counter()
     alloc = devmem.CuMemAllocator.get_instance()
+    n = args.weights_gib * GIB
     with alloc.use_memory_pool("weights"):
-        w = torch.empty(args.weights_gib * GIB, dtype=torch.uint8, device="cuda")
+        w = [torch.empty(n // TENSORS, dtype=torch.uint8, device="cuda") for _ in range(TENSORS)]
+    w = w if TENSORS > 1 else w[0]
     t_alloc = time.perf_counter()
     devmem.set_read_only("weights")
     devmem.restore_from_store("weights")
@@ -184,13 +198,13 @@ def child_durable_read(args):
     with open(args.out) as f:
         ok = digest(torch, w) == json.load(f)
     emit(phase="durable_read", total_s=t1 - t0, import_s=t_import - t0, open_s=t_open - t_import,
-         alloc_s=t_alloc - t_open, restore_s=t1 - t_alloc, nbytes=w.numel(), intact=ok)
+         alloc_s=t_alloc - t_open, restore_s=t1 - t_alloc, nbytes=numel(w), intact=ok)
     del w
     # torch.load of the same bytes from the page cache, then to the GPU.
     t2 = time.perf_counter()
     cpu = torch.load(args.file)
     t3 = time.perf_counter()
-    g = cpu.to("cuda")
+    g = [t.to("cuda") for t in cpu] if isinstance(cpu, list) else cpu.to("cuda")
     torch.cuda.synchronize()
     t4 = time.perf_counter()
     emit(phase="torch_load", total_s=t4 - t2, load_s=t3 - t2, to_cuda_s=t4 - t3,
@@ -217,7 +231,7 @@ def child_rank(args):
             time.sleep(0.001)
         s = timed(lambda: alloc.sleep(offload_tags=("weights",)))
         wk = timed(alloc.wake_up)
-        emit(phase="ranks", rank=rank, gpus=args.gpus, cycle=cycle, nbytes=w.numel(), sleep_s=s,
+        emit(phase="ranks", rank=rank, gpus=args.gpus, cycle=cycle, nbytes=numel(w), sleep_s=s,
              wake_s=wk, intact=digest(torch, w) == ref)
     del w
     alloc.release_pools()
@@ -230,7 +244,7 @@ def child_rank(args):
 
 
 def run(args, *extra):
-    cmd = [sys.executable, os.path.abspath(__file__), "--weights-gib", str(args.weights_gib),
+    cmd = [sys.executable, os.path.abspath(__file__), "--tensors", str(args.tensors), "--weights-gib", str(args.weights_gib),
            "--kv-gib", str(args.kv_gib), "--gpus", str(args.gpus)] + list(extra)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
@@ -254,6 +268,7 @@ def main():
     ap.add_argument("--weights-gib", type=int, default=8)
     ap.add_argument("--kv-gib", type=int, default=16)
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--tensors", type=int, default=1, help="weights as this many equal tensors")
     ap.add_argument("--phases", default="readonly,shared_wake,durable,ranks")
     ap.add_argument("--child")
     ap.add_argument("--name")
@@ -262,6 +277,8 @@ def main():
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args()
+    global TENSORS
+    TENSORS = args.tensors
     if args.child:
         globals()[f"child_{args.child}"](args)
         return
@@ -269,6 +286,7 @@ def main():
 
     raw = raw_bandwidth(torch)
     device = torch.cuda.get_device_name()
+    print(f"weights as {args.tensors} tensor(s)")
     print(f"{device}; raw pinned: D2H {raw['d2h']:.1f} GB/s, H2D {raw['h2d']:.1f} GB/s", flush=True)
     records = []
     phases = args.phases.split(",")
