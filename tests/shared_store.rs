@@ -937,3 +937,43 @@ fn backups_across_pinned_pieces_are_copied_piece_by_piece() {
     run_child_test(&[], "crossing_reader", &e, Duration::from_secs(300));
     assert!(!region_path(&name, None).exists());
 }
+
+/// A full device is when sleeping matters most: with no room for the checksum's 2 MiB of
+/// scratch memory, a sleep into the region saves without a checksum, and a verified read-only
+/// sleep copies instead of skipping (neither fails).
+#[test]
+fn a_full_device_still_sleeps_without_checksums() {
+    setup(&[("DEVMEM_EMU_CAPACITY", "34M")]);
+    let name = unique("full");
+    ok(Open::new(&name).call());
+    let w = alloc(32 * MIB, "weights");
+    fill(w, 32 * MIB, 21);
+    if !level_zero() {
+        ok(read_only("weights", devmem_read_only::Verify));
+    }
+    ok(sleep(&["weights"])); // room for the scratch: a checksum is recorded
+    ok(wake(None));
+    let pad = alloc(2 * MIB, "pad"); // the device is full now
+    ok(sleep(&["weights"]));
+    let t = last_transfer();
+    if level_zero() {
+        assert_eq!(t.bytes_saved, 32 * MIB as u64);
+    } else {
+        assert_eq!(
+            (t.bytes_saved, t.bytes_skipped, t.verify_mismatches),
+            (32 * MIB as u64, 0, 0),
+            "unverifiable: copied, not counted as changed"
+        );
+    }
+    ok(wake(None));
+    assert_eq!(mismatches(w, 32 * MIB, 21), 0);
+    ok(read_only("weights", devmem_read_only::Off));
+    // Not read-only, device full: the region's checksum is skipped, the sleep works.
+    ok(sleep(&["weights"]));
+    assert_eq!(last_transfer().bytes_saved, 32 * MIB as u64);
+    ok(wake(None));
+    assert_eq!(mismatches(w, 32 * MIB, 21), 0);
+    free_all(&[w, pad]);
+    ok(ffi::devmem_shared_store_close());
+    assert_no_violations();
+}
