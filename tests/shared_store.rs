@@ -539,6 +539,21 @@ fn read_only_tags_sleep_without_a_copy() {
         devmem_status::InvalidTag,
         "tag is NULL",
     );
+    expect_err(
+        ffi::devmem_get_read_only(tag.as_ptr(), std::ptr::null_mut()),
+        devmem_status::NullPointer,
+        "out is NULL",
+    );
+    expect_err(
+        ffi::devmem_restore_from_store(std::ptr::null(), 1),
+        devmem_status::NullPointer,
+        "tags is NULL but n is 1",
+    );
+    expect_err(
+        ffi::devmem_restore_from_store(std::ptr::null(), 0),
+        devmem_status::InvalidArgument,
+        "no tags given",
+    );
     free_all(&[w, k]);
     assert_no_violations();
     release_store_and_assert_clean();
