@@ -38,6 +38,9 @@ cargo clippy --workspace --all-targets -j "$jobs" -- -D warnings
 step "cargo build (debug and release)"
 cargo build --workspace -j "$jobs"
 cargo build --workspace --release -j "$jobs"
+step "README's two commands on a stock machine (no cmake, no pytest, a clean environment)"
+scripts/stock-machine.sh
+
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -j "$jobs" --quiet
 # Tests that need something this machine may lack are named needs_<what>_*; they are
@@ -74,12 +77,15 @@ export DEVMEM_EMU_STRICT=1
 step "Python package tests against the emulator (source tree, library from target/release)"
 (cd bindings/python && PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
 (cd bindings/python && DEVMEM_TEST_BACKEND=level_zero PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
-step "Python package installed with one pip command into build/venv (bundles libdevmem.so)"
+step "Python package installed with one pip command into build/venv (bundles libdevmem.so and the emulator, which these tests use)"
 rm -rf build/venv
 python3 -m venv build/venv
 build/venv/bin/pip install -q --disable-pip-version-check "./bindings/python[test]"
-ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so
+ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so build/venv/lib/python3*/site-packages/devmem/_emulator*.so
 (cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
+
+step "Python wheel (pip wheel + auditwheel), installed into a clean venv with no cargo on PATH"
+scripts/wheel.sh
 
 step "install the package into build/prefix"
 rm -rf build/pkg build/prefix build/ctests build/ctests-asan build/ctests-ze

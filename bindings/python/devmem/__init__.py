@@ -62,6 +62,7 @@ from .api import (
     restore_from_store,
     set_read_only,
     read_only,
+    use_emulator,
     set_current_tag,
     set_host_limit,
     set_host_policy,
@@ -90,7 +91,7 @@ __all__ = [
     "memory_profiling", "offload", "pause", "region", "release_host_store", "select_backend", "set_level_zero_context", "reserve_host_store", "resume",
     "set_current_tag", "set_host_limit", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
     "ReadOnly", "RegionError", "open_shared_store", "close_shared_store", "restore_from_store", "set_read_only",
-    "read_only",
+    "read_only", "use_emulator",
 ]
 
 __version__ = "0.1.0"

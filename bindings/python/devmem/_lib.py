@@ -34,6 +34,10 @@ logger = logging.getLogger("devmem")
 
 #: Environment variable naming the libdevmem.so to load.
 LIBRARY_ENV = "DEVMEM_LIBRARY"
+#: Environment variable selecting the bundled driver emulator: ``1`` or ``cuda`` (its CUDA
+#: driver face), ``level_zero`` (its Level Zero face), ``0`` or unset (the real driver).
+EMULATOR_ENV = "DEVMEM_EMULATOR"
+EMULATOR_FACES = ("cuda", "level_zero")
 #: Longest tag in bytes (UTF-8), as in the C header.
 MAX_TAG_LEN = 255
 TAG_BUFFER_LEN = 256
@@ -333,6 +337,16 @@ _lib: Optional[ctypes.CDLL] = None
 _path: Optional[str] = None
 
 
+def _source_tree() -> Optional[str]:
+    """The repository root when this package is imported from its source tree
+    (``bindings/python/devmem``) rather than an installation, else None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    if os.path.exists(os.path.join(here, "..", "pyproject.toml")) and os.path.exists(os.path.join(root, "Cargo.toml")):
+        return root
+    return None
+
+
 def _candidates() -> List[str]:
     found = []
     env = os.environ.get(LIBRARY_ENV)
@@ -340,8 +354,65 @@ def _candidates() -> List[str]:
         found.append(env)
     here = os.path.dirname(os.path.abspath(__file__))
     found.extend(sorted(glob.glob(os.path.join(here, "libdevmem*.so"))))
+    root = _source_tree()
+    if root is not None:  # imported from the source tree: the repository's cargo build
+        found.append(os.path.join(root, "target", "release", "libdevmem.so"))
     found.append("libdevmem.so.0")
     return found
+
+
+def emulator_path() -> Optional[str]:
+    """The driver emulator bundled with this package, if it was built (pip with cargo)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_emulator*.so")))
+    root = _source_tree()
+    if root is not None:  # imported from the source tree: the repository's cargo build
+        found.append(os.path.join(root, "target", "release", "libdevmem_cuda_emu.so"))
+    found = [f for f in found if os.path.exists(f)]
+    return found[0] if found else None
+
+
+def emulator_face() -> Optional[str]:
+    """The face ``DEVMEM_EMULATOR`` selects, or None for the real driver. Raises
+    :class:`InvalidArgumentError` for a value that is not one of the accepted ones."""
+    value = os.environ.get(EMULATOR_ENV, "").strip()
+    if value in ("", "0"):
+        return None
+    face = {"1": "cuda", "cuda": "cuda", "level_zero": "level_zero"}.get(value)
+    if face is None:
+        raise InvalidArgumentError(
+            Status.INVALID_ARGUMENT,
+            f"{EMULATOR_ENV}={value!r} is not valid: expected 1 or cuda (the emulator's CUDA face), "
+            "level_zero (its Level Zero face), or 0",
+        )
+    return face
+
+
+def _apply_emulator() -> None:
+    """Points the library at the bundled emulator when ``DEVMEM_EMULATOR`` asks for it (before
+    the library loads its backend, which reads these variables)."""
+    face = emulator_face()
+    if face is None:
+        return
+    path = emulator_path()
+    if path is None:
+        raise LibraryNotFoundError(
+            f"{EMULATOR_ENV} is set but this devmem package has no bundled emulator "
+            f"({os.path.dirname(os.path.abspath(__file__))} has no _emulator*.so): install the package "
+            "from a wheel, or with cargo available, or point DEVMEM_CUDA_LIBRARY at libdevmem_cuda_emu.so",
+        )
+    os.environ["DEVMEM_CUDA_LIBRARY"] = path
+    if face == "level_zero":
+        os.environ["DEVMEM_ZE_LIBRARY"] = path
+        os.environ["DEVMEM_BACKEND"] = "level_zero"
+    else:
+        os.environ.setdefault("DEVMEM_BACKEND", "cuda")
+    logger.info("devmem: using the bundled driver emulator (%s face): %s", face, path)
+
+
+def loaded() -> bool:
+    """Whether libdevmem.so has been loaded into this process."""
+    return _lib is not None
 
 
 def library_path() -> str:
@@ -359,6 +430,7 @@ def load() -> ctypes.CDLL:
     with _lock:
         if _lib is not None:
             return _lib
+        _apply_emulator()
         tried = []
         env = os.environ.get(LIBRARY_ENV)
         for candidate in _candidates():
@@ -382,10 +454,15 @@ def load() -> ctypes.CDLL:
             _lib, _path = lib, os.path.abspath(resolved) if os.path.exists(resolved) else resolved
             logger.debug("devmem: loaded %s", _path)
             return lib
-        raise LibraryNotFoundError(
-            "could not load libdevmem.so; tried: " + "; ".join(tried)
-            + f". Set {LIBRARY_ENV} to the library's path, or install the package with cargo available."
-        )
+        root = _source_tree()
+        if root is not None:
+            hint = (f". This devmem package was imported from the source tree ({os.path.dirname(os.path.abspath(__file__))}),"
+                    " not from an installation: the current directory or PYTHONPATH shadows any installed package."
+                    f" Build the library (cargo build --release in {root}), set {LIBRARY_ENV}, or run from another"
+                    " directory.")
+        else:
+            hint = f". Set {LIBRARY_ENV} to the library's path, or install the package with cargo available (or from a wheel)."
+        raise LibraryNotFoundError("could not load libdevmem.so; tried: " + "; ".join(tried) + hint)
 
 
 def _resolve_loaded_path(name: str) -> Optional[str]:

@@ -486,6 +486,38 @@ def restore_from_store(tags: TagsArg) -> TransferResult:
     return last_transfer()
 
 
+def use_emulator(face: str = "cuda", capacity: Optional[str] = None, devices: Optional[int] = None) -> str:
+    """Runs devmem on the driver emulator bundled with the package instead of a GPU, so code
+    using devmem can be tried and tested on any Linux machine. ``face`` is ``"cuda"`` (the
+    emulator's CUDA driver face) or ``"level_zero"``; ``capacity`` the memory of each emulated
+    device (``"1G"`` by default, suffixes K/M/G) and ``devices`` their number (default 1). The
+    same as setting ``DEVMEM_EMULATOR=1`` (or ``level_zero``) before the first devmem call.
+    Must be called before devmem is first used in the process (``InvalidStateError``
+    otherwise). Returns the emulator's path."""
+    if face not in _lib.EMULATOR_FACES:
+        raise _lib.InvalidArgumentError(
+            _lib.Status.INVALID_ARGUMENT, f"face must be one of {_lib.EMULATOR_FACES}, not {face!r}")
+    if _lib.loaded():
+        if _lib.emulator_face() == face:
+            return _lib.emulator_path() or ""
+        raise _lib.InvalidStateError(
+            _lib.Status.INVALID_STATE,
+            "use_emulator() must come before devmem's first use in the process (the library is loaded "
+            f"already); set {_lib.EMULATOR_ENV}={face} in the environment instead")
+    path = _lib.emulator_path()
+    if path is None:
+        raise _lib.LibraryNotFoundError(
+            "this devmem package has no bundled emulator: install it from a wheel, or with cargo available")
+    if capacity is not None:
+        os.environ["DEVMEM_EMU_CAPACITY"] = str(capacity)
+    if devices is not None:
+        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+            raise TypeError("devices must be a positive int")
+        os.environ["DEVMEM_EMU_DEVICES"] = str(devices)
+    os.environ[_lib.EMULATOR_ENV] = face
+    return path
+
+
 def select_backend(backend: "_lib.Backend") -> None:
     """Chooses the backend before the first allocation: ``Backend.AUTO`` (CUDA when a CUDA
     driver with a device loads, else Level Zero), ``Backend.CUDA`` or ``Backend.LEVEL_ZERO``.

@@ -16,7 +16,11 @@ BUNDLED = os.environ.get("DEVMEM_TEST_BUNDLED") == "1"
 if not BUNDLED and "DEVMEM_LIBRARY" not in os.environ and (RELEASE / "libdevmem.so").exists():
     os.environ["DEVMEM_LIBRARY"] = str(RELEASE / "libdevmem.so")
 if os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1":
-    os.environ.setdefault("DEVMEM_CUDA_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
+    if BUNDLED:
+        # The installed package's own emulator (pip bundles it next to libdevmem.so).
+        os.environ.setdefault("DEVMEM_EMULATOR", "1")
+    else:
+        os.environ.setdefault("DEVMEM_CUDA_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
     os.environ.setdefault("DEVMEM_EMU_CAPACITY", "2G")
     # DEVMEM_TEST_BACKEND=level_zero: the same tests on the emulator's Level Zero face.
     if os.environ.get("DEVMEM_TEST_BACKEND") == "level_zero":

