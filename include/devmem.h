@@ -4,7 +4,7 @@
  * Every fallible function returns a devmem_status (DEVMEM_STATUS_SUCCESS == 0) and, on
  * failure, leaves a message for the calling thread in devmem_last_error_message().
  * Out-pointers are written only on success. devmem never frees memory the caller owns and the
- * caller never frees strings devmem returns. See README.md, "ABI conventions".
+ * caller never frees strings devmem returns. See docs/abi.md.
  */
 
 #ifndef DEVMEM_H
@@ -423,7 +423,7 @@ devmem_status devmem_reserve_host_store(size_t bytes, int wait);
 // `DEVMEM_HOST_LIMIT` with it). A sleep or reservation that would need more fails with
 // `DEVMEM_STATUS_HOST_OUT_OF_MEMORY` before any host memory is touched and before anything is
 // released. Independently of the cap, devmem never grows the store past what `MemAvailable`
-// and the process's memory cgroup allow (README, "Guarantees").
+// and the process's memory cgroup allow (docs/guarantees.md).
 devmem_status devmem_set_host_limit(uint64_t bytes);
 
 // Writes the cap on the host store to `*out` (0: no cap). Fails with
@@ -436,7 +436,7 @@ devmem_status devmem_get_host_limit(uint64_t *out);
 // host or `/dev/shm` has no room). The region is refused with `DEVMEM_STATUS_REGION` when it
 // belongs to another user, has another mode than 0600, is a symbolic link, has a corrupt
 // header or another layout, or the rank is taken. `DEVMEM_SHARED_STORE` and its companion
-// variables open one at the first sleep instead (README, "Shared and durable host store").
+// variables open one at the first sleep instead (docs/shared-store.md).
 devmem_status devmem_shared_store_open(const struct devmem_shared_store_options *options);
 
 // Leaves the shared host store: later backups go to private memory again. Backups already in

@@ -634,7 +634,7 @@ pub extern "C" fn devmem_reserve_host_store(bytes: usize, wait: c_int) -> devmem
 /// `DEVMEM_HOST_LIMIT` with it). A sleep or reservation that would need more fails with
 /// `DEVMEM_STATUS_HOST_OUT_OF_MEMORY` before any host memory is touched and before anything is
 /// released. Independently of the cap, devmem never grows the store past what `MemAvailable`
-/// and the process's memory cgroup allow (README, "Guarantees").
+/// and the process's memory cgroup allow (docs/guarantees.md).
 #[no_mangle]
 pub extern "C" fn devmem_set_host_limit(bytes: u64) -> devmem_status {
     guard(|| {
@@ -690,7 +690,7 @@ pub struct devmem_shared_store_options {
 /// host or `/dev/shm` has no room). The region is refused with `DEVMEM_STATUS_REGION` when it
 /// belongs to another user, has another mode than 0600, is a symbolic link, has a corrupt
 /// header or another layout, or the rank is taken. `DEVMEM_SHARED_STORE` and its companion
-/// variables open one at the first sleep instead (README, "Shared and durable host store").
+/// variables open one at the first sleep instead (docs/shared-store.md).
 #[no_mangle]
 pub extern "C" fn devmem_shared_store_open(
     options: *const devmem_shared_store_options,

@@ -1,4 +1,4 @@
-//! The bad-input matrix at the C boundary: one test per row of README's "Bad input" table.
+//! The bad-input matrix at the C boundary: one test per row of the "Bad input" table in docs/abi.md.
 //! Each row calls one export with one bad argument and checks the status and the message.
 
 mod common;

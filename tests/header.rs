@@ -81,3 +81,17 @@ fn every_macro_in_the_header_is_prefixed() {
         .collect();
     assert!(bare.is_empty(), "unprefixed macros in devmem.h: {bare:?}");
 }
+
+/// README's C example is `examples/readme.c` verbatim, which the C tests build and run (on
+/// the emulator in CI, on the GPU in scripts/gpu-check.sh): the snippet users copy compiles,
+/// checks every return, and runs on the default 1 GiB emulator.
+#[test]
+fn the_readme_c_example_is_the_tested_file() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README.md");
+    let example = std::fs::read_to_string(format!("{root}/examples/readme.c")).expect("example");
+    assert!(
+        readme.contains(&format!("```c\n{example}```")),
+        "README.md must show examples/readme.c verbatim in a ```c block"
+    );
+}

@@ -1,4 +1,4 @@
-//! Reliability guarantees, each tested against the emulator (README, "Guarantees"):
+//! Reliability guarantees, each tested against the emulator (docs/guarantees.md):
 //! synchronisation (every sync point has a test that fails without it), failure paths that
 //! leave every allocation consistent, the bound on host memory, and thread creation that may
 //! fail. Tests whose names start with `cuda_only_` or `needs_` are filtered out by

@@ -1,7 +1,7 @@
 //! The save and restore pipelines: how allocations' bytes move between device memory and
 //! backups, and when device memory is unmapped, released and mapped again.
 //!
-//! Synchronisation points, each guarded by a test (README, Guarantees):
+//! Synchronisation points, each guarded by a test (docs/guarantees.md):
 //! * save waits for every device it touches before queueing a copy or unmapping anything;
 //! * a batch's allocations are unmapped only after the batch's copy marker has been waited for;
 //! * on a failure, every marker not yet waited for is waited for (and so returned to the
