@@ -32,26 +32,8 @@ import time
 GIB = 1 << 30
 MIB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def raw_bandwidth(torch, nbytes=4 * GIB, repeats=5):
-    """Best-of-N pinned host<->device copy bandwidth in GB/s (CUDA events)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    result = {}
-    for name, dst, src in (("d2h", host, dev), ("h2d", dev, host)):
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        result[name] = nbytes / min(times) / 1e9
-    del host, dev
-    torch.cuda.empty_cache()
-    return result
+sys.path.insert(0, HERE)
+from bench_sleep import raw_bandwidth  # noqa: E402  (the same measurement as bench_sleep.py)
 
 
 def emit(**record):

@@ -769,8 +769,7 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
             reg.transition(t.va, state, kept, backup)
         });
     });
-    transfer.seconds = start.elapsed().as_secs_f64();
-    with_registry(|reg| reg.last_transfer = transfer);
+    let transfer = record_transfer(transfer, start);
     log::info!(
         "devmem: sleep freed {} bytes ({} saved to host, {} unchanged, {} discarded) in {:.3} s",
         transfer.bytes_freed,
@@ -841,6 +840,13 @@ fn verify_unchanged(
         }
     }
     Ok(skip)
+}
+
+/// Stamps a transfer with the call's wall time and records it as the last one.
+fn record_transfer(mut transfer: devmem_transfer, start: Instant) -> devmem_transfer {
+    transfer.seconds = start.elapsed().as_secs_f64();
+    with_registry(|reg| reg.last_transfer = transfer);
+    transfer
 }
 
 fn tag_set(tags: &[String]) -> Result<BTreeSet<&str>> {
@@ -969,8 +975,7 @@ fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
     if let Err(err) = store::after_wake() {
         log::warn!("devmem: releasing the host store after wake: {err}");
     }
-    transfer.seconds = start.elapsed().as_secs_f64();
-    with_registry(|reg| reg.last_transfer = transfer);
+    let transfer = record_transfer(transfer, start);
     log::info!(
         "devmem: wake mapped {} bytes, restored {} in {:.3} s",
         transfer.bytes_mapped,
@@ -1217,8 +1222,7 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
             region.release(stored.slot);
         }
     }
-    transfer.seconds = start.elapsed().as_secs_f64();
-    with_registry(|reg| reg.last_transfer = transfer);
+    let transfer = record_transfer(transfer, start);
     log::info!(
         "devmem: restored {} bytes of {} allocation(s) from the shared store in {:.3} s",
         transfer.bytes_restored,

@@ -7,7 +7,7 @@ mod common;
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -88,33 +88,14 @@ fn fill_byte(ptr: u64, len: usize, byte: u8) {
 
 /// Starts the ignored test `name` of this binary in a child process with `env`.
 fn spawn_child(name: &str, env: &[(&str, &str)]) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            name,
-            "--ignored",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(
-            "DEVMEM_TEST_BACKEND",
-            std::env::var("DEVMEM_TEST_BACKEND").unwrap_or_default(),
-        )
-        .envs(env.iter().copied())
+    child_test_command(&[], name, env)
         .spawn()
         .expect("child process")
 }
 
-fn wait_child(mut child: Child, what: &str) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(status.success(), "{what} failed: {status}");
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "{what} hung");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_child(child: Child, what: &str) {
+    let status = wait_for_child(child, Duration::from_secs(120), what);
+    assert!(status.success(), "{what} failed: {status}");
 }
 
 fn wait_for_file(path: &Path) {

@@ -429,6 +429,32 @@ pub fn run_child_test(
     env: &[(&str, &str)],
     timeout: std::time::Duration,
 ) -> String {
+    let mut cmd = child_test_command(prefix, name, env);
+    // One file for both streams: the child may run as another user, so no pipes to drain.
+    let out = std::env::temp_dir().join(format!("devmem-child-{}-{name}.log", std::process::id()));
+    let log = std::fs::File::create(&out).expect("log file");
+    cmd.stdout(log.try_clone().expect("log")).stderr(log);
+    let status = wait_for_child(cmd.spawn().expect("child process"), timeout, name);
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        status.success(),
+        "the child running {name} failed: {status}\n{text}"
+    );
+    assert!(
+        text.contains("test result: ok. 1 passed"),
+        "the child did not run {name}:\n{text}"
+    );
+    text
+}
+
+/// The command that runs the ignored test `name` of this test binary behind `prefix`, with
+/// `env` added and `DEVMEM_TEST_BACKEND` passed on.
+pub fn child_test_command(
+    prefix: &[&str],
+    name: &str,
+    env: &[(&str, &str)],
+) -> std::process::Command {
     let exe = std::env::current_exe().expect("test binary");
     let mut cmd = match prefix.split_first() {
         Some((program, args)) => {
@@ -450,31 +476,24 @@ pub fn run_child_test(
         std::env::var("DEVMEM_TEST_BACKEND").unwrap_or_default(),
     )
     .envs(env.iter().copied());
-    // One file for both streams: the child may run as another user, so no pipes to drain.
-    let out = std::env::temp_dir().join(format!("devmem-child-{}-{name}.log", std::process::id()));
-    let log = std::fs::File::create(&out).expect("log file");
-    cmd.stdout(log.try_clone().expect("log")).stderr(log);
-    let mut child = cmd.spawn().expect("child process");
+    cmd
+}
+
+/// Waits for a child test process, killing it and failing when it runs past `timeout`.
+pub fn wait_for_child(
+    mut child: std::process::Child,
+    timeout: std::time::Duration,
+    name: &str,
+) -> std::process::ExitStatus {
     let start = std::time::Instant::now();
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().expect("wait") {
-            break status;
+            return status;
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
             panic!("the child running {name} hung for {timeout:?}");
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(&out).unwrap_or_default();
-    let _ = std::fs::remove_file(&out);
-    assert!(
-        status.success(),
-        "the child running {name} failed: {status}\n{text}"
-    );
-    assert!(
-        text.contains("test result: ok. 1 passed"),
-        "the child did not run {name}:\n{text}"
-    );
-    text
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
