@@ -96,7 +96,7 @@ for name, path, old, new, tests in muts:
         if backend=='level_zero': e['DEVMEM_TEST_BACKEND']='level_zero'
         r=subprocess.run(['timeout','900','cargo','nextest','run','--workspace','--no-fail-fast','-j','2'] + (tests or []),cwd=root,env=e,capture_output=True,text=True)
         out=r.stdout+r.stderr
-        f=sorted(set(re.findall(r'^\s+(?:FAIL|SIGABRT|SIGSEGV|TIMEOUT|ABORT)\s+\[.*?\]\s+\(.*?\)\s+(\S+ \S+)', out, re.M)))
+        f=sorted(set(re.findall(r'^\s+(?:FAIL|SIGABRT|SIGSEGV|TIMEOUT|ABORT)(?: \+ LEAK)?\s+\[.*?\]\s+\(.*?\)\s+(\S+ \S+)', out, re.M)))
         summ=[l for l in out.splitlines() if 'Summary' in l]
         fails.append((backend, summ[-1].strip() if summ else out[-500:], f))
     open(full,'w').write(src)

@@ -768,7 +768,14 @@ fn rank1_victim() {
     ok(o.call());
     let w = alloc(16 * MIB, "weights");
     fill(w, 16 * MIB, 400);
-    emu().hold(&tr("cuEventSynchronize"));
+    // Held after its slot is taken and marked half-written: on CUDA the wait for the copies
+    // (earlier event waits would come before it on Level Zero, whose device wait is one),
+    // on Level Zero the first copy (it has no checksum pass that copies first).
+    emu().hold(if level_zero() {
+        "zeCommandListAppendMemoryCopy"
+    } else {
+        "cuEventSynchronize"
+    });
     let _sleeper = std::thread::spawn(|| sleep(&["weights"]));
     assert!(
         emu().wait_held(30_000),
