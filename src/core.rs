@@ -1074,7 +1074,8 @@ pub fn open_shared_store(options: &store::shared::Options) -> Result<()> {
     store::open_shared(options, &backend, host_device(&*backend))
 }
 
-/// Leaves the shared host store (see [`store::close_shared`]).
+/// Leaves the shared host store: later backups use private memory again; backups already in
+/// the region stay valid; the last process to leave removes it unless it is kept.
 pub fn close_shared_store() -> Result<()> {
     let backend = backend::get()?;
     let _op = lock_ops(&*backend);
