@@ -39,6 +39,7 @@ def test_missing_driver_is_driver_not_found():
         "    print('RAISED', e)\n",
         DEVMEM_CUDA_LIBRARY="/nonexistent/libcuda.so.1",
         DEVMEM_ZE_LIBRARY="/nonexistent/libcuda.so.1",
+        DEVMEM_EMULATOR="0",  # the installed-package pass selects the bundled emulator otherwise
     )
     assert out.returncode == 0, out.stderr
     assert "RAISED DRIVER_NOT_FOUND" in out.stdout and "/nonexistent/libcuda.so.1" in out.stdout
