@@ -465,6 +465,13 @@ def _close_at_exit() -> None:
         logger.warning("devmem: closing the shared store at exit: %s", err)
 
 
+if os.environ.get("DEVMEM_SHARED_STORE"):
+    # A store the environment opens at the first sleep is closed at exit too (a no-op when it
+    # never opened), so the last process removes the region.
+    atexit.register(_close_at_exit)
+    _close_registered = True
+
+
 def close_shared_store() -> None:
     """Leaves the shared host store: later sleeps use private memory again; backups already in
     the region stay valid for this process. The last process to leave removes the region

@@ -136,3 +136,19 @@ def test_durable_restart_from_python():
         assert out.returncode == 0 and "child ok" in out.stdout, out.stderr
         # The writer kept it (and exited asleep); the reader closed it at exit as last user.
         assert os.path.exists(region_path(name)) == (mode == "write")
+
+
+def test_a_store_opened_by_the_environment_is_closed_at_exit():
+    name = f"py-{os.getpid()}-env"
+    code = (
+        "import devmem\n"
+        "with devmem.use_tag('weights'):\n"
+        "    p = devmem.malloc(4 << 20)\n"
+        "devmem.sleep(['weights'])\n"
+        f"import os; assert os.path.exists({region_path(name)!r})\n"
+        "devmem.wake_up(); devmem.free(p)\n"
+    )
+    env = dict(os.environ, DEVMEM_SHARED_STORE=name, DEVMEM_SHARED_BYTES="16M")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not os.path.exists(region_path(name)), "the last process removed the region at exit"
