@@ -6,7 +6,8 @@
 //! * The store below hands out [`Backup`]s: runs of 2 MiB blocks ([`blocks`]) inside chunks of
 //!   host memory (`DEVMEM_HOST_CHUNK_MB`, default 256 MiB) from a [`source`]: today
 //!   [`anonymous`] huge-page memory registered with CUDA, or [`driver_host`] memory Level Zero
-//!   allocates.
+//!   allocates. While a [`shared`] region is open, backups are slots of it instead: memory the
+//!   processes of one instance share, which can outlive them (docs/shared-store.md).
 //! * Chunks are prepared in the background by a grower thread and a few workers
 //!   (`DEVMEM_HOST_WORKERS`, default 4; `DEVMEM_HOST_THREADS` fault-in threads), each chunk
 //!   usable as soon as it is ready, so a cold sleep copies into the first chunks while later
