@@ -400,7 +400,6 @@ impl Emu {
         }
     }
 
-    /// Whether `[p, p+len)` touches a reservation (device address space).
     /// Whether `[p, p+len)` overlaps registered host memory without lying inside a single
     /// registration.
     pub(crate) fn crosses_registrations(&self, p: usize, len: usize) -> bool {
@@ -415,6 +414,7 @@ impl Emu {
         }
     }
 
+    /// Whether `[p, p+len)` touches a reservation (device address space).
     pub(crate) fn is_device_range(&self, p: u64, len: usize) -> bool {
         let end = p + len as u64;
         self.reservations

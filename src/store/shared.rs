@@ -130,14 +130,9 @@ struct Layout {
 }
 
 impl Layout {
+    /// The layout `options` ask for, after checking the rank against the world size.
     fn of(options: &Options) -> Result<Self> {
-        if options.world == 0 || options.world > MAX_WORLD {
-            bail!(
-                InvalidArgument,
-                "shared store: world size {} is not between 1 and {MAX_WORLD}",
-                options.world
-            );
-        }
+        Self::check_world(options.world)?;
         if options.rank >= options.world {
             bail!(
                 InvalidArgument,
@@ -146,34 +141,46 @@ impl Layout {
                 options.world
             );
         }
+        Self::new(options.bytes_per_rank, options.world)
+    }
+
+    fn check_world(world: u32) -> Result<()> {
+        if world == 0 || world > MAX_WORLD {
+            bail!(
+                InvalidArgument,
+                "shared store: world size {world} is not between 1 and {MAX_WORLD}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The sizes of a region of `world` ranks holding `bytes_per_rank` each.
+    fn new(bytes_per_rank: u64, world: u32) -> Result<Self> {
+        Self::check_world(world)?;
         let overflow = || {
             Error::new(
                 devmem_status::InvalidArgument,
-                format!(
-                    "shared store: {} bytes per rank for {} ranks overflow",
-                    options.bytes_per_rank, options.world
-                ),
+                format!("shared store: {bytes_per_rank} bytes per rank for {world} ranks overflow"),
             )
         };
-        if options.bytes_per_rank == 0 {
+        if bytes_per_rank == 0 {
             bail!(InvalidArgument, "shared store: bytes per rank is 0");
         }
-        let rank_bytes = options
-            .bytes_per_rank
+        let rank_bytes = bytes_per_rank
             .checked_next_multiple_of(BLOCK as u64)
             .ok_or_else(overflow)?;
-        let tables = std::mem::size_of::<Header>()
-            + options.world as usize * std::mem::size_of::<RankTable>();
+        let tables =
+            std::mem::size_of::<Header>() + world as usize * std::mem::size_of::<RankTable>();
         let header_bytes = (tables as u64).next_multiple_of(BLOCK as u64);
         let total_bytes = rank_bytes
-            .checked_mul(u64::from(options.world))
+            .checked_mul(u64::from(world))
             .and_then(|b| b.checked_add(header_bytes))
             .filter(|b| *b <= i64::MAX as u64)
             .ok_or_else(overflow)?;
         Ok(Self {
             header_bytes,
             rank_bytes,
-            world: options.world,
+            world,
             total_bytes,
         })
     }
@@ -702,20 +709,8 @@ impl Region {
             total_bytes: h.total_bytes,
         };
         let consistent = h.slots_per_rank as usize == SLOTS
-            && h.world >= 1
-            && h.world <= MAX_WORLD
             && h.rank_bytes % BLOCK as u64 == 0
-            && Layout::of(&Options {
-                name: String::new(),
-                dir: None,
-                bytes_per_rank: h.rank_bytes.max(1),
-                rank: 0,
-                world: h.world,
-                keep: false,
-                reclaim: false,
-                timeout: Duration::ZERO,
-            })
-            .is_ok_and(|l| l == found);
+            && Layout::new(h.rank_bytes, h.world).is_ok_and(|l| l == found);
         if !consistent {
             bail!(
                 Region,

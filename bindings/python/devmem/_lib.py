@@ -335,14 +335,15 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[str] = None
+#: This package's directory (where pip puts the bundled libraries).
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _source_tree() -> Optional[str]:
     """The repository root when this package is imported from its source tree
     (``bindings/python/devmem``) rather than an installation, else None."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
-    if os.path.exists(os.path.join(here, "..", "pyproject.toml")) and os.path.exists(os.path.join(root, "Cargo.toml")):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
+    if os.path.exists(os.path.join(_HERE, "..", "pyproject.toml")) and os.path.exists(os.path.join(root, "Cargo.toml")):
         return root
     return None
 
@@ -352,8 +353,7 @@ def _candidates() -> List[str]:
     env = os.environ.get(LIBRARY_ENV)
     if env:
         found.append(env)
-    here = os.path.dirname(os.path.abspath(__file__))
-    found.extend(sorted(glob.glob(os.path.join(here, "libdevmem*.so"))))
+    found.extend(sorted(glob.glob(os.path.join(_HERE, "libdevmem*.so"))))
     root = _source_tree()
     if root is not None:  # imported from the source tree: the repository's cargo build
         found.append(os.path.join(root, "target", "release", "libdevmem.so"))
@@ -363,8 +363,7 @@ def _candidates() -> List[str]:
 
 def emulator_path() -> Optional[str]:
     """The driver emulator bundled with this package, if it was built (pip with cargo)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "_emulator*.so")))
+    found = sorted(glob.glob(os.path.join(_HERE, "_emulator*.so")))
     root = _source_tree()
     if root is not None:  # imported from the source tree: the repository's cargo build
         found.append(os.path.join(root, "target", "release", "libdevmem_cuda_emu.so"))
@@ -398,7 +397,7 @@ def _apply_emulator() -> None:
     if path is None:
         raise LibraryNotFoundError(
             f"{EMULATOR_ENV} is set but this devmem package has no bundled emulator "
-            f"({os.path.dirname(os.path.abspath(__file__))} has no _emulator*.so): install the package "
+            f"({_HERE} has no _emulator*.so): install the package "
             "from a wheel, or with cargo available, or point DEVMEM_CUDA_LIBRARY at libdevmem_cuda_emu.so",
         )
     os.environ["DEVMEM_CUDA_LIBRARY"] = path
@@ -456,7 +455,7 @@ def load() -> ctypes.CDLL:
             return lib
         root = _source_tree()
         if root is not None:
-            hint = (f". This devmem package was imported from the source tree ({os.path.dirname(os.path.abspath(__file__))}),"
+            hint = (f". This devmem package was imported from the source tree ({_HERE}),"
                     " not from an installation: the current directory or PYTHONPATH shadows any installed package."
                     f" Build the library (cargo build --release in {root}), set {LIBRARY_ENV}, or run from another"
                     " directory.")
