@@ -151,12 +151,15 @@ enum devmem_backend
   : int32_t
 #endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
  {
-  // CUDA when a CUDA driver with at least one device loads, else Level Zero.
+  // CUDA when a CUDA driver with at least one device loads, else HIP when the HIP runtime
+  // loads with at least one device, else Level Zero.
   DEVMEM_BACKEND_AUTO = 0,
   // The CUDA driver (`libcuda.so.1`).
   DEVMEM_BACKEND_CUDA = 1,
   // Level Zero (`libze_loader.so.1`).
   DEVMEM_BACKEND_LEVEL_ZERO = 2,
+  // The HIP runtime for AMD GPUs (`libamdhip64.so`).
+  DEVMEM_BACKEND_HIP = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -230,7 +233,9 @@ typedef struct devmem_allocation_info {
   int32_t device;
   // Current state.
   devmem_state state;
-  // The driver's physical memory handle while mapped, else 0.
+  // The physical memory handle while mapped, else 0. When the backend chunks physical
+  // memory (HIP by default) this is devmem's id for the chunks;
+  // `devmem_get_allocation_chunks` lists the driver handles.
   uint64_t handle;
   // The tag, NUL-terminated.
   char tag[DEVMEM_TAG_BUFFER_LEN];
@@ -386,6 +391,18 @@ devmem_status devmem_device_count(int *out);
 
 // Describes the live allocation that contains `ptr` (any address inside it).
 devmem_status devmem_get_allocation_info(const void *ptr, struct devmem_allocation_info *out);
+
+// Lists the physical memory mapped for the allocation containing `ptr`: the driver handle and
+// size of each chunk, in address order (one chunk unless the backend chunks physical memory:
+// HIP by default, `DEVMEM_CHUNK_SIZE`). Writes the number of chunks to `*count` (0 while the
+// allocation is asleep) and, when `capacity` is at least that, the chunks to `handles[i]` and
+// `sizes[i]`; with less room returns `DEVMEM_STATUS_BUFFER_TOO_SMALL` having written only
+// `*count`. `handles` and `sizes` may be NULL when `capacity` is 0.
+devmem_status devmem_get_allocation_chunks(const void *ptr,
+                                           unsigned long long *handles,
+                                           size_t *sizes,
+                                           size_t capacity,
+                                           size_t *count);
 
 // Calls `callback` once per live allocation, in address order, on a snapshot taken at the
 // start; no devmem lock is held during the calls, so the callback may call devmem. Writes the

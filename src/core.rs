@@ -154,7 +154,9 @@ pub struct devmem_allocation_info {
     pub device: i32,
     /// Current state.
     pub state: devmem_state,
-    /// The driver's physical memory handle while mapped, else 0.
+    /// The physical memory handle while mapped, else 0. When the backend chunks physical
+    /// memory (HIP by default) this is devmem's id for the chunks;
+    /// `devmem_get_allocation_chunks` lists the driver handles.
     pub handle: u64,
     /// The tag, NUL-terminated.
     pub tag: [c_char; DEVMEM_TAG_BUFFER_LEN],
@@ -1347,6 +1349,24 @@ pub fn lookup(ptr: u64) -> Result<devmem_allocation_info> {
             devmem_status::UnknownPointer,
             format!("pointer {ptr:#x} is not inside any live devmem allocation"),
         )),
+    }
+}
+
+/// The driver handles and sizes of the physical memory mapped for the allocation containing
+/// `ptr`, in address order (several when the backend chunks physical memory); empty while it
+/// is asleep.
+pub fn chunks(ptr: u64) -> Result<Vec<(u64, usize)>> {
+    let found = with_registry(|reg| {
+        reg.lookup(ptr)
+            .map(|a| (a.state == devmem_state::Mapped, a.handle, a.size))
+    });
+    match found {
+        None => Err(Error::new(
+            devmem_status::UnknownPointer,
+            format!("pointer {ptr:#x} is not inside any live devmem allocation"),
+        )),
+        Some((true, Some(handle), size)) => Ok(backend::get()?.chunks(handle, size)),
+        Some(_) => Ok(Vec::new()),
     }
 }
 

@@ -541,6 +541,51 @@ pub extern "C" fn devmem_get_allocation_info(
     })
 }
 
+/// Lists the physical memory mapped for the allocation containing `ptr`: the driver handle and
+/// size of each chunk, in address order (one chunk unless the backend chunks physical memory:
+/// HIP by default, `DEVMEM_CHUNK_SIZE`). Writes the number of chunks to `*count` (0 while the
+/// allocation is asleep) and, when `capacity` is at least that, the chunks to `handles[i]` and
+/// `sizes[i]`; with less room returns `DEVMEM_STATUS_BUFFER_TOO_SMALL` having written only
+/// `*count`. `handles` and `sizes` may be NULL when `capacity` is 0.
+#[no_mangle]
+pub extern "C" fn devmem_get_allocation_chunks(
+    ptr: *const c_void,
+    handles: *mut c_ulonglong,
+    sizes: *mut usize,
+    capacity: usize,
+    count: *mut usize,
+) -> devmem_status {
+    guard(|| {
+        if ptr.is_null() || count.is_null() {
+            bail!(NullPointer, "ptr and count must not be NULL");
+        }
+        if capacity > 0 && (handles.is_null() || sizes.is_null()) {
+            bail!(
+                NullPointer,
+                "handles and sizes must not be NULL when capacity is {capacity}"
+            );
+        }
+        let chunks = core::chunks(ptr as u64)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(count, "count", chunks.len())? };
+        if chunks.len() > capacity {
+            bail!(
+                BufferTooSmall,
+                "the allocation has {} chunks; capacity is {capacity}",
+                chunks.len()
+            );
+        }
+        for (i, (handle, size)) in chunks.into_iter().enumerate() {
+            // SAFETY: the caller passes arrays of `capacity` elements, and i < capacity.
+            unsafe {
+                handles.add(i).write(handle);
+                sizes.add(i).write(size);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Calls `callback` once per live allocation, in address order, on a snapshot taken at the
 /// start; no devmem lock is held during the calls, so the callback may call devmem. Writes the
 /// number of allocations visited to `*count` when `count` is not NULL.

@@ -54,11 +54,34 @@ const ZE_FUNCTIONS: &[&str] = &[
     "zeEventCreate",
     "zeCommandListCreateImmediate",
 ];
+/// The same for the HIP backend (whose re-reserve and chunk layer is on by default).
+const HIP_FUNCTIONS: &[&str] = &[
+    "hipGetDevice",
+    "hipSetDevice",
+    "hipDeviceSynchronize",
+    "hipMemAddressReserve",
+    "hipMemAddressFree",
+    "hipMemCreate",
+    "hipMemRelease",
+    "hipMemMap",
+    "hipMemUnmap",
+    "hipMemSetAccess",
+    "hipMemcpyDtoHAsync",
+    "hipMemcpyHtoDAsync",
+    "hipStreamSynchronize",
+    "hipHostRegister",
+    "hipHostUnregister",
+    "hipEventCreateWithFlags",
+    "hipEventRecord",
+    "hipEventSynchronize",
+];
 const CODES: &[u32] = &[2, 999];
 
 fn functions() -> &'static [&'static str] {
     if level_zero() {
         ZE_FUNCTIONS
+    } else if hip() {
+        HIP_FUNCTIONS
     } else {
         FUNCTIONS
     }
@@ -243,7 +266,7 @@ fn sweep(op: Op) -> usize {
                         message()
                     );
                     let base = name.trim_end_matches("_v2");
-                    let base = if level_zero() { name } else { base };
+                    let base = if level_zero() || hip() { name } else { base };
                     assert!(
                         message().contains(base),
                         "{what}: message {:?} does not name {base}",

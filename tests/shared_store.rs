@@ -548,7 +548,7 @@ fn read_only_with_verification_copies_changed_bytes_again() {
     setup(&[]);
     let w = alloc(8 * MIB, "weights");
     fill(w, 8 * MIB, 9);
-    if level_zero() {
+    if !has_checksum() {
         expect_err(
             read_only("weights", devmem_read_only::Verify),
             devmem_status::Unsupported,
@@ -708,7 +708,7 @@ fn corrupted_reader() {
 #[test]
 fn cuda_only_a_corrupted_stored_copy_is_caught_by_its_checksum() {
     setup(&[]);
-    assert!(!level_zero(), "Level Zero has no device checksum");
+    assert!(has_checksum(), "only CUDA has a device checksum");
     let name = unique("checksum");
     let path = region_path(&name, None);
     let e = [("DEVMEM_TEST_REGION", name.as_str())];
@@ -771,11 +771,12 @@ fn rank1_victim() {
     // Held after its slot is taken and marked half-written: on CUDA the wait for the copies
     // (earlier event waits would come before it on Level Zero, whose device wait is one),
     // on Level Zero the first copy (it has no checksum pass that copies first).
-    emu().hold(if level_zero() {
-        "zeCommandListAppendMemoryCopy"
+    let held = if level_zero() {
+        "zeCommandListAppendMemoryCopy".to_string()
     } else {
-        "cuEventSynchronize"
-    });
+        tr("cuEventSynchronize")
+    };
+    emu().hold(&held);
     let _sleeper = std::thread::spawn(|| sleep(&["weights"]));
     assert!(
         emu().wait_held(30_000),
@@ -951,7 +952,7 @@ fn a_full_device_still_sleeps_without_checksums() {
     ok(Open::new(&name).call());
     let w = alloc(32 * MIB, "weights");
     fill(w, 32 * MIB, 21);
-    if !level_zero() {
+    if has_checksum() {
         ok(read_only("weights", devmem_read_only::Verify));
     }
     ok(sleep(&["weights"])); // room for the scratch: a checksum is recorded
@@ -959,7 +960,7 @@ fn a_full_device_still_sleeps_without_checksums() {
     let pad = alloc(2 * MIB, "pad"); // the device is full now
     ok(sleep(&["weights"]));
     let t = last_transfer();
-    if level_zero() {
+    if !has_checksum() {
         assert_eq!(t.bytes_saved, 32 * MIB as u64);
     } else {
         assert_eq!(

@@ -9,6 +9,8 @@ pub(crate) struct Config {
     pub(crate) vmm: bool,
     /// Level Zero drivers the loader reports (`DEVMEM_EMU_ZE_DRIVERS`, default 1).
     pub(crate) ze_drivers: u32,
+    /// The largest `hipMemCreate` the HIP face accepts (`DEVMEM_EMU_HIP_MAX_CREATE`, 0: any).
+    pub(crate) hip_max_create: usize,
     /// Whether zeDriverGetDefaultContext answers (`DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT=1`: no).
     pub(crate) ze_default_context: bool,
 }
@@ -57,6 +59,7 @@ impl Config {
                 v.parse().ok()
             })
             .unwrap_or(1),
+            hip_max_create: size("DEVMEM_EMU_HIP_MAX_CREATE", 0),
             ze_default_context: !env_flag("DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT"),
         }
     }

@@ -244,14 +244,14 @@ pub unsafe extern "C" fn cuMemAddressReserve(
     ptr: *mut CUdeviceptr,
     size: usize,
     alignment: usize,
-    _addr: CUdeviceptr,
+    addr: CUdeviceptr,
     _flags: u64,
 ) -> R {
     with_context("cuMemAddressReserve", |emu, _| {
         if ptr.is_null() {
             return INVALID_VALUE;
         }
-        match emu.reserve(size, alignment, 0) {
+        match emu.reserve(size, alignment, 0, addr) {
             // SAFETY: checked non-NULL above.
             Ok(va) => unsafe { put(ptr, va) },
             Err(rc) => rc,
@@ -365,9 +365,8 @@ pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> R {
     with_context("cuMemFreeHost", |emu, _| emu.free_host(p))
 }
 
-/// Every copy entry point: checks that `device_side` is device memory, queues the copy on
-/// `stream` of the current device, and for a synchronous copy (`stream` `None`, the legacy
-/// stream) runs the legacy stream's work up to and including it before returning.
+/// Every copy entry point of the CUDA face: [`Emu::queue_copy`] on the current context's
+/// device.
 fn memcpy(
     name: &str,
     dst: u64,
@@ -377,22 +376,54 @@ fn memcpy(
     stream: Option<CUstream>,
 ) -> R {
     with_context(name, |emu, device| {
-        if !emu.is_device_range(device_side, len) {
+        emu.queue_copy(device, dst, src, len, device_side, stream.map(|s| s as usize))
+    })
+}
+
+impl Emu {
+    /// Checks that `device_side` is device memory, queues the copy on `stream` of `device`,
+    /// and for a synchronous copy (`stream` `None`, the legacy stream) runs the legacy
+    /// stream's work up to and including it before returning.
+    pub(crate) fn queue_copy(
+        &mut self,
+        device: i32,
+        dst: u64,
+        src: u64,
+        len: usize,
+        device_side: u64,
+        stream: Option<usize>,
+    ) -> R {
+        if !self.is_device_range(device_side, len) {
             return INVALID_VALUE;
         }
         // As on the H100 (bench/shm_pin_probe.py): a host range that is partly registered
         // memory must lie inside one registration; the driver refuses a copy that crosses
         // from one registration into another (or out of one).
         let host = if device_side == dst { src } else { dst } as usize;
-        if emu.crosses_registrations(host, len) {
+        if self.crosses_registrations(host, len) {
             return INVALID_VALUE;
         }
-        let key = (device, stream.map_or(0, |s| s as usize));
-        let rc = emu.enqueue(key, Work::Copy { dst, src, len });
+        let key = (device, stream.unwrap_or(0));
+        let rc = self.enqueue(key, Work::Copy { dst, src, len });
         if rc == SUCCESS && stream.is_none() {
-            emu.complete_stream(key, u64::MAX);
+            self.complete_stream(key, u64::MAX);
         }
         rc
+    }
+
+    /// Queues writing `byte` over `[dst, dst+len)` of device memory on `stream` of `device`.
+    pub(crate) fn queue_fill(&mut self, device: i32, dst: u64, len: usize, byte: u8, stream: usize) -> R {
+        if len == 0 || !self.is_device_range(dst, len) {
+            return INVALID_VALUE;
+        }
+        self.enqueue((device, stream), Work::Fill { dst, len, byte })
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemsetD8Async(dst: CUdeviceptr, byte: u8, len: usize, stream: CUstream) -> R {
+    with_context("cuMemsetD8Async", |emu, device| {
+        emu.queue_fill(device, dst, len, byte, stream as usize)
     })
 }
 
@@ -464,34 +495,42 @@ pub extern "C" fn cuStreamSynchronize(stream: CUstream) -> R {
 
 #[no_mangle]
 pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, _flags: c_uint) -> R {
-    with_context("cuMemHostRegister_v2", |emu, _| {
-        let start = p as usize;
-        if p.is_null() || size == 0 {
-            return INVALID_VALUE;
-        }
-        let overlaps = emu
-            .registered
-            .iter()
-            .any(|(base, len)| start < base + len && *base < start + size);
-        if overlaps {
-            return 712; // CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
-        }
-        emu.registered.insert(start, size);
-        SUCCESS
-    })
+    with_context("cuMemHostRegister_v2", |emu, _| emu.register_host(p, size))
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> R {
-    with_context("cuMemHostUnregister", |emu, _| {
-        match emu.registered.remove(&(p as usize)) {
+    with_context("cuMemHostUnregister", |emu, _| emu.unregister_host(p))
+}
+
+impl Emu {
+    /// Page-locks (records) `[p, p+size)`; overlapping an earlier registration is refused.
+    pub(crate) fn register_host(&mut self, p: *mut c_void, size: usize) -> R {
+        let start = p as usize;
+        if p.is_null() || size == 0 {
+            return INVALID_VALUE;
+        }
+        let overlaps = self
+            .registered
+            .iter()
+            .any(|(base, len)| start < base + len && *base < start + size);
+        if overlaps {
+            return 712; // HOST_MEMORY_ALREADY_REGISTERED
+        }
+        self.registered.insert(start, size);
+        SUCCESS
+    }
+
+    /// Undoes [`register_host`](Self::register_host) of the registration starting at `p`.
+    pub(crate) fn unregister_host(&mut self, p: *mut c_void) -> R {
+        match self.registered.remove(&(p as usize)) {
             Some(len) => {
-                emu.check_release(p as u64, len, "unregistered host memory");
+                self.check_release(p as u64, len, "unregistered host memory");
                 SUCCESS
             }
-            None => 713, // CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
+            None => 713, // HOST_MEMORY_NOT_REGISTERED
         }
-    })
+    }
 }
 
 #[no_mangle]

@@ -1,5 +1,5 @@
-//! A GPU driver emulator: a shared library exporting the CUDA driver and Level Zero entry points
-//! devmem uses (both faces share one emulated memory),
+//! A GPU driver emulator: a shared library exporting the CUDA driver, HIP runtime and Level Zero
+//! entry points devmem uses (the three faces share one emulated memory),
 //! implemented on host memory with real virtual-memory semantics, so devmem's real backend code
 //! runs in CI without a GPU.
 //!
@@ -22,8 +22,14 @@
 //!   its `devmem_checksum` queues the checksum (devmem's own host function, `src/checksum.rs`)
 //!   as stream work, so it runs at the next synchronisation like the real kernel.
 //!
+//! * HIP face (`hip`): ROCm's behaviours devmem depends on — released memory returns to the
+//!   device only when its reservation is freed, `DEVMEM_EMU_HIP_MAX_CREATE` limits one
+//!   `hipMemCreate`, a thread always has a current device — with the same capacity, faults
+//!   (`DEVMEM_EMU_FAIL="hipMemCreate:2:2"`) and asynchrony as the CUDA face.
+//!
 //! Files: `config` (environment), `state` (the memory model, locking, fault injection),
-//! `queue` (asynchrony), `cuda` and `ze` (the two driver faces), `control` (`cuemu_*`).
+//! `queue` (asynchrony), `cuda`, `hip` and `ze` (the three driver faces), `control`
+//! (`cuemu_*`).
 //!
 //! Calls that need a context fail with `CUDA_ERROR_INVALID_CONTEXT` when the thread has none,
 //! and `cuMemGetInfo` reports the current context's device, as the real driver does.
@@ -40,6 +46,7 @@ mod checksum;
 mod config;
 mod control;
 mod cuda;
+mod hip;
 mod queue;
 mod state;
 mod ze;

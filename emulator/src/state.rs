@@ -15,6 +15,11 @@ pub(crate) struct Physical {
     pub(crate) device: i32,
     /// The Level Zero context it was created in (0 for CUDA).
     pub(crate) context: usize,
+    /// Created through the HIP face: as on ROCm, its memory goes back to the device only when
+    /// the reservation it was last mapped in is freed ([`Emu::release`]).
+    pub(crate) hip: bool,
+    /// The reservation it was last mapped in.
+    pub(crate) reservation: Option<u64>,
 }
 
 pub(crate) struct Mapping {
@@ -35,6 +40,8 @@ pub(crate) struct Emu {
     pub(crate) used: Vec<usize>,
     /// start -> (size, Level Zero context or 0 for CUDA)
     pub(crate) reservations: BTreeMap<u64, (usize, usize)>,
+    /// Reservation start -> (device, bytes) of released HIP memory it still holds.
+    pub(crate) held: HashMap<u64, (i32, usize)>,
     pub(crate) handles: HashMap<u64, Physical>,
     pub(crate) mappings: BTreeMap<u64, Mapping>,
     pub(crate) host: HashMap<usize, usize>,
@@ -96,6 +103,7 @@ pub(crate) fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
             used: vec![0; n],
             config,
             reservations: BTreeMap::new(),
+            held: HashMap::new(),
             handles: HashMap::new(),
             mappings: BTreeMap::new(),
             host: HashMap::new(),
@@ -160,12 +168,24 @@ impl Emu {
         device >= 0 && device < self.config.devices
     }
 
-    /// The mapping that fully contains [va, va+len) and is accessible.
+    /// Whether [va, va+len) is covered by accessible mappings (one, or adjacent ones: a copy
+    /// may span the chunks of one allocation).
     pub(crate) fn accessible(&self, va: u64, len: usize) -> bool {
-        self.mappings
-            .range(..=va)
-            .next_back()
-            .is_some_and(|(base, m)| m.accessible && va + len as u64 <= base + m.size as u64)
+        let end = va + len as u64;
+        let mut at = va;
+        loop {
+            let Some((base, m)) = self.mappings.range(..=at).next_back() else {
+                return false;
+            };
+            let stop = base + m.size as u64;
+            if !m.accessible || stop <= at {
+                return false;
+            }
+            if end <= stop {
+                return true;
+            }
+            at = stop;
+        }
     }
 
     pub(crate) fn in_reservation(&self, va: u64, size: usize) -> bool {
@@ -185,18 +205,45 @@ impl Emu {
 }
 
 impl Emu {
-    /// Reserves `size` bytes aligned to `alignment` (at least the granularity).
+    /// Reserves `size` bytes aligned to `alignment` (at least the granularity), at `hint` when
+    /// that range is free (as the drivers treat their address argument), else anywhere.
     pub(crate) fn reserve(
         &mut self,
         size: usize,
         alignment: usize,
         context: usize,
+        hint: u64,
     ) -> Result<u64, R> {
         let granularity = self.config.granularity;
         if size == 0 || !size.is_multiple_of(granularity) {
             return Err(INVALID_VALUE);
         }
         let align = alignment.max(granularity);
+        if hint != 0 && hint.is_multiple_of(align as u64) {
+            // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; a kernel that
+            // treats it as a plain hint may place it elsewhere, which is undone below.
+            let raw = unsafe {
+                libc::mmap(
+                    hint as *mut c_void,
+                    size,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE
+                        | libc::MAP_ANONYMOUS
+                        | libc::MAP_NORESERVE
+                        | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if raw as u64 == hint {
+                self.reservations.insert(hint, (size, context));
+                return Ok(hint);
+            }
+            if raw != libc::MAP_FAILED {
+                // SAFETY: the mapping made just above, elsewhere than asked.
+                unsafe { libc::munmap(raw, size) };
+            }
+        }
         let span = size.checked_add(align).ok_or(OUT_OF_MEMORY)?;
         // SAFETY: a fresh anonymous mapping; no existing memory is affected.
         let raw = unsafe {
@@ -236,6 +283,9 @@ impl Emu {
         }
         self.check_release(ptr, size, "freed the address range");
         self.reservations.remove(&ptr);
+        if let Some((device, bytes)) = self.held.remove(&ptr) {
+            self.used[device as usize] -= bytes;
+        }
         // SAFETY: the range is a reservation this emulator made and nothing maps it.
         unsafe { libc::munmap(ptr as *mut c_void, size) };
         SUCCESS
@@ -274,6 +324,8 @@ impl Emu {
                 size,
                 device,
                 context,
+                hip: false,
+                reservation: None,
             },
         );
         Ok(id)
@@ -283,7 +335,14 @@ impl Emu {
         let Some(physical) = self.handles.remove(&handle) else {
             return INVALID_VALUE;
         };
-        self.used[physical.device as usize] -= physical.size;
+        match physical.reservation.filter(|base| physical.hip && self.reservations.contains_key(base)) {
+            // ROCm: released, but the device keeps the memory while the reservation lives.
+            Some(base) => {
+                let held = self.held.entry(base).or_insert((physical.device, 0));
+                held.1 += physical.size;
+            }
+            None => self.used[physical.device as usize] -= physical.size,
+        }
         // SAFETY: the fd belongs to this handle and is closed once; mappings keep their pages.
         unsafe { libc::close(physical.fd) };
         SUCCESS
@@ -300,6 +359,11 @@ impl Emu {
         if !self.in_reservation(ptr, size) || self.overlaps_mapping(ptr, size) {
             return INVALID_VALUE;
         }
+        let fd = physical.fd;
+        let base = self.reservations.range(..=ptr).next_back().map(|(b, _)| *b);
+        if let Some(physical) = self.handles.get_mut(&handle) {
+            physical.reservation = base;
+        }
         // SAFETY: the range lies inside a reservation of this emulator and is not mapped.
         let raw = unsafe {
             libc::mmap(
@@ -307,7 +371,7 @@ impl Emu {
                 size,
                 libc::PROT_NONE,
                 libc::MAP_SHARED | libc::MAP_FIXED,
-                physical.fd,
+                fd,
                 0,
             )
         };
@@ -324,21 +388,36 @@ impl Emu {
         SUCCESS
     }
 
+    /// Grants access to `[ptr, ptr+size)`, which must be exactly covered by one mapping or by
+    /// several adjacent ones (as the drivers allow).
     pub(crate) fn set_access(&mut self, ptr: u64, size: usize) -> R {
-        match self.mappings.get_mut(&ptr) {
-            Some(m) if m.size == size => {
-                // SAFETY: the range is a mapping this emulator made.
-                let rc = unsafe {
-                    libc::mprotect(ptr as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE)
-                };
-                if rc != 0 {
-                    return INVALID_VALUE;
+        let end = ptr + size as u64;
+        let mut at = ptr;
+        let mut covered = Vec::new();
+        while at < end {
+            match self.mappings.get(&at) {
+                Some(m) if at + m.size as u64 <= end => {
+                    covered.push(at);
+                    at += m.size as u64;
                 }
-                m.accessible = true;
-                SUCCESS
+                _ => return INVALID_VALUE,
             }
-            _ => INVALID_VALUE,
         }
+        if covered.is_empty() {
+            return INVALID_VALUE;
+        }
+        // SAFETY: the range is made of mappings this emulator made.
+        let rc =
+            unsafe { libc::mprotect(ptr as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE) };
+        if rc != 0 {
+            return INVALID_VALUE;
+        }
+        for base in covered {
+            if let Some(m) = self.mappings.get_mut(&base) {
+                m.accessible = true;
+            }
+        }
+        SUCCESS
     }
 
     pub(crate) fn unmap(&mut self, ptr: u64, size: usize) -> R {

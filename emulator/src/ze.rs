@@ -220,7 +220,7 @@ pub unsafe extern "C" fn zeVirtualMemQueryPageSize(
 #[no_mangle]
 pub unsafe extern "C" fn zeVirtualMemReserve(
     ctx: *mut c_void,
-    _start: *const c_void,
+    start: *const c_void,
     size: usize,
     out: *mut *mut c_void,
 ) -> Z {
@@ -231,7 +231,7 @@ pub unsafe extern "C" fn zeVirtualMemReserve(
         if out.is_null() {
             return ZE_INVALID_NULL_POINTER;
         }
-        match emu.reserve(size, 0, ctx as usize) {
+        match emu.reserve(size, 0, ctx as usize, start as u64) {
             Ok(va) => {
                 // SAFETY: out-pointer per the specification.
                 unsafe { *out = va as *mut c_void };

@@ -303,7 +303,27 @@ impl Backend for CudaBackend {
 
     fn reserve(&self, device: i32, size: usize) -> Result<u64> {
         self.with_device(device, |state| {
-            self.api.address_reserve(size, state.granularity)
+            self.api.address_reserve(size, state.granularity, 0)
+        })
+    }
+
+    fn reserve_at(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        self.with_device(device, |state| {
+            let got = self.api.address_reserve(size, state.granularity, va)?;
+            if got == va {
+                return Ok(());
+            }
+            // SAFETY: `got` is the reservation just made; nothing uses it.
+            if let Err(err) = unsafe { self.api.address_free(got, size) } {
+                log::error!("devmem: freeing the misplaced reservation {got:#x}: {err}");
+            }
+            Err(crate::error::Error::new(
+                crate::error::devmem_status::Driver,
+                format!(
+                    "cuMemAddressReserve placed {size} bytes at {got:#x}, not at the requested \
+                     {va:#x}: the range is taken"
+                ),
+            ))
         })
     }
 
@@ -397,6 +417,14 @@ impl Backend for CudaBackend {
 
     fn wait_copies(&self, device: i32) -> Result<()> {
         self.with_device(device, |state| self.api.synchronize_stream(state.stream()))
+    }
+
+    fn zero_async(&self, device: i32, dst: u64, len: usize) -> Result<()> {
+        self.with_device(device, |state| {
+            // SAFETY: `dst..dst+len` is a freshly mapped allocation nothing else uses until
+            // the wake waits for devmem's stream.
+            unsafe { self.api.zero_async(dst, len, state.stream()) }
+        })
     }
 
     fn mem_get_info(&self, device: i32) -> Result<(usize, usize)> {

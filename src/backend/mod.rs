@@ -1,8 +1,14 @@
-//! The device-memory backend: one small interface per driver (CUDA now, Level Zero later).
+//! The device-memory backend: one small interface per driver (CUDA, HIP, Level Zero).
 //!
 //! Everything above this layer speaks in device ordinals, virtual addresses (`u64`), physical
 //! handles (`u64`) and host pointers; it never sees a driver type. A backend must not keep
-//! per-allocation state: the registry in `core` owns that.
+//! per-allocation state: the registry in `core` owns that. The one exception is [`layer`],
+//! which devmem puts over a backend whose driver needs chunked physical memory or re-reserved
+//! address ranges (HIP): it keeps each chunked handle's pieces, keyed by the handle the
+//! registry holds, so the registry still sees one physical object per allocation.
+//!
+//! Adding a driver: one `driver` symbol table, one file here, one [`devmem_backend`] row and
+//! one arm in `load`.
 
 use std::sync::Arc;
 
@@ -11,7 +17,12 @@ use parking_lot::Mutex;
 use crate::error::Result;
 
 pub mod cuda;
+pub mod hip;
+pub mod layer;
 pub mod level_zero;
+pub mod settings;
+
+pub use settings::Settings;
 
 /// How a backend provides pinned host memory for the host store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,16 +41,20 @@ pub enum HostMemory {
 )]
 #[strum(serialize_all = "snake_case")]
 pub enum devmem_backend {
-    /// CUDA when a CUDA driver with at least one device loads, else Level Zero.
+    /// CUDA when a CUDA driver with at least one device loads, else HIP when the HIP runtime
+    /// loads with at least one device, else Level Zero.
     Auto = 0,
     /// The CUDA driver (`libcuda.so.1`).
     Cuda = 1,
     /// Level Zero (`libze_loader.so.1`).
     LevelZero = 2,
+    /// The HIP runtime for AMD GPUs (`libamdhip64.so`).
+    Hip = 3,
 }
 
 impl devmem_backend {
-    /// The name used in logs, messages and `DEVMEM_BACKEND` ("cuda", "level_zero", "auto").
+    /// The name used in logs, messages and `DEVMEM_BACKEND` ("cuda", "hip", "level_zero",
+    /// "auto").
     pub fn label(self) -> &'static str {
         self.into()
     }
@@ -72,6 +87,17 @@ pub trait Backend: Send + Sync {
     fn reserve(&self, device: i32, size: usize) -> Result<u64>;
     /// Frees a reservation made by [`reserve`](Self::reserve).
     fn free_va(&self, device: i32, va: u64, size: usize) -> Result<()>;
+    /// Reserves exactly `[va, va+size)` again (after [`free_va`](Self::free_va) of the same
+    /// range). Fails, holding nothing, when the driver would place it elsewhere.
+    fn reserve_at(&self, _device: i32, va: u64, _size: usize) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!(
+                "the {} backend cannot reserve a chosen address ({va:#x})",
+                self.name()
+            ),
+        ))
+    }
     /// Creates `size` bytes of physical device memory and returns its handle.
     fn create(&self, device: i32, size: usize) -> Result<u64>;
     /// Releases a physical handle.
@@ -93,6 +119,19 @@ pub trait Backend: Send + Sync {
         -> Result<()>;
     /// Waits for every copy queued on devmem's stream for `device`.
     fn wait_copies(&self, device: i32) -> Result<()>;
+    /// Queues writing zeros over `[dst, dst+len)` on devmem's stream for `device` (waited for
+    /// with the copies).
+    fn zero_async(&self, _device: i32, dst: u64, _len: usize) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!("the {} backend cannot zero device memory ({dst:#x})", self.name()),
+        ))
+    }
+    /// The driver handles and sizes a physical handle of `size` bytes is made of, in address
+    /// order: one piece unless the memory is chunked ([`layer`]).
+    fn chunks(&self, handle: u64, size: usize) -> Vec<(u64, usize)> {
+        vec![(handle, size)]
+    }
     /// Free and total device memory in bytes.
     fn mem_get_info(&self, device: i32) -> Result<(usize, usize)>;
     /// Page-locks existing host memory and registers it for copies with every device.
@@ -225,8 +264,13 @@ impl Stranded {
 
 static BACKEND: Mutex<Option<Arc<dyn Backend>>> = Mutex::new(None);
 static CHOICE: Mutex<Option<devmem_backend>> = Mutex::new(None);
+static SETTINGS: Mutex<Settings> = Mutex::new(Settings {
+    chunk_size: 0,
+    rereserve: false,
+    zero_on_wake: false,
+});
 
-/// Environment variable choosing the backend: `cuda`, `level_zero` or `auto`.
+/// Environment variable choosing the backend: `cuda`, `hip`, `level_zero` or `auto`.
 pub const BACKEND_ENV: &str = "DEVMEM_BACKEND";
 
 /// Chooses the backend before first use. Changing it once a backend is loaded is refused.
@@ -278,36 +322,82 @@ fn choice() -> Result<devmem_backend> {
         name => name.parse().map_err(|_| {
             crate::error::Error::new(
                 crate::error::devmem_status::InvalidArgument,
-                format!("{BACKEND_ENV}={text} is not one of cuda, level_zero, auto"),
+                format!("{BACKEND_ENV}={text} is not one of cuda, hip, level_zero, auto"),
             )
         }),
     }
 }
 
-fn load(kind: devmem_backend) -> Result<Arc<dyn Backend>> {
+/// A backend of `kind` that reports at least one device; `Err` (with `DriverNotFound` or
+/// `InvalidDevice`) when it cannot be used, for `Auto` to move on.
+fn load_with_devices(kind: devmem_backend) -> Result<Arc<dyn Backend>> {
+    let backend: Arc<dyn Backend> = match kind {
+        devmem_backend::Cuda => Arc::new(cuda::CudaBackend::load()?),
+        devmem_backend::Hip => Arc::new(hip::HipBackend::load()?),
+        _ => Arc::new(level_zero::LevelZeroBackend::load()?),
+    };
+    if backend.device_count() == 0 && kind != devmem_backend::LevelZero {
+        return Err(crate::error::Error::new(
+            crate::error::devmem_status::InvalidDevice,
+            format!("the {} driver reports no device", kind.label()),
+        ));
+    }
+    Ok(backend)
+}
+
+fn load_driver(kind: devmem_backend) -> Result<Arc<dyn Backend>> {
     match kind {
         devmem_backend::Cuda => Ok(Arc::new(cuda::CudaBackend::load()?)),
+        devmem_backend::Hip => Ok(Arc::new(hip::HipBackend::load()?)),
         devmem_backend::LevelZero => Ok(Arc::new(level_zero::LevelZeroBackend::load()?)),
         devmem_backend::Auto => {
-            // CUDA first; Level Zero only when no CUDA driver or no CUDA device is there.
-            let cuda_err = match cuda::CudaBackend::load() {
-                Ok(b) if b.device_count() > 0 => return Ok(Arc::new(b)),
-                Ok(_) => crate::error::Error::new(
-                    crate::error::devmem_status::InvalidDevice,
-                    "the CUDA driver reports no device",
-                ),
-                Err(e) if e.status == crate::error::devmem_status::DriverNotFound => e,
-                Err(e) => return Err(e),
-            };
+            // CUDA first, then HIP, then Level Zero: each only when the one before has no
+            // driver or no device.
+            let mut skipped = Vec::new();
+            for kind in [devmem_backend::Cuda, devmem_backend::Hip] {
+                match load_with_devices(kind) {
+                    Ok(backend) => return Ok(backend),
+                    // A HIP runtime without an AMD GPU fails hipInit: skipped too.
+                    Err(e)
+                        if kind == devmem_backend::Hip
+                            || e.status == crate::error::devmem_status::DriverNotFound
+                            || e.status == crate::error::devmem_status::InvalidDevice =>
+                    {
+                        skipped.push(e)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             match level_zero::LevelZeroBackend::load() {
                 Ok(b) => Ok(Arc::new(b)),
-                Err(ze_err) => Err(crate::error::Error::new(
-                    cuda_err.status,
-                    format!("{}; Level Zero: {}", cuda_err.message, ze_err.message),
-                )),
+                Err(ze_err) => {
+                    let mut message: Vec<String> =
+                        skipped.iter().map(|e| e.message.clone()).collect();
+                    message.push(format!("Level Zero: {}", ze_err.message));
+                    Err(crate::error::Error::new(
+                        skipped.first().map_or(ze_err.status, |e| e.status),
+                        message.join("; "),
+                    ))
+                }
             }
         }
     }
+}
+
+/// The driver backend with the switches in force ([`settings`]) layered over it.
+fn load(kind: devmem_backend) -> Result<(Arc<dyn Backend>, Settings)> {
+    let backend = load_driver(kind)?;
+    let settings = Settings::from_env(backend.kind())?;
+    if settings.chunk_size == 0 && !settings.rereserve {
+        return Ok((backend, settings));
+    }
+    let layered = layer::Layered::new(backend, settings.chunk_size, settings.rereserve);
+    Ok((Arc::new(layered), settings))
+}
+
+/// The switches in force (all off until a backend is loaded).
+pub fn settings() -> Settings {
+    *SETTINGS.lock()
 }
 
 /// The process-wide backend, loaded on first use. A failed load is not cached, so a caller
@@ -318,12 +408,13 @@ pub fn get() -> Result<Arc<dyn Backend>> {
     if let Some(backend) = slot.as_ref() {
         return Ok(Arc::clone(backend));
     }
-    let backend = load(choice()?)?;
+    let (backend, settings) = load(choice()?)?;
     log::info!(
-        "devmem: using the {} backend with {} device(s)",
+        "devmem: using the {} backend with {} device(s); {settings:?}",
         backend.describe(),
         backend.device_count()
     );
+    *SETTINGS.lock() = settings;
     *slot = Some(Arc::clone(&backend));
     Ok(backend)
 }

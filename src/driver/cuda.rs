@@ -81,6 +81,8 @@ symbol_table! {
         module_load_data = "cuModuleLoadData": fn(*mut CUmodule, *const c_void) -> RawResult;
         module_get_function = "cuModuleGetFunction":
             fn(*mut CUfunction, CUmodule, *const c_char) -> RawResult;
+        memset_d8_async = "cuMemsetD8Async":
+            fn(CUdeviceptr, u8, usize, CUstream) -> RawResult;
         launch_kernel = "cuLaunchKernel":
             fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream,
                *mut *mut c_void, *mut *mut c_void) -> RawResult;
@@ -278,14 +280,36 @@ impl CudaApi {
         Ok(granularity)
     }
 
-    /// `cuMemAddressReserve` of `size` bytes aligned to `alignment`, anywhere.
-    pub(crate) fn address_reserve(&self, size: usize, alignment: usize) -> Result<CUdeviceptr> {
+    /// `cuMemAddressReserve` of `size` bytes aligned to `alignment`, at `hint` when it is free
+    /// (0: anywhere). The driver may place it elsewhere than the hint.
+    pub(crate) fn address_reserve(
+        &self,
+        size: usize,
+        alignment: usize,
+        hint: CUdeviceptr,
+    ) -> Result<CUdeviceptr> {
         let mut va: CUdeviceptr = 0;
-        // SAFETY: the out-pointer is valid; no placement hint.
+        // SAFETY: the out-pointer is valid; the hint is only a request.
         self.check("cuMemAddressReserve", unsafe {
-            (self.mem_address_reserve)(&mut va, size, alignment, 0, 0)
+            (self.mem_address_reserve)(&mut va, size, alignment, hint, 0)
         })?;
         Ok(va)
+    }
+
+    /// `cuMemsetD8Async` of zeros on `stream`.
+    ///
+    /// # Safety
+    /// `[dst, dst+len)` must be mapped device memory nothing else writes until the stream is
+    /// waited for.
+    pub(crate) unsafe fn zero_async(
+        &self,
+        dst: CUdeviceptr,
+        len: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        let memset = self.optional(self.memset_d8_async, "cuMemsetD8Async")?;
+        // SAFETY: the caller's contract.
+        self.check("cuMemsetD8Async", unsafe { memset(dst, 0, len, stream) })
     }
 
     /// `cuMemAddressFree`.

@@ -10,6 +10,7 @@ use libloading::Library;
 use crate::error::{devmem_status, Error, Result};
 
 pub mod cuda;
+pub mod hip;
 pub mod ze;
 
 /// Opens a driver library: the path in the environment variable `env` when set, else

@@ -6,7 +6,8 @@
 //! * a batch's allocations are unmapped only after the batch's copy marker has been waited for;
 //! * on a failure, every marker not yet waited for is waited for (and so returned to the
 //!   backend's pool) and every device's copies are finished before a backup goes back;
-//! * restore waits for its copies before it reports success.
+//! * restore waits for its copies (and, with `DEVMEM_ZERO_ON_WAKE`, the zero fills of
+//!   discarded allocations) before it reports success.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -323,6 +324,7 @@ pub fn restore(
     targets: &[RestoreTarget],
 ) -> std::result::Result<Vec<u64>, RestoreFailure> {
     let devices: BTreeSet<i32> = targets.iter().map(|t| t.device).collect();
+    let zero_discarded = crate::backend::settings().zero_on_wake;
     // Per target: the handle this call has mapped there, or (`kept`) physical memory a failed
     // map left held but unmapped.
     let mut handles: Vec<Option<u64>> = vec![None; targets.len()];
@@ -352,11 +354,21 @@ pub fn restore(
                 break;
             }
         }
-        let queued = t.pieces.iter().try_for_each(|(dst, src, n)| {
+        let queued = if t.pieces.is_empty() && zero_discarded {
+            // DEVMEM_ZERO_ON_WAKE: a discarded allocation comes back as zeros, not as whatever
+            // the driver's fresh memory held (stale VRAM on older amdgpu kernels).
             backend
-                .copy_to_device_async(t.device, *dst, *src as *const u8, *n)
-                .map_err(|e| e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size)))
-        });
+                .zero_async(t.device, t.va, t.size)
+                .map_err(|e| e.context(format!("wake: zeroing {:#x} ({} bytes)", t.va, t.size)))
+        } else {
+            t.pieces.iter().try_for_each(|(dst, src, n)| {
+                backend
+                    .copy_to_device_async(t.device, *dst, *src as *const u8, *n)
+                    .map_err(|e| {
+                        e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size))
+                    })
+            })
+        };
         if let Err(err) = queued {
             failure = Some(err);
             break;

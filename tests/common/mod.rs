@@ -28,10 +28,48 @@ pub fn emulator_path() -> PathBuf {
 }
 
 /// Whether this run drives the Level Zero backend (`DEVMEM_TEST_BACKEND=level_zero`): the
-/// conformance suite runs once per backend against the emulator's two faces.
+/// conformance suite runs once per backend against the emulator's three faces.
 pub fn level_zero() -> bool {
     std::env::var("DEVMEM_TEST_BACKEND").as_deref() == Ok("level_zero")
 }
+
+/// Whether this run drives the HIP backend (`DEVMEM_TEST_BACKEND=hip`).
+pub fn hip() -> bool {
+    std::env::var("DEVMEM_TEST_BACKEND").as_deref() == Ok("hip")
+}
+
+/// Whether the backend under test has a device checksum (CUDA only: its kernel is PTX).
+pub fn has_checksum() -> bool {
+    !level_zero() && !hip()
+}
+
+/// CUDA driver names and texts the tests use, and their HIP counterparts.
+const HIP_NAMES: &[(&str, &str)] = &[
+    ("cuMemAddressReserve", "hipMemAddressReserve"),
+    ("cuMemAddressFree", "hipMemAddressFree"),
+    ("cuMemCreate", "hipMemCreate"),
+    ("cuMemRelease", "hipMemRelease"),
+    ("cuMemMap", "hipMemMap"),
+    ("cuMemUnmap", "hipMemUnmap"),
+    ("cuMemSetAccess", "hipMemSetAccess"),
+    ("cuMemcpyDtoHAsync_v2", "hipMemcpyDtoHAsync"),
+    ("cuMemcpyHtoDAsync_v2", "hipMemcpyHtoDAsync"),
+    ("cuMemcpyDtoHAsync", "hipMemcpyDtoHAsync"),
+    ("cuMemcpyHtoDAsync", "hipMemcpyHtoDAsync"),
+    ("cuEventSynchronize", "hipEventSynchronize"),
+    ("cuEventRecord", "hipEventRecord"),
+    ("cuEventCreate", "hipEventCreateWithFlags"),
+    ("cuStreamSynchronize", "hipStreamSynchronize"),
+    ("cuStreamCreate", "hipStreamCreateWithFlags"),
+    ("cuCtxSynchronize", "hipDeviceSynchronize"),
+    ("cuMemGetInfo_v2", "hipMemGetInfo"),
+    ("cuMemHostRegister_v2", "hipHostRegister"),
+    ("cuMemHostRegister", "hipHostRegister"),
+    ("cuMemHostUnregister", "hipHostUnregister"),
+    ("CUDA_ERROR_OUT_OF_MEMORY", "hipErrorOutOfMemory"),
+    ("CUDA_ERROR_UNKNOWN", "hipErrorUnknown"),
+    ("DEVMEM_CUDA_LIBRARY", "DEVMEM_HIP_LIBRARY"),
+];
 
 /// CUDA driver names and texts the tests use, and their Level Zero counterparts.
 const LEVEL_ZERO_NAMES: &[(&str, &str)] = &[
@@ -60,10 +98,14 @@ const LEVEL_ZERO_NAMES: &[(&str, &str)] = &[
 
 /// A CUDA driver name or error text as the backend under test spells it.
 pub fn tr(text: &str) -> String {
-    if !level_zero() {
+    let names = if level_zero() {
+        LEVEL_ZERO_NAMES
+    } else if hip() {
+        HIP_NAMES
+    } else {
         return text.to_string();
-    }
-    LEVEL_ZERO_NAMES
+    };
+    names
         .iter()
         .find(|(cuda, _)| *cuda == text)
         .map_or_else(|| text.to_string(), |(_, ze)| ze.to_string())
@@ -88,6 +130,15 @@ pub fn setup(extra: &[(&str, &str)]) {
         for (k, v) in extra {
             if *k == "DEVMEM_CUDA_LIBRARY" {
                 std::env::set_var("DEVMEM_ZE_LIBRARY", v);
+            }
+        }
+    }
+    if hip() {
+        std::env::set_var("DEVMEM_BACKEND", "hip");
+        std::env::set_var("DEVMEM_HIP_LIBRARY", emulator_path());
+        for (k, v) in extra {
+            if *k == "DEVMEM_CUDA_LIBRARY" {
+                std::env::set_var("DEVMEM_HIP_LIBRARY", v);
             }
         }
     }

@@ -1,0 +1,548 @@
+//! What devmem layers over any backend when a driver needs it (HIP by default; any backend on
+//! request): physical memory in chunks, and giving device memory back to the driver by
+//! freeing and re-reserving an allocation's address range.
+//!
+//! * **Chunks** (`DEVMEM_CHUNK_SIZE`): an allocation's physical memory is several driver
+//!   handles of at most the chunk size (rounded up to the granularity), mapped one after the
+//!   other. The handle devmem's registry holds is this layer's id for the set; the layer keeps
+//!   the set's driver handles (one table, keyed by that id), so the registry above still sees
+//!   one physical object per allocation, and [`Backend::chunks`] lists the pieces (vLLM's
+//!   ROCm handle form, `[(handle, size), ...]`). Chunk boundaries follow from the allocation's
+//!   size alone, so unmapping needs no table; a piece whose unmap failed is remembered, so a
+//!   retry unmaps only what is still mapped.
+//! * **Reservation cycling** (`DEVMEM_RERESERVE`): ROCm returns released device memory only
+//!   once the address reservation it was mapped in is freed (vLLM PRs 37533, 43022). After a
+//!   set is released, the layer frees the range it was last mapped at and reserves the same
+//!   addresses again ([`Backend::reserve_at`]). Every reservation devmem makes takes the same
+//!   lock as the cycle, so no other devmem call can land in the range meanwhile. If the
+//!   driver still hands back other addresses (another library in the process reserved them),
+//!   the range is remembered as lost: the next map there tries to reserve it again first (and
+//!   fails cleanly, keeping the host backup, if it cannot), freeing it is a no-op, and a new
+//!   reservation the driver places over a lost range is never handed out (an exact match is
+//!   given back to its owner; others are set aside and retried).
+//!
+//! Sets are released, mapped and unmapped piece by piece, in order; a failure undoes what the
+//! call did, and what an undo could not undo is reported ([`Stranded`]) or remembered, never
+//! forgotten.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{devmem_backend, Backend, HostMemory, Stranded};
+use crate::error::{bail, Error, Result};
+
+/// One allocation's physical memory.
+struct Set {
+    /// (driver handle, bytes) of each piece, in address order.
+    pieces: Vec<(u64, usize)>,
+    /// Where it is mapped now.
+    mapped_at: Option<u64>,
+    /// Where it was last mapped (the range to cycle once it is released).
+    was_at: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    sets: HashMap<u64, Set>,
+    next_id: u64,
+    /// Start address -> set mapped there.
+    by_va: HashMap<u64, u64>,
+    /// Start address -> which pieces are still mapped, after an unmap or an undo that failed.
+    partial: HashMap<u64, Vec<bool>>,
+    /// Ranges freed to return memory that could not be reserved again: start -> (device, size).
+    lost: BTreeMap<u64, (i32, usize)>,
+}
+
+/// A backend with chunked physical memory and/or reservation cycling.
+pub struct Layered {
+    inner: Arc<dyn Backend>,
+    /// Bytes per chunk (0: one piece per allocation).
+    chunk: usize,
+    /// Free and re-reserve a range after its memory is released.
+    cycle: bool,
+    state: Mutex<State>,
+    /// Held by every reservation and by each cycle's free + re-reserve.
+    reserving: Mutex<()>,
+}
+
+/// New reservations set aside before one that overlaps no lost range is found.
+const RESERVE_ATTEMPTS: usize = 8;
+
+impl Layered {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Backend>, chunk: usize, cycle: bool) -> Self {
+        Self {
+            inner,
+            chunk,
+            cycle,
+            state: Mutex::new(State {
+                next_id: 1,
+                ..State::default()
+            }),
+            reserving: Mutex::new(()),
+        }
+    }
+
+    /// Whether `[va, va+size)` overlaps a lost range; an exact match is taken back by its
+    /// owner (then `Some(true)`).
+    fn claim_lost(&self, va: u64, size: usize) -> Option<bool> {
+        let mut state = self.state.lock();
+        if state.lost.get(&va).is_some_and(|&(_, n)| n == size) {
+            state.lost.remove(&va);
+            return Some(true);
+        }
+        let end = va + size as u64;
+        let overlaps = state
+            .lost
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&start, &(_, n))| start + n as u64 > va);
+        overlaps.then_some(false)
+    }
+
+    /// The piece sizes of `size` bytes on `device`.
+    fn split(&self, device: i32, size: usize) -> Result<Vec<usize>> {
+        if self.chunk == 0 || size == 0 {
+            return Ok(vec![size]);
+        }
+        let chunk = self
+            .chunk
+            .checked_next_multiple_of(self.inner.granularity(device)?)
+            .unwrap_or(size);
+        let mut out = Vec::with_capacity(size.div_ceil(chunk));
+        let mut left = size;
+        while left > 0 {
+            out.push(left.min(chunk));
+            left -= left.min(chunk);
+        }
+        Ok(out)
+    }
+
+    fn pieces(&self, handle: u64) -> Result<Vec<(u64, usize)>> {
+        match self.state.lock().sets.get(&handle) {
+            Some(set) => Ok(set.pieces.clone()),
+            None => bail!(
+                InvalidArgument,
+                "handle {handle:#x} is not physical memory devmem created"
+            ),
+        }
+    }
+
+    /// Reserves a lost range again before anything is mapped into it.
+    fn recover(&self, device: i32, va: u64) -> Result<()> {
+        let _reserving = self.reserving.lock();
+        let lost = self.state.lock().lost.get(&va).copied();
+        let Some((_, size)) = lost else {
+            return Ok(());
+        };
+        self.inner.reserve_at(device, va, size).map_err(|e| {
+            e.context(format!(
+                "the address range {va:#x} (+{size}) was freed to return its memory and \
+                 could not be reserved again; the allocation cannot be mapped"
+            ))
+        })?;
+        self.state.lock().lost.remove(&va);
+        log::info!("devmem: reserved the lost range {va:#x} (+{size}) again");
+        Ok(())
+    }
+
+    /// Frees the range a released set was mapped at and reserves the same addresses again.
+    fn cycle_range(&self, device: i32, va: u64, size: usize) {
+        let _reserving = self.reserving.lock();
+        if let Err(err) = self.inner.free_va(device, va, size) {
+            log::warn!(
+                "devmem: freeing {va:#x} (+{size}) to return its memory to the driver: {err}; \
+                 the driver may keep the memory until the allocation is freed"
+            );
+            return;
+        }
+        if let Err(err) = self.inner.reserve_at(device, va, size) {
+            log::error!(
+                "devmem: reserving {va:#x} (+{size}) again after returning its memory: {err}; \
+                 the next wake tries again"
+            );
+            self.state.lock().lost.insert(va, (device, size));
+        }
+    }
+
+    /// Maps each piece at its offset. On failure, unmaps what this call mapped; the `bool` is
+    /// whether some of it is still mapped (then remembered in `partial`).
+    fn map_pieces(
+        &self,
+        device: i32,
+        va: u64,
+        pieces: &[(u64, usize)],
+        access: bool,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let mut offset = 0u64;
+        let mut mapped = vec![false; pieces.len()];
+        let mut failure = None;
+        for (i, &(handle, size)) in pieces.iter().enumerate() {
+            let at = va + offset;
+            let step = self.inner.map(device, at, size, handle).and_then(|()| {
+                mapped[i] = true;
+                if access {
+                    self.inner.set_access(device, at, size)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(err) = step {
+                failure = Some(err.context(format!(
+                    "piece {} of {} ({size} bytes at {at:#x})",
+                    i + 1,
+                    pieces.len()
+                )));
+                break;
+            }
+            offset += size as u64;
+        }
+        let Some(err) = failure else {
+            return Ok(());
+        };
+        let mut offset = 0u64;
+        for (i, &(_, size)) in pieces.iter().enumerate() {
+            if mapped[i] {
+                match self.inner.unmap(device, va + offset, size) {
+                    Ok(()) => mapped[i] = false,
+                    Err(undo) => log::error!("devmem: undoing a partial map at {va:#x}: {undo}"),
+                }
+            }
+            offset += size as u64;
+        }
+        let still = mapped.iter().any(|m| *m);
+        if still {
+            self.state.lock().partial.insert(va, mapped);
+        }
+        Err((err, still))
+    }
+
+    fn create_pieces(&self, device: i32, size: usize) -> Result<u64> {
+        let sizes = self.split(device, size)?;
+        let mut pieces = Vec::with_capacity(sizes.len());
+        for (i, &n) in sizes.iter().enumerate() {
+            match self.inner.create(device, n) {
+                Ok(handle) => pieces.push((handle, n)),
+                Err(err) => {
+                    for &(handle, _) in pieces.iter().rev() {
+                        if let Err(undo) = self.inner.release(device, handle) {
+                            log::error!(
+                                "devmem: releasing chunk {handle:#x} after a failed create: \
+                                 {undo}; the driver keeps it"
+                            );
+                        }
+                    }
+                    return Err(if sizes.len() > 1 {
+                        err.context(format!("chunk {} of {} ({n} bytes)", i + 1, sizes.len()))
+                    } else {
+                        err
+                    });
+                }
+            }
+        }
+        let mut state = self.state.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.sets.insert(
+            id,
+            Set {
+                pieces,
+                mapped_at: None,
+                was_at: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn mapped(&self, handle: u64, va: u64) {
+        let mut state = self.state.lock();
+        if let Some(set) = state.sets.get_mut(&handle) {
+            set.mapped_at = Some(va);
+            set.was_at = Some(va);
+        }
+        state.by_va.insert(va, handle);
+    }
+}
+
+impl Backend for Layered {
+    fn kind(&self) -> devmem_backend {
+        self.inner.kind()
+    }
+    fn current_device(&self) -> Option<i32> {
+        self.inner.current_device()
+    }
+    fn device_count(&self) -> i32 {
+        self.inner.device_count()
+    }
+    fn granularity(&self, device: i32) -> Result<usize> {
+        self.inner.granularity(device)
+    }
+    fn reserve(&self, device: i32, size: usize) -> Result<u64> {
+        let _reserving = self.reserving.lock();
+        let mut aside = Vec::new();
+        let mut found = None;
+        for _ in 0..RESERVE_ATTEMPTS {
+            let va = self.inner.reserve(device, size)?;
+            match self.claim_lost(va, size) {
+                None => {
+                    found = Some(va);
+                    break;
+                }
+                Some(true) => log::info!("devmem: the lost range {va:#x} is reserved again"),
+                Some(false) => aside.push(va),
+            }
+        }
+        for va in aside {
+            if let Err(err) = self.inner.free_va(device, va, size) {
+                log::error!("devmem: freeing a reservation set aside at {va:#x}: {err}");
+            }
+        }
+        found.ok_or_else(|| {
+            Error::new(
+                crate::error::devmem_status::OutOfMemory,
+                format!(
+                    "{RESERVE_ATTEMPTS} reservations of {size} bytes all overlapped address \
+                     ranges sleeping allocations need back"
+                ),
+            )
+        })
+    }
+    fn reserve_at(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        self.inner.reserve_at(device, va, size)
+    }
+
+    fn free_va(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        if self.state.lock().lost.remove(&va).is_some() {
+            return Ok(()); // not reserved any more
+        }
+        self.inner.free_va(device, va, size)
+    }
+
+    fn create(&self, device: i32, size: usize) -> Result<u64> {
+        self.create_pieces(device, size)
+    }
+
+    fn release(&self, device: i32, handle: u64) -> Result<()> {
+        let Some(mut set) = self.state.lock().sets.remove(&handle) else {
+            bail!(
+                InvalidArgument,
+                "handle {handle:#x} is not physical memory devmem created"
+            );
+        };
+        let total: usize = set.pieces.iter().map(|p| p.1).sum();
+        let mut failure = None;
+        set.pieces.retain(|&(piece, size)| {
+            if failure.is_some() {
+                return true;
+            }
+            match self.inner.release(device, piece) {
+                Ok(()) => false,
+                Err(err) => {
+                    failure = Some(err.context(format!("chunk {piece:#x} ({size} bytes)")));
+                    true
+                }
+            }
+        });
+        if let Some(err) = failure {
+            // What is left stays held under the same id: a retry releases the rest.
+            self.state.lock().sets.insert(handle, set);
+            return Err(err);
+        }
+        if let (true, None, Some(va)) = (self.cycle, set.mapped_at, set.was_at) {
+            self.cycle_range(device, va, total);
+        }
+        Ok(())
+    }
+
+    fn map(&self, device: i32, va: u64, size: usize, handle: u64) -> Result<()> {
+        self.map_with_access_inner(device, va, size, handle, false)
+            .map_err(|s| s.error)
+    }
+
+    fn set_access(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        let sizes = self.split(device, size)?;
+        let mut offset = 0u64;
+        for n in sizes {
+            self.inner.set_access(device, va + offset, n)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        let sizes = self.split(device, size)?;
+        let mut mapped = self
+            .state
+            .lock()
+            .partial
+            .remove(&va)
+            .filter(|m| m.len() == sizes.len())
+            .unwrap_or_else(|| vec![true; sizes.len()]);
+        let mut offset = 0u64;
+        let mut failure = None;
+        for (i, &n) in sizes.iter().enumerate() {
+            if mapped[i] {
+                match self.inner.unmap(device, va + offset, n) {
+                    Ok(()) => mapped[i] = false,
+                    Err(err) if failure.is_none() => failure = Some(err),
+                    Err(_) => {}
+                }
+            }
+            offset += n as u64;
+        }
+        let mut state = self.state.lock();
+        if let Some(err) = failure {
+            state.partial.insert(va, mapped);
+            return Err(err);
+        }
+        if let Some(id) = state.by_va.remove(&va) {
+            if let Some(set) = state.sets.get_mut(&id) {
+                set.mapped_at = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self, device: i32) -> Result<()> {
+        self.inner.synchronize(device)
+    }
+    fn copy_to_host_async(&self, device: i32, dst: *mut u8, src: u64, len: usize) -> Result<()> {
+        self.inner.copy_to_host_async(device, dst, src, len)
+    }
+    fn copy_to_device_async(
+        &self,
+        device: i32,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<()> {
+        self.inner.copy_to_device_async(device, dst, src, len)
+    }
+    fn zero_async(&self, device: i32, dst: u64, len: usize) -> Result<()> {
+        self.inner.zero_async(device, dst, len)
+    }
+    fn wait_copies(&self, device: i32) -> Result<()> {
+        self.inner.wait_copies(device)
+    }
+    fn mem_get_info(&self, device: i32) -> Result<(usize, usize)> {
+        self.inner.mem_get_info(device)
+    }
+    fn host_register(&self, device: i32, ptr: *mut u8, len: usize) -> Result<()> {
+        self.inner.host_register(device, ptr, len)
+    }
+    fn host_unregister(&self, device: i32, ptr: *mut u8) -> Result<()> {
+        self.inner.host_unregister(device, ptr)
+    }
+    fn record_copy_marker(&self, device: i32) -> Result<u64> {
+        self.inner.record_copy_marker(device)
+    }
+    fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()> {
+        self.inner.wait_copy_marker(device, marker)
+    }
+    fn host_memory(&self) -> HostMemory {
+        self.inner.host_memory()
+    }
+    fn alloc_host(&self, device: i32, len: usize) -> Result<*mut u8> {
+        self.inner.alloc_host(device, len)
+    }
+    fn free_host(&self, device: i32, ptr: *mut u8) -> Result<()> {
+        self.inner.free_host(device, ptr)
+    }
+    fn can_checksum(&self) -> bool {
+        self.inner.can_checksum()
+    }
+    fn checksums(&self, device: i32, ranges: &[(u64, usize)]) -> Result<Vec<u64>> {
+        self.inner.checksums(device, ranges)
+    }
+    fn describe(&self) -> String {
+        let mut text = self.inner.describe();
+        if self.chunk > 0 {
+            text.push_str(&format!(", physical memory in chunks of {} bytes", self.chunk));
+        }
+        if self.cycle {
+            text.push_str(", address ranges re-reserved after a release");
+        }
+        text
+    }
+
+    fn chunks(&self, handle: u64, size: usize) -> Vec<(u64, usize)> {
+        self.state
+            .lock()
+            .sets
+            .get(&handle)
+            .map_or_else(|| vec![(handle, size)], |set| set.pieces.clone())
+    }
+
+    fn map_with_access(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+        handle: u64,
+    ) -> std::result::Result<(), Stranded> {
+        self.map_with_access_inner(device, va, size, handle, true)
+    }
+
+    fn create_and_map(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+    ) -> std::result::Result<u64, Stranded> {
+        let handle = self.create(device, size).map_err(Stranded::nothing)?;
+        if let Err(mut failed) = self.map_with_access(device, va, size, handle) {
+            if failed.mapped {
+                failed.handle = Some(handle); // released when it is unmapped
+                return Err(failed);
+            }
+            if let Err(undo) = self.release(device, handle) {
+                log::error!("devmem: releasing handle {handle:#x} after a failed map: {undo}");
+                failed.handle = Some(handle);
+            }
+            return Err(failed);
+        }
+        Ok(handle)
+    }
+}
+
+impl Layered {
+    fn map_with_access_inner(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+        handle: u64,
+        access: bool,
+    ) -> std::result::Result<(), Stranded> {
+        self.recover(device, va).map_err(Stranded::nothing)?;
+        let pieces = self.pieces(handle).map_err(Stranded::nothing)?;
+        let total: usize = pieces.iter().map(|p| p.1).sum();
+        if total != size {
+            return Err(Stranded::nothing(Error::new(
+                crate::error::devmem_status::InvalidArgument,
+                format!(
+                    "handle {handle:#x} holds {total} bytes in {} chunk(s), not {size}",
+                    pieces.len()
+                ),
+            )));
+        }
+        match self.map_pieces(device, va, &pieces, access) {
+            Ok(()) => {
+                self.mapped(handle, va);
+                Ok(())
+            }
+            Err((error, mapped)) => {
+                if mapped {
+                    self.mapped(handle, va);
+                }
+                Err(Stranded {
+                    error,
+                    handle: None,
+                    mapped,
+                })
+            }
+        }
+    }
+}

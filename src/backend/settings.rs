@@ -1,0 +1,100 @@
+//! Driver workarounds as explicit switches, read once when the backend loads. Each has a
+//! per-backend default (`auto`) and can be forced on or off; an unparsable value fails the
+//! load with `INVALID_ARGUMENT` naming the variable.
+//!
+//! | variable | values | `auto` means |
+//! | --- | --- | --- |
+//! | `DEVMEM_CHUNK_SIZE` | a size (`256M`, bytes or K/M/G), `0` = one piece | HIP: 256 MiB (or vLLM's `VLLM_ROCM_SLEEP_MEM_CHUNK_SIZE` / `VLLM_SLEEP_MEM_CHUNK_SIZE`, in MiB); others: one piece |
+//! | `DEVMEM_RERESERVE` | `0`, `1`, `auto` | HIP: on (ROCm returns memory only when the reservation is freed); others: off |
+//! | `DEVMEM_ZERO_ON_WAKE` | `0`, `1`, `auto` | HIP on a Linux kernel older than 6.14 (stale VRAM, as vLLM): on; others: off |
+
+use super::devmem_backend;
+use crate::error::{bail, Result};
+
+/// Chunk size on HIP when nothing is set (vLLM's default).
+pub(crate) const HIP_CHUNK_BYTES: usize = 256 << 20;
+
+/// The switches in force for the loaded backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Bytes per physical chunk (0: one piece per allocation).
+    pub chunk_size: usize,
+    /// Free and re-reserve an allocation's range after its memory is released.
+    pub rereserve: bool,
+    /// Write zeros over discarded allocations when they are woken.
+    pub zero_on_wake: bool,
+}
+
+fn switch(name: &str) -> Result<Option<bool>> {
+    let Ok(text) = std::env::var(name) else {
+        return Ok(None);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" => Ok(None),
+        "1" | "true" | "on" | "yes" => Ok(Some(true)),
+        "0" | "false" | "off" | "no" => Ok(Some(false)),
+        _ => bail!(
+            InvalidArgument,
+            "{name}={text} is not one of 0, 1, auto (the default)"
+        ),
+    }
+}
+
+fn chunk_size(kind: devmem_backend) -> Result<usize> {
+    if let Ok(text) = std::env::var("DEVMEM_CHUNK_SIZE") {
+        if !text.trim().is_empty() && !text.trim().eq_ignore_ascii_case("auto") {
+            return crate::store::bound::parse_size(&text)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| {
+                    crate::error::Error::new(
+                        crate::error::devmem_status::InvalidArgument,
+                        format!(
+                            "DEVMEM_CHUNK_SIZE={text} is not a size (bytes, or with K, M or G; \
+                             0 for one piece per allocation; auto)"
+                        ),
+                    )
+                });
+        }
+    }
+    if kind != devmem_backend::Hip {
+        return Ok(0);
+    }
+    // vLLM's own variables (MiB), so a ROCm deployment tuned for vLLM keeps its setting.
+    for name in ["VLLM_ROCM_SLEEP_MEM_CHUNK_SIZE", "VLLM_SLEEP_MEM_CHUNK_SIZE"] {
+        if let Ok(text) = std::env::var(name) {
+            match text.trim().parse::<usize>().ok().filter(|mb| *mb > 0) {
+                Some(mb) => return Ok(mb.saturating_mul(1 << 20)),
+                None => log::warn!("devmem: ignoring {name}={text}: not a whole number of MiB"),
+            }
+        }
+    }
+    Ok(HIP_CHUNK_BYTES)
+}
+
+/// Whether the running Linux kernel is older than `major.minor` (false when unknown).
+fn kernel_older_than(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) < (major, minor),
+        _ => false,
+    }
+}
+
+impl Settings {
+    /// The switches for a backend of `kind`, from the environment.
+    pub fn from_env(kind: devmem_backend) -> Result<Self> {
+        let hip = kind == devmem_backend::Hip;
+        Ok(Self {
+            chunk_size: chunk_size(kind)?,
+            rereserve: switch("DEVMEM_RERESERVE")?.unwrap_or(hip),
+            zero_on_wake: switch("DEVMEM_ZERO_ON_WAKE")?
+                .unwrap_or_else(|| hip && kernel_older_than(6, 14)),
+        })
+    }
+}
