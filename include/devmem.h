@@ -482,14 +482,15 @@ devmem_status devmem_set_read_only(const char *tag, int mode);
 devmem_status devmem_get_read_only(const char *tag, devmem_read_only *out);
 
 // Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
-// else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the
-// first allocation; once a backend is loaded, choosing another gives
-// `DEVMEM_STATUS_INVALID_STATE`. The environment variable `DEVMEM_BACKEND=cuda|level_zero|auto`
-// chooses when this is never called.
+// else HIP when the HIP runtime loads with a device, else Level Zero), `DEVMEM_BACKEND_CUDA`,
+// `DEVMEM_BACKEND_HIP` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the first allocation;
+// once a backend is loaded, choosing another gives `DEVMEM_STATUS_INVALID_STATE`. The
+// environment variable `DEVMEM_BACKEND=cuda|hip|level_zero|auto` chooses when this is never
+// called.
 devmem_status devmem_select_backend(int backend);
 
-// Writes the loaded backend (loading it if needed) to `*out`: `DEVMEM_BACKEND_CUDA` or
-// `DEVMEM_BACKEND_LEVEL_ZERO`.
+// Writes the loaded backend (loading it if needed) to `*out`: `DEVMEM_BACKEND_CUDA`,
+// `DEVMEM_BACKEND_HIP` or `DEVMEM_BACKEND_LEVEL_ZERO`.
 devmem_status devmem_get_backend(devmem_backend *out);
 
 // Hands devmem the Level Zero context and devices to work in (a `ze_context_handle_t` and

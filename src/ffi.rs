@@ -850,10 +850,11 @@ pub extern "C" fn devmem_get_read_only(
 }
 
 /// Chooses the backend: `DEVMEM_BACKEND_AUTO` (CUDA when a CUDA driver with a device loads,
-/// else Level Zero), `DEVMEM_BACKEND_CUDA` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the
-/// first allocation; once a backend is loaded, choosing another gives
-/// `DEVMEM_STATUS_INVALID_STATE`. The environment variable `DEVMEM_BACKEND=cuda|level_zero|auto`
-/// chooses when this is never called.
+/// else HIP when the HIP runtime loads with a device, else Level Zero), `DEVMEM_BACKEND_CUDA`,
+/// `DEVMEM_BACKEND_HIP` or `DEVMEM_BACKEND_LEVEL_ZERO`. Call it before the first allocation;
+/// once a backend is loaded, choosing another gives `DEVMEM_STATUS_INVALID_STATE`. The
+/// environment variable `DEVMEM_BACKEND=cuda|hip|level_zero|auto` chooses when this is never
+/// called.
 #[no_mangle]
 pub extern "C" fn devmem_select_backend(backend: c_int) -> devmem_status {
     guard(|| match devmem_backend::from_repr(backend) {
@@ -865,8 +866,8 @@ pub extern "C" fn devmem_select_backend(backend: c_int) -> devmem_status {
     })
 }
 
-/// Writes the loaded backend (loading it if needed) to `*out`: `DEVMEM_BACKEND_CUDA` or
-/// `DEVMEM_BACKEND_LEVEL_ZERO`.
+/// Writes the loaded backend (loading it if needed) to `*out`: `DEVMEM_BACKEND_CUDA`,
+/// `DEVMEM_BACKEND_HIP` or `DEVMEM_BACKEND_LEVEL_ZERO`.
 #[no_mangle]
 pub extern "C" fn devmem_get_backend(out: *mut devmem_backend) -> devmem_status {
     guard(|| {

@@ -517,7 +517,10 @@ fn unmap_failure_during_free_keeps_the_allocation() {
 #[test]
 fn cuda_only_fabric_handles_fall_back_when_not_permitted() {
     setup(&[("DEVMEM_EMU_FABRIC", "1")]);
-    assert!(!level_zero() && !hip(), "CUDA-only test run on another backend");
+    assert!(
+        !level_zero() && !hip(),
+        "CUDA-only test run on another backend"
+    );
     let p = alloc(2 * MIB, "weights");
     assert_eq!(
         emu().calls("cuMemCreate"),
@@ -846,7 +849,10 @@ fn callbacks_and_iteration() {
 #[test]
 fn cuda_only_low_level_create_and_map_over_a_caller_reservation() {
     setup(&[]);
-    assert!(!level_zero() && !hip(), "CUDA-only test run on another backend");
+    assert!(
+        !level_zero() && !hip(),
+        "CUDA-only test run on another backend"
+    );
     // Reserve a range the way vLLM does, through the driver (the emulator here).
     let p = alloc(2 * MIB, "x"); // gives this thread the primary context
                                  // SAFETY: the emulator's cuMemAddressReserve with a valid out-pointer.

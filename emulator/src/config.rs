@@ -9,6 +9,9 @@ pub(crate) struct Config {
     pub(crate) vmm: bool,
     /// Level Zero drivers the loader reports (`DEVMEM_EMU_ZE_DRIVERS`, default 1).
     pub(crate) ze_drivers: u32,
+    /// Fresh physical memory holds 0xA5 bytes instead of zeros (`DEVMEM_EMU_STALE_VRAM=1`), as
+    /// stale VRAM does on older amdgpu kernels.
+    pub(crate) stale: bool,
     /// The largest `hipMemCreate` the HIP face accepts (`DEVMEM_EMU_HIP_MAX_CREATE`, 0: any).
     pub(crate) hip_max_create: usize,
     /// Whether zeDriverGetDefaultContext answers (`DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT=1`: no).
@@ -59,6 +62,7 @@ impl Config {
                 v.parse().ok()
             })
             .unwrap_or(1),
+            stale: env_flag("DEVMEM_EMU_STALE_VRAM"),
             hip_max_create: size("DEVMEM_EMU_HIP_MAX_CREATE", 0),
             ze_default_context: !env_flag("DEVMEM_EMU_ZE_NO_DEFAULT_CONTEXT"),
         }

@@ -376,7 +376,14 @@ fn memcpy(
     stream: Option<CUstream>,
 ) -> R {
     with_context(name, |emu, device| {
-        emu.queue_copy(device, dst, src, len, device_side, stream.map(|s| s as usize))
+        emu.queue_copy(
+            device,
+            dst,
+            src,
+            len,
+            device_side,
+            stream.map(|s| s as usize),
+        )
     })
 }
 
@@ -412,7 +419,14 @@ impl Emu {
     }
 
     /// Queues writing `byte` over `[dst, dst+len)` of device memory on `stream` of `device`.
-    pub(crate) fn queue_fill(&mut self, device: i32, dst: u64, len: usize, byte: u8, stream: usize) -> R {
+    pub(crate) fn queue_fill(
+        &mut self,
+        device: i32,
+        dst: u64,
+        len: usize,
+        byte: u8,
+        stream: usize,
+    ) -> R {
         if len == 0 || !self.is_device_range(dst, len) {
             return INVALID_VALUE;
         }

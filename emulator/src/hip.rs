@@ -27,7 +27,11 @@ const HIP_ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
         c"hipErrorNotInitialized",
         c"initialization error",
     ),
-    (NO_DEVICE, c"hipErrorNoDevice", c"no ROCm-capable device is detected"),
+    (
+        NO_DEVICE,
+        c"hipErrorNoDevice",
+        c"no ROCm-capable device is detected",
+    ),
     (
         INVALID_DEVICE,
         c"hipErrorInvalidDevice",
@@ -38,7 +42,11 @@ const HIP_ERROR_NAMES: &[(R, &CStr, &CStr)] = &[
         c"hipErrorInvalidHandle",
         c"invalid resource handle",
     ),
-    (NOT_SUPPORTED, c"hipErrorNotSupported", c"operation not supported"),
+    (
+        NOT_SUPPORTED,
+        c"hipErrorNotSupported",
+        c"operation not supported",
+    ),
     (
         712,
         c"hipErrorHostMemoryAlreadyRegistered",
@@ -95,7 +103,9 @@ pub extern "C" fn hipGetErrorString(code: R) -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn hipRuntimeGetVersion(version: *mut c_int) -> R {
     // SAFETY: out-pointer per the runtime contract. ROCm 6.4's encoding.
-    call("hipRuntimeGetVersion", |_| unsafe { put(version, 60_443_483) })
+    call("hipRuntimeGetVersion", |_| unsafe {
+        put(version, 60_443_483)
+    })
 }
 
 #[no_mangle]

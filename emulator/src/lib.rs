@@ -9,7 +9,8 @@
 //! * Each device has a capacity (`DEVMEM_EMU_CAPACITY`, default 1 GiB, suffixes K/M/G), so
 //!   out-of-memory is real. `DEVMEM_EMU_DEVICES` (default 1), `DEVMEM_EMU_GRANULARITY`
 //!   (default 2 MiB), `DEVMEM_EMU_FABRIC=1` (the device claims fabric handles but creating them
-//!   is not permitted, as without IMEX), `DEVMEM_EMU_RDMA=1`, `DEVMEM_EMU_NO_VMM=1`.
+//!   is not permitted, as without IMEX), `DEVMEM_EMU_RDMA=1`, `DEVMEM_EMU_NO_VMM=1`,
+//!   `DEVMEM_EMU_STALE_VRAM=1` (fresh physical memory holds 0xA5 bytes, not zeros).
 //! * Fault injection: `DEVMEM_EMU_FAIL="cuMemCreate:3:2,cuMemMap:1:999"` fails the 3rd call of
 //!   cuMemCreate with error 2 and the 1st cuMemMap with 999; or `cuemu_inject` at run time.
 //! * Counters of live handles, mappings, reservations and host buffers for leak checks

@@ -40,6 +40,9 @@ pub(crate) struct Emu {
     pub(crate) used: Vec<usize>,
     /// start -> (size, Level Zero context or 0 for CUDA)
     pub(crate) reservations: BTreeMap<u64, (usize, usize)>,
+    /// Ranges freed most recently (start, size), newest last: a reservation of the same size
+    /// takes one back first, as the drivers' address allocators reuse freed ranges.
+    pub(crate) freed_ranges: Vec<(u64, usize)>,
     /// Reservation start -> (device, bytes) of released HIP memory it still holds.
     pub(crate) held: HashMap<u64, (i32, usize)>,
     pub(crate) handles: HashMap<u64, Physical>,
@@ -104,6 +107,7 @@ pub(crate) fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
             config,
             reservations: BTreeMap::new(),
             held: HashMap::new(),
+            freed_ranges: Vec::new(),
             handles: HashMap::new(),
             mappings: BTreeMap::new(),
             host: HashMap::new(),
@@ -219,6 +223,14 @@ impl Emu {
             return Err(INVALID_VALUE);
         }
         let align = alignment.max(granularity);
+        let reuse = self
+            .freed_ranges
+            .iter()
+            .rposition(|&(start, n)| n == size && start.is_multiple_of(align as u64));
+        let hint = match (hint, reuse) {
+            (0, Some(i)) => self.freed_ranges.remove(i).0,
+            _ => hint,
+        };
         if hint != 0 && hint.is_multiple_of(align as u64) {
             // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; a kernel that
             // treats it as a plain hint may place it elsewhere, which is undone below.
@@ -283,6 +295,10 @@ impl Emu {
         }
         self.check_release(ptr, size, "freed the address range");
         self.reservations.remove(&ptr);
+        self.freed_ranges.push((ptr, size));
+        if self.freed_ranges.len() > 64 {
+            self.freed_ranges.remove(0);
+        }
         if let Some((device, bytes)) = self.held.remove(&ptr) {
             self.used[device as usize] -= bytes;
         }
@@ -314,6 +330,23 @@ impl Emu {
             unsafe { libc::close(fd) };
             return Err(OUT_OF_MEMORY);
         }
+        if self.config.stale {
+            // SAFETY: a temporary shared mapping of the memfd just sized, unmapped below.
+            unsafe {
+                let raw = libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                if raw != libc::MAP_FAILED {
+                    std::ptr::write_bytes(raw.cast::<u8>(), 0xA5, size);
+                    libc::munmap(raw, size);
+                }
+            }
+        }
         self.used[d] += size;
         self.next_handle += 1;
         let id = self.next_handle;
@@ -335,7 +368,10 @@ impl Emu {
         let Some(physical) = self.handles.remove(&handle) else {
             return INVALID_VALUE;
         };
-        match physical.reservation.filter(|base| physical.hip && self.reservations.contains_key(base)) {
+        match physical
+            .reservation
+            .filter(|base| physical.hip && self.reservations.contains_key(base))
+        {
             // ROCm: released, but the device keeps the memory while the reservation lives.
             Some(base) => {
                 let held = self.held.entry(base).or_insert((physical.device, 0));

@@ -459,7 +459,10 @@ impl Backend for Layered {
     fn describe(&self) -> String {
         let mut text = self.inner.describe();
         if self.chunk > 0 {
-            text.push_str(&format!(", physical memory in chunks of {} bytes", self.chunk));
+            text.push_str(&format!(
+                ", physical memory in chunks of {} bytes",
+                self.chunk
+            ));
         }
         if self.cycle {
             text.push_str(", address ranges re-reserved after a release");

@@ -124,7 +124,10 @@ pub trait Backend: Send + Sync {
     fn zero_async(&self, _device: i32, dst: u64, _len: usize) -> Result<()> {
         Err(crate::error::Error::new(
             crate::error::devmem_status::Unsupported,
-            format!("the {} backend cannot zero device memory ({dst:#x})", self.name()),
+            format!(
+                "the {} backend cannot zero device memory ({dst:#x})",
+                self.name()
+            ),
         ))
     }
     /// The driver handles and sizes a physical handle of `size` bytes is made of, in address

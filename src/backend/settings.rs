@@ -60,7 +60,10 @@ fn chunk_size(kind: devmem_backend) -> Result<usize> {
         return Ok(0);
     }
     // vLLM's own variables (MiB), so a ROCm deployment tuned for vLLM keeps its setting.
-    for name in ["VLLM_ROCM_SLEEP_MEM_CHUNK_SIZE", "VLLM_SLEEP_MEM_CHUNK_SIZE"] {
+    for name in [
+        "VLLM_ROCM_SLEEP_MEM_CHUNK_SIZE",
+        "VLLM_SLEEP_MEM_CHUNK_SIZE",
+    ] {
         if let Ok(text) = std::env::var(name) {
             match text.trim().parse::<usize>().ok().filter(|mb| *mb > 0) {
                 Some(mb) => return Ok(mb.saturating_mul(1 << 20)),
@@ -90,11 +93,26 @@ impl Settings {
     /// The switches for a backend of `kind`, from the environment.
     pub fn from_env(kind: devmem_backend) -> Result<Self> {
         let hip = kind == devmem_backend::Hip;
+        let rereserve = switch("DEVMEM_RERESERVE")?;
+        let zero_on_wake = switch("DEVMEM_ZERO_ON_WAKE")?;
+        if kind == devmem_backend::LevelZero {
+            // Level Zero's backend has neither a chosen-address reservation nor a fill.
+            for (name, asked) in [
+                ("DEVMEM_RERESERVE", rereserve),
+                ("DEVMEM_ZERO_ON_WAKE", zero_on_wake),
+            ] {
+                if asked == Some(true) {
+                    bail!(
+                        Unsupported,
+                        "{name}=1: the level_zero backend does not support it (cuda and hip do)"
+                    );
+                }
+            }
+        }
         Ok(Self {
             chunk_size: chunk_size(kind)?,
-            rereserve: switch("DEVMEM_RERESERVE")?.unwrap_or(hip),
-            zero_on_wake: switch("DEVMEM_ZERO_ON_WAKE")?
-                .unwrap_or_else(|| hip && kernel_older_than(6, 14)),
+            rereserve: rereserve.unwrap_or(hip),
+            zero_on_wake: zero_on_wake.unwrap_or_else(|| hip && kernel_older_than(6, 14)),
         })
     }
 }

@@ -146,7 +146,11 @@ symbol_table! {
 
 fn text(pointer: *const c_char) -> Option<String> {
     // SAFETY: the runtime returns NULL or a NUL-terminated static string.
-    (!pointer.is_null()).then(|| unsafe { CStr::from_ptr(pointer) }.to_string_lossy().into_owned())
+    (!pointer.is_null()).then(|| {
+        unsafe { CStr::from_ptr(pointer) }
+            .to_string_lossy()
+            .into_owned()
+    })
 }
 
 impl HipApi {

@@ -229,6 +229,14 @@ impl Emu {
         );
     }
 
+    /// Fails the `nth` next call of exactly `name` with exactly `code` (no translation to the
+    /// backend under test).
+    pub fn inject_exactly(&self, name: &str, nth: u64, code: u32) {
+        let name = CString::new(name).expect("name");
+        // SAFETY: valid NUL-terminated name.
+        assert_eq!(unsafe { (self.inject)(name.as_ptr(), nth, code) }, 0);
+    }
+
     pub fn calls(&self, name: &str) -> u64 {
         self.calls_exactly(&tr(name))
     }
