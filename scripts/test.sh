@@ -70,6 +70,9 @@ cargo nextest run --workspace -j "$jobs" --no-fail-fast -E "$filter"
 step "the same Rust tests against the emulator's Level Zero face (cuda_only_* skipped)"
 DEVMEM_TEST_BACKEND=level_zero cargo nextest run --workspace -j "$jobs" --no-fail-fast \
   -E "$filter - test(/^cuda_only_/)"
+step "the same Rust tests against the emulator's HIP face (chunks and re-reserving on; cuda_only_* skipped)"
+DEVMEM_TEST_BACKEND=hip cargo nextest run --workspace -j "$jobs" --no-fail-fast \
+  -E "$filter - test(/^cuda_only_/)"
 
 # From here on, a synchronisation violation in the emulator stops the test that caused it.
 export DEVMEM_EMU_STRICT=1
@@ -77,6 +80,7 @@ export DEVMEM_EMU_STRICT=1
 step "Python package tests against the emulator (source tree, library from target/release)"
 (cd bindings/python && PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
 (cd bindings/python && DEVMEM_TEST_BACKEND=level_zero PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
+(cd bindings/python && DEVMEM_TEST_BACKEND=hip PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests)
 step "Python package installed with one pip command into build/venv (bundles libdevmem.so and the emulator, which these tests use)"
 rm -rf build/venv
 python3 -m venv build/venv
@@ -88,7 +92,7 @@ step "Python wheel (pip wheel + auditwheel), installed into a clean venv with no
 scripts/wheel.sh
 
 step "install the package into build/prefix"
-rm -rf build/pkg build/prefix build/ctests build/ctests-asan build/ctests-ze
+rm -rf build/pkg build/prefix build/ctests build/ctests-asan build/ctests-ze build/ctests-hip
 cmake -S . -B build/pkg -DCMAKE_INSTALL_PREFIX="$PWD/build/prefix" >/dev/null
 cmake --install build/pkg
 lib=build/prefix/lib/libdevmem.so.0.1.0
@@ -110,6 +114,11 @@ cmake -S ctests -B build/ctests-ze -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
   -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_BACKEND=level_zero -DDEVMEM_SOAK_CYCLES=10 >/dev/null
 cmake --build build/ctests-ze -j "$jobs"
 ctest --test-dir build/ctests-ze --output-on-failure -j "$jobs"
+step "C tests against the installed package and the emulator's HIP face"
+cmake -S ctests -B build/ctests-hip -DCMAKE_PREFIX_PATH="$PWD/build/prefix" \
+  -DDEVMEM_CTEST_EMULATOR=ON -DDEVMEM_CTEST_BACKEND=hip -DDEVMEM_SOAK_CYCLES=10 >/dev/null
+cmake --build build/ctests-hip -j "$jobs"
+ctest --test-dir build/ctests-hip --output-on-failure -j "$jobs"
 step "fuzzing the C ABI briefly (scripts/fuzz.sh; the recorded long run is in fuzz/README.md)"
 if [ "${DEVMEM_FUZZ_SECONDS:-30}" -gt 0 ]; then scripts/fuzz.sh "${DEVMEM_FUZZ_SECONDS:-30}"; fi
 

@@ -35,9 +35,10 @@ logger = logging.getLogger("devmem")
 #: Environment variable naming the libdevmem.so to load.
 LIBRARY_ENV = "DEVMEM_LIBRARY"
 #: Environment variable selecting the bundled driver emulator: ``1`` or ``cuda`` (its CUDA
-#: driver face), ``level_zero`` (its Level Zero face), ``0`` or unset (the real driver).
+#: driver face), ``hip`` (its HIP face), ``level_zero`` (its Level Zero face), ``0`` or unset
+#: (the real driver).
 EMULATOR_ENV = "DEVMEM_EMULATOR"
-EMULATOR_FACES = ("cuda", "level_zero")
+EMULATOR_FACES = ("cuda", "hip", "level_zero")
 #: Longest tag in bytes (UTF-8), as in the C header.
 MAX_TAG_LEN = 255
 TAG_BUFFER_LEN = 256
@@ -82,6 +83,7 @@ class Backend(enum.IntEnum):
     AUTO = 0
     CUDA = 1
     LEVEL_ZERO = 2
+    HIP = 3
 
 
 class HostPolicy(enum.IntEnum):
@@ -306,6 +308,8 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_granularity": (c_int32, [c_int, POINTER(c_size_t)]),
     "devmem_device_count": (c_int32, [POINTER(c_int)]),
     "devmem_get_allocation_info": (c_int32, [c_void_p, POINTER(AllocationInfo)]),
+    "devmem_get_allocation_chunks": (
+        c_int32, [c_void_p, POINTER(ctypes.c_ulonglong), POINTER(c_size_t), c_size_t, POINTER(c_size_t)]),
     "devmem_for_each_allocation": (c_int32, [ALLOCATION_CALLBACK, c_void_p, POINTER(c_size_t)]),
     "devmem_set_callbacks": (c_int32, [ALLOCATION_CALLBACK, ALLOCATION_CALLBACK, c_void_p]),
     "devmem_release_host_store": (c_int32, [POINTER(c_size_t)]),
@@ -377,12 +381,12 @@ def emulator_face() -> Optional[str]:
     value = os.environ.get(EMULATOR_ENV, "").strip()
     if value in ("", "0"):
         return None
-    face = {"1": "cuda", "cuda": "cuda", "level_zero": "level_zero"}.get(value)
+    face = {"1": "cuda", "cuda": "cuda", "hip": "hip", "level_zero": "level_zero"}.get(value)
     if face is None:
         raise InvalidArgumentError(
             Status.INVALID_ARGUMENT,
             f"{EMULATOR_ENV}={value!r} is not valid: expected 1 or cuda (the emulator's CUDA face), "
-            "level_zero (its Level Zero face), or 0",
+            "hip (its HIP face), level_zero (its Level Zero face), or 0",
         )
     return face
 
@@ -404,6 +408,9 @@ def _apply_emulator() -> None:
     if face == "level_zero":
         os.environ["DEVMEM_ZE_LIBRARY"] = path
         os.environ["DEVMEM_BACKEND"] = "level_zero"
+    elif face == "hip":
+        os.environ["DEVMEM_HIP_LIBRARY"] = path
+        os.environ["DEVMEM_BACKEND"] = "hip"
     else:
         os.environ.setdefault("DEVMEM_BACKEND", "cuda")
     logger.info("devmem: using the bundled driver emulator (%s face): %s", face, path)

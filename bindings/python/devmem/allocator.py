@@ -51,12 +51,13 @@ class AllocationData:
     """One entry of :attr:`CuMemAllocator.pointer_to_data`, shaped like vLLM's.
 
     ``handle`` is ``(device, size, ptr, physical handle)``; the physical handle is 0 while
-    asleep. ``cpu_backup_tensor`` is always None: devmem keeps backups in its own pinned host
+    asleep. On the HIP backend it is vLLM's ROCm form, ``(device, size, ptr, [(chunk handle,
+    chunk size), ...])`` (an empty list while asleep). ``cpu_backup_tensor`` is always None: devmem keeps backups in its own pinned host
     store (read them with :func:`devmem.torch_memory_saver.torch_memory_saver.get_cpu_backup`);
     ``is_offloaded`` says whether one exists.
     """
 
-    handle: Tuple[int, int, int, int]
+    handle: Tuple[int, int, int, Any]
     tag: str
     cpu_backup_tensor: None = None
     is_asleep: bool = False
@@ -64,8 +65,11 @@ class AllocationData:
 
     @staticmethod
     def of(a: api.Allocation) -> "AllocationData":
+        physical: Any = a.handle
+        if api.backend() == _lib.Backend.HIP:
+            physical = api.allocation_chunks(a.ptr) if a.state == _lib.State.MAPPED else []
         return AllocationData(
-            handle=(a.device, a.size, a.ptr, a.handle),
+            handle=(a.device, a.size, a.ptr, physical),
             tag=a.tag,
             is_asleep=a.state != _lib.State.MAPPED,
             is_offloaded=a.state == _lib.State.OFFLOADED,

@@ -310,6 +310,25 @@ def allocation_info(ptr: int) -> Allocation:
     return _allocation(info)
 
 
+def allocation_chunks(ptr: int) -> List[Tuple[int, int]]:
+    """The physical memory mapped for the allocation containing ``ptr``: ``(driver handle,
+    size)`` of each chunk, in address order — vLLM's ROCm handle form. One chunk unless the
+    backend chunks physical memory (HIP by default, ``DEVMEM_CHUNK_SIZE``); empty while the
+    allocation is asleep."""
+    count = ctypes.c_size_t(0)
+    while True:
+        n = count.value
+        handles = (ctypes.c_ulonglong * max(n, 1))()
+        sizes = (ctypes.c_size_t * max(n, 1))()
+        fn = _lib.load().devmem_get_allocation_chunks
+        status = fn(ctypes.c_void_p(ptr), handles, sizes, n, ctypes.byref(count))
+        if status == _lib.Status.BUFFER_TOO_SMALL and count.value > n:
+            continue  # the count is written: ask again with room for it
+        if status != _lib.Status.SUCCESS:
+            raise _lib.error_for(status, _lib.last_message())
+        return [(int(handles[i]), int(sizes[i])) for i in range(count.value)]
+
+
 def allocations() -> List[Allocation]:
     """Every live allocation, in address order."""
     seen: List[Allocation] = []
@@ -496,7 +515,7 @@ def restore_from_store(tags: TagsArg) -> TransferResult:
 def use_emulator(face: str = "cuda", capacity: Optional[str] = None, devices: Optional[int] = None) -> str:
     """Runs devmem on the driver emulator bundled with the package instead of a GPU, so code
     using devmem can be tried and tested on any Linux machine. ``face`` is ``"cuda"`` (the
-    emulator's CUDA driver face) or ``"level_zero"``; ``capacity`` the memory of each emulated
+    emulator's CUDA driver face), ``"hip"`` or ``"level_zero"``; ``capacity`` the memory of each emulated
     device (``"1G"`` by default, suffixes K/M/G) and ``devices`` their number (default 1). The
     same as setting ``DEVMEM_EMULATOR=1`` (or ``level_zero``) before the first devmem call.
     Must be called before devmem is first used in the process (``InvalidStateError``
@@ -527,8 +546,9 @@ def use_emulator(face: str = "cuda", capacity: Optional[str] = None, devices: Op
 
 def select_backend(backend: "_lib.Backend") -> None:
     """Chooses the backend before the first allocation: ``Backend.AUTO`` (CUDA when a CUDA
-    driver with a device loads, else Level Zero), ``Backend.CUDA`` or ``Backend.LEVEL_ZERO``.
-    ``DEVMEM_BACKEND=cuda|level_zero|auto`` does the same from the environment."""
+    driver with a device loads, else HIP when the HIP runtime loads with a device, else Level
+    Zero), ``Backend.CUDA``, ``Backend.HIP`` or ``Backend.LEVEL_ZERO``.
+    ``DEVMEM_BACKEND=cuda|hip|level_zero|auto`` does the same from the environment."""
     if not isinstance(backend, int) or isinstance(backend, bool):
         raise TypeError(f"backend must be a devmem.Backend, not {type(backend).__name__}")
     call("devmem_select_backend", int(backend))

@@ -26,7 +26,14 @@ if os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1":
     if os.environ.get("DEVMEM_TEST_BACKEND") == "level_zero":
         os.environ.setdefault("DEVMEM_BACKEND", "level_zero")
         os.environ.setdefault("DEVMEM_ZE_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
+    # DEVMEM_TEST_BACKEND=hip: on the emulator's HIP face (chunks and re-reserving on).
+    if os.environ.get("DEVMEM_TEST_BACKEND") == "hip":
+        os.environ.setdefault("DEVMEM_BACKEND", "hip")
+        os.environ.setdefault("DEVMEM_HIP_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
 LEVEL_ZERO = os.environ.get("DEVMEM_BACKEND") == "level_zero"
+HIP = os.environ.get("DEVMEM_BACKEND") == "hip"
+#: Only CUDA has a device checksum (its kernel is PTX).
+CHECKSUM = not (LEVEL_ZERO or HIP)
 
 EMULATED = os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1"
 HEADER = ROOT / "include" / "devmem.h"

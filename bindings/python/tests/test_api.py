@@ -152,7 +152,7 @@ def test_errors_carry_status_and_message():
 
 def test_out_of_memory_is_a_memory_error_and_leaves_nothing():
     free_b, _ = devmem.mem_get_info()
-    with pytest.raises(devmem.OutOfMemoryError, match="CUDA_ERROR_OUT_OF_MEMORY|ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY") as info:
+    with pytest.raises(devmem.OutOfMemoryError, match="CUDA_ERROR_OUT_OF_MEMORY|ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY|hipErrorOutOfMemory") as info:
         devmem.malloc(free_b + 2 * MIB)
     assert isinstance(info.value, MemoryError)
     assert devmem.mem_get_info()[0] == free_b
@@ -237,9 +237,9 @@ def test_host_policy_and_reserve():
 
 
 def test_backend_reported_and_fixed_once_loaded():
-    from conftest import LEVEL_ZERO
+    from conftest import HIP, LEVEL_ZERO
 
-    expected = devmem.Backend.LEVEL_ZERO if LEVEL_ZERO else devmem.Backend.CUDA
+    expected = devmem.Backend.LEVEL_ZERO if LEVEL_ZERO else devmem.Backend.HIP if HIP else devmem.Backend.CUDA
     assert devmem.backend() == expected
     other = devmem.Backend.CUDA if LEVEL_ZERO else devmem.Backend.LEVEL_ZERO
     with pytest.raises(devmem.InvalidStateError, match="already in use"):

@@ -39,6 +39,7 @@ def test_missing_driver_is_driver_not_found():
         "    print('RAISED', e)\n",
         DEVMEM_CUDA_LIBRARY="/nonexistent/libcuda.so.1",
         DEVMEM_ZE_LIBRARY="/nonexistent/libcuda.so.1",
+        DEVMEM_HIP_LIBRARY="/nonexistent/libcuda.so.1",
         DEVMEM_EMULATOR="0",  # the installed-package pass selects the bundled emulator otherwise
     )
     assert out.returncode == 0, out.stderr
@@ -90,7 +91,7 @@ def run_clean(code, **extra):
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_devmem_emulator_selects_the_bundled_emulator_on_both_faces():
+def test_devmem_emulator_selects_the_bundled_emulator_on_every_face():
     code = (
         "import devmem\n"
         "with devmem.use_tag('weights'):\n"
@@ -98,7 +99,7 @@ def test_devmem_emulator_selects_the_bundled_emulator_on_both_faces():
         "print(devmem.sleep(('weights',)).bytes_saved, devmem.backend().name)\n"
         "devmem.wake_up(); devmem.free(p)\n"
     )
-    for value, backend in (("1", "CUDA"), ("cuda", "CUDA"), ("level_zero", "LEVEL_ZERO")):
+    for value, backend in (("1", "CUDA"), ("cuda", "CUDA"), ("hip", "HIP"), ("level_zero", "LEVEL_ZERO")):
         out = run_clean(code, DEVMEM_EMULATOR=value)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [str(64 << 20), backend], out.stdout
