@@ -471,3 +471,78 @@ fn the_layer_works_over_cuda_on_request() {
     free_all(&[w, kv]);
     release_store_and_assert_clean();
 }
+
+/// A release that fails on the second of four chunks: the sleep reports it, the allocation
+/// keeps what is still held, the wake recreates the chunks already given back, and nothing is
+/// left after the free.
+#[test]
+fn a_release_failing_midway_keeps_the_rest_and_the_wake_completes_the_set() {
+    hip_env(&[("DEVMEM_CHUNK_SIZE", "2M")]);
+    let p = alloc(8 * MIB, "weights");
+    fill(p, 8 * MIB, 17);
+    emu().inject_exactly("hipMemRelease", 2, 999);
+    expect_err(sleep(&["weights"]), S::Driver, "hipMemRelease");
+    assert_eq!(state(p), devmem_state::Offloaded);
+    assert_eq!(emu().counters().handles, 3, "chunks 2 to 4 still held");
+    let creates = emu().calls_exactly("hipMemCreate");
+    ok(wake(None));
+    assert_eq!(
+        emu().calls_exactly("hipMemCreate") - creates,
+        1,
+        "only chunk 1 anew"
+    );
+    assert_eq!(mismatches(p, 8 * MIB, 17), 0);
+    assert_eq!(chunks(p).len(), 4);
+    free_all(&[p]);
+    release_store_and_assert_clean();
+}
+
+/// An unmap that fails on the second of three chunks maps the first back: the allocation is
+/// mapped whole with its bytes, as its state says, and a later sleep works.
+#[test]
+fn an_unmap_failing_midway_maps_the_chunks_back() {
+    hip_env(&[("DEVMEM_CHUNK_SIZE", "2M")]);
+    let p = alloc(6 * MIB, "weights");
+    fill(p, 6 * MIB, 19);
+    emu().inject_exactly("hipMemUnmap", 2, 999);
+    expect_err(sleep(&["weights"]), S::Driver, "hipMemUnmap");
+    assert_eq!(state(p), devmem_state::Mapped);
+    for offset in [0, 2 * MIB, 4 * MIB] {
+        assert_eq!(emu().mapping(p + offset as u64), 2, "chunk at +{offset}");
+    }
+    assert_eq!(mismatches(p, 6 * MIB, 19), 0);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, 6 * MIB, 19), 0);
+    free_all(&[p]);
+    release_store_and_assert_clean();
+}
+
+/// PyTorch's ROCm build loads its own HIP runtime: devmem must use that copy (one runtime, one
+/// set of devices and streams), not load another from the library path.
+#[test]
+fn a_hip_runtime_already_in_the_process_is_the_one_used() {
+    hip_env(&[]);
+    let dir = std::env::temp_dir().join(format!("devmem-hip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let copy = dir.join("libamdhip64.so.6");
+    std::fs::copy(emulator_path(), &copy).expect("copy");
+    std::env::remove_var("DEVMEM_HIP_LIBRARY");
+    // SAFETY: the emulator, loaded as the application's runtime.
+    let app = unsafe { libloading::Library::new(&copy) }.expect("runtime");
+    // SAFETY: cuemu_calls' prototype.
+    let calls = unsafe {
+        *app.get::<unsafe extern "C" fn(*const std::ffi::c_char) -> u64>(b"cuemu_calls\0")
+            .expect("cuemu_calls")
+    };
+    let p = alloc(2 * MIB, "x");
+    // SAFETY: a NUL-terminated name.
+    assert_eq!(
+        unsafe { calls(c"hipMemCreate".as_ptr()) },
+        1,
+        "the process's runtime"
+    );
+    assert_eq!(emu().calls_exactly("hipMemCreate"), 0, "no second runtime");
+    ok(ffi::devmem_free(p as *mut c_void));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -35,7 +35,8 @@ use crate::error::{bail, Error, Result};
 
 /// One allocation's physical memory.
 struct Set {
-    /// (driver handle, bytes) of each piece, in address order.
+    /// (driver handle, bytes) of each piece, in address order. Handle 0: a piece already
+    /// released by a release that failed on a later piece; mapping the set creates it anew.
     pieces: Vec<(u64, usize)>,
     /// Where it is mapped now.
     mapped_at: Option<u64>,
@@ -256,6 +257,63 @@ impl Layered {
         Ok(id)
     }
 
+    /// The set's pieces, after creating anew those a failed release gave back already.
+    fn complete(&self, device: i32, handle: u64) -> Result<Vec<(u64, usize)>> {
+        let mut pieces = self.pieces(handle)?;
+        let missing: Vec<usize> = (0..pieces.len()).filter(|&i| pieces[i].0 == 0).collect();
+        for (k, &i) in missing.iter().enumerate() {
+            match self.inner.create(device, pieces[i].1) {
+                Ok(created) => pieces[i].0 = created,
+                Err(err) => {
+                    for &j in &missing[..k] {
+                        if let Err(undo) = self.inner.release(device, pieces[j].0) {
+                            log::error!("devmem: releasing a recreated chunk: {undo}");
+                            continue; // kept in the set below, so it is not lost
+                        }
+                        pieces[j].0 = 0;
+                    }
+                    self.store(handle, &pieces);
+                    return Err(err.context("recreating the chunks a failed release gave back"));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            self.store(handle, &pieces);
+        }
+        Ok(pieces)
+    }
+
+    fn store(&self, handle: u64, pieces: &[(u64, usize)]) {
+        if let Some(set) = self.state.lock().sets.get_mut(&handle) {
+            set.pieces = pieces.to_vec();
+        }
+    }
+
+    /// Maps again, with access, the pieces of the set at `va` that were mapped (`was`) and
+    /// are not any more (`mapped`), updating `mapped`.
+    fn remap(&self, device: i32, va: u64, sizes: &[usize], was: &[bool], mapped: &mut [bool]) {
+        let id = self.state.lock().by_va.get(&va).copied();
+        let Some(pieces) = id.and_then(|id| self.pieces(id).ok()) else {
+            return;
+        };
+        let mut offset = 0u64;
+        for (i, &n) in sizes.iter().enumerate() {
+            let at = va + offset;
+            offset += n as u64;
+            if !was[i] || mapped[i] || pieces.get(i).is_none_or(|p| p.1 != n) {
+                continue;
+            }
+            let back = self
+                .inner
+                .map(device, at, n, pieces[i].0)
+                .and_then(|()| self.inner.set_access(device, at, n));
+            match back {
+                Ok(()) => mapped[i] = true,
+                Err(err) => log::error!("devmem: mapping {at:#x} back after a failed unmap: {err}"),
+            }
+        }
+    }
+
     fn mapped(&self, handle: u64, va: u64) {
         let mut state = self.state.lock();
         if let Some(set) = state.sets.get_mut(&handle) {
@@ -333,18 +391,15 @@ impl Backend for Layered {
         };
         let total: usize = set.pieces.iter().map(|p| p.1).sum();
         let mut failure = None;
-        set.pieces.retain(|&(piece, size)| {
-            if failure.is_some() {
-                return true;
-            }
-            match self.inner.release(device, piece) {
-                Ok(()) => false,
+        for (piece, size) in set.pieces.iter_mut().filter(|p| p.0 != 0) {
+            match self.inner.release(device, *piece) {
+                Ok(()) => *piece = 0,
                 Err(err) => {
                     failure = Some(err.context(format!("chunk {piece:#x} ({size} bytes)")));
-                    true
+                    break;
                 }
             }
-        });
+        }
         if let Some(err) = failure {
             // What is left stays held under the same id: a retry releases the rest.
             self.state.lock().sets.insert(handle, set);
@@ -380,23 +435,36 @@ impl Backend for Layered {
             .remove(&va)
             .filter(|m| m.len() == sizes.len())
             .unwrap_or_else(|| vec![true; sizes.len()]);
+        let was = mapped.clone();
         let mut offset = 0u64;
         let mut failure = None;
         for (i, &n) in sizes.iter().enumerate() {
             if mapped[i] {
                 match self.inner.unmap(device, va + offset, n) {
                     Ok(()) => mapped[i] = false,
-                    Err(err) if failure.is_none() => failure = Some(err),
-                    Err(_) => {}
+                    Err(err) => {
+                        failure = Some(err.context(format!(
+                            "piece {} of {} ({n} bytes at {:#x})",
+                            i + 1,
+                            sizes.len(),
+                            va + offset
+                        )));
+                        break;
+                    }
                 }
             }
             offset += n as u64;
         }
-        let mut state = self.state.lock();
         if let Some(err) = failure {
-            state.partial.insert(va, mapped);
+            // Map back what this call unmapped, so a failed unmap leaves the whole range
+            // mapped as the caller assumes; what cannot be is remembered.
+            self.remap(device, va, &sizes, &was, &mut mapped);
+            if mapped.iter().any(|m| !m) {
+                self.state.lock().partial.insert(va, mapped);
+            }
             return Err(err);
         }
+        let mut state = self.state.lock();
         if let Some(id) = state.by_va.remove(&va) {
             if let Some(set) = state.sets.get_mut(&id) {
                 set.mapped_at = None;
@@ -520,7 +588,7 @@ impl Layered {
         access: bool,
     ) -> std::result::Result<(), Stranded> {
         self.recover(device, va).map_err(Stranded::nothing)?;
-        let pieces = self.pieces(handle).map_err(Stranded::nothing)?;
+        let pieces = self.complete(device, handle).map_err(Stranded::nothing)?;
         let total: usize = pieces.iter().map(|p| p.1).sum();
         if total != size {
             return Err(Stranded::nothing(Error::new(

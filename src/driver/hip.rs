@@ -37,8 +37,10 @@ pub(crate) const EVENT_DISABLE_TIMING: c_uint = 2;
 /// `hipHostRegisterPortable`.
 pub(crate) const HOST_REGISTER_PORTABLE: c_uint = 1;
 
-/// The library name tried when `DEVMEM_HIP_LIBRARY` is unset.
-pub(crate) const DEFAULT_LIBRARY: &str = "libamdhip64.so";
+/// The library names tried when `DEVMEM_HIP_LIBRARY` is unset and the process has no HIP
+/// runtime loaded yet.
+pub(crate) const DEFAULT_LIBRARIES: [&str; 3] =
+    ["libamdhip64.so", "libamdhip64.so.7", "libamdhip64.so.6"];
 /// Environment variable that overrides the runtime library path.
 pub(crate) const LIBRARY_ENV: &str = "DEVMEM_HIP_LIBRARY";
 
@@ -144,6 +146,19 @@ symbol_table! {
     }
 }
 
+/// The path of a HIP runtime already mapped into this process, if any.
+fn loaded_runtime() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            path.rsplit('/')
+                .next()
+                .is_some_and(|name| name.starts_with("libamdhip64"))
+        })
+        .map(str::to_string)
+}
+
 fn text(pointer: *const c_char) -> Option<String> {
     // SAFETY: the runtime returns NULL or a NUL-terminated static string.
     (!pointer.is_null()).then(|| {
@@ -156,8 +171,38 @@ fn text(pointer: *const c_char) -> Option<String> {
 impl HipApi {
     /// Opens the runtime library (`DEVMEM_HIP_LIBRARY` or `libamdhip64.so`), resolves every
     /// symbol and calls `hipInit(0)`.
+    ///
+    /// Without `DEVMEM_HIP_LIBRARY`, a HIP runtime already mapped into the process (PyTorch's
+    /// ROCm build loads its own copy) is used first, so devmem and the application share one
+    /// runtime, its devices and its streams; then the names in [`DEFAULT_LIBRARIES`].
     pub fn load() -> Result<Self> {
-        let (lib, path) = super::open(LIBRARY_ENV, DEFAULT_LIBRARY, "the HIP runtime library")?;
+        let set = std::env::var(LIBRARY_ENV).is_ok_and(|p| !p.is_empty());
+        let mut candidates: Vec<String> = Vec::new();
+        if !set {
+            candidates.extend(loaded_runtime());
+            candidates.extend(DEFAULT_LIBRARIES.iter().map(|s| s.to_string()));
+        }
+        let mut failures = Vec::new();
+        let mut opened = None;
+        if set {
+            opened = Some(super::open(LIBRARY_ENV, "", "the HIP runtime library")?);
+        } else {
+            for name in &candidates {
+                match super::open(LIBRARY_ENV, name, "the HIP runtime library") {
+                    Ok(found) => {
+                        opened = Some(found);
+                        break;
+                    }
+                    Err(err) => failures.push(err.message),
+                }
+            }
+        }
+        let Some((lib, path)) = opened else {
+            return Err(Error::new(
+                devmem_status::DriverNotFound,
+                failures.join("; "),
+            ));
+        };
         let api = Self::resolve(lib, path)?;
         // SAFETY: hipInit takes flags by value and has no other preconditions.
         api.check("hipInit", unsafe { (api.init)(0) })?;

@@ -6,7 +6,8 @@ previous configuration. PyTorch resets every option absent from the string it is
 the *whole* string is rewritten with only ``expandable_segments`` changed, and the previous
 string is handed back in ``finally``, also when the body raises. PyTorch has no getter for the
 live configuration, so devmem remembers the last string it set and otherwise reads the
-environment (``PYTORCH_CUDA_ALLOC_CONF``, or ``PYTORCH_ALLOC_CONF`` on newer releases).
+environment (``PYTORCH_CUDA_ALLOC_CONF``, ``PYTORCH_HIP_ALLOC_CONF`` on ROCm builds, or
+``PYTORCH_ALLOC_CONF`` on newer releases).
 
 The setting is process-wide while pools are entered per thread, so entries are counted under a
 lock: the first entry (in any thread) turns expandable segments off, and only the last exit
@@ -24,7 +25,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger("devmem")
 
-ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 _applied: Optional[str] = None
 _lock = threading.Lock()
 _depth = 0
