@@ -43,3 +43,50 @@ for size in (2 << 20, 64 << 20, 1 << 30):
         print(f"   with a neighbour held: {y:#x} -> {z:#x}: {'SAME' if z == y else 'ELSEWHERE'}")
         free(z, size)
         free(x, size)
+
+
+# With physical memory mapped, written, unmapped and released before the range is freed (what
+# devmem's re-reserve does after a sleep), for several neighbouring ranges in turn.
+class Prop(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("handle_types", ctypes.c_int), ("loc_type", ctypes.c_int),
+                ("loc_id", ctypes.c_int), ("win32", ctypes.c_void_p), ("compression", ctypes.c_ubyte),
+                ("rdma", ctypes.c_ubyte), ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+
+class Access(ctypes.Structure):
+    _fields_ = [("loc_type", ctypes.c_int), ("loc_id", ctypes.c_int), ("flags", ctypes.c_int)]
+
+
+prop = Prop(type=1, handle_types=0, loc_type=1, loc_id=0)
+access = Access(loc_type=1, loc_id=0, flags=3)
+
+
+def with_memory(size, n):
+    ranges = []
+    for _ in range(n):
+        rc, a = reserve(size, 2 << 20, 0)
+        h = ctypes.c_uint64()
+        assert cu.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(size), ctypes.byref(prop), ctypes.c_uint64(0)) == 0
+        assert cu.cuMemMap(ctypes.c_uint64(a), ctypes.c_size_t(size), ctypes.c_size_t(0), h, ctypes.c_uint64(0)) == 0
+        assert cu.cuMemSetAccess(ctypes.c_uint64(a), ctypes.c_size_t(size), ctypes.byref(access), ctypes.c_size_t(1)) == 0
+        assert cu.cuMemsetD8_v2(ctypes.c_uint64(a), ctypes.c_ubyte(7), ctypes.c_size_t(size)) == 0
+        ranges.append((a, h))
+    assert cu.cuCtxSynchronize() == 0
+    same = 0
+    for a, h in ranges:
+        assert cu.cuMemUnmap(ctypes.c_uint64(a), ctypes.c_size_t(size)) == 0
+        assert cu.cuMemRelease(h) == 0
+        assert free(a, size) == 0
+        rc, b = reserve(size, 2 << 20, a)
+        same += b == a
+        if b != a:
+            print(f"   {a:#x} came back at {b:#x} (rc {rc})")
+            free(b, size)
+            rc, b = reserve(size, 2 << 20, a)
+            print(f"   asked again: {b:#x}")
+        free(b, size)
+    print(f"with memory, {n} x {size >> 20} MiB: {same} of {n} at the same address")
+
+
+for size, n in ((2 << 20, 8), (64 << 20, 8), (256 << 20, 4), (1 << 30, 2)):
+    with_memory(size, n)

@@ -307,26 +307,6 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn reserve_at(&self, device: i32, va: u64, size: usize) -> Result<()> {
-        self.with_device(device, |state| {
-            let got = self.api.address_reserve(size, state.granularity, va)?;
-            if got == va {
-                return Ok(());
-            }
-            // SAFETY: `got` is the reservation just made; nothing uses it.
-            if let Err(err) = unsafe { self.api.address_free(got, size) } {
-                log::error!("devmem: freeing the misplaced reservation {got:#x}: {err}");
-            }
-            Err(crate::error::Error::new(
-                crate::error::devmem_status::Driver,
-                format!(
-                    "cuMemAddressReserve placed {size} bytes at {got:#x}, not at the requested \
-                     {va:#x}: the range is taken"
-                ),
-            ))
-        })
-    }
-
     fn free_va(&self, device: i32, va: u64, size: usize) -> Result<()> {
         self.with_device(device, |_| {
             // SAFETY: `va`/`size` describe a reservation devmem made and no longer maps.

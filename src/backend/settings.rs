@@ -5,7 +5,7 @@
 //! | variable | values | `auto` means |
 //! | --- | --- | --- |
 //! | `DEVMEM_CHUNK_SIZE` | a size (`256M`, bytes or K/M/G), `0` = one piece | HIP: 256 MiB (or vLLM's `VLLM_ROCM_SLEEP_MEM_CHUNK_SIZE` / `VLLM_SLEEP_MEM_CHUNK_SIZE`, in MiB); others: one piece |
-//! | `DEVMEM_RERESERVE` | `0`, `1`, `auto` | HIP: on (ROCm returns memory only when the reservation is freed); others: off |
+//! | `DEVMEM_RERESERVE` | `0`, `1`, `auto` | HIP: on (ROCm returns memory only when the reservation is freed); others: off, and `1` is refused (`UNSUPPORTED`) |
 //! | `DEVMEM_ZERO_ON_WAKE` | `0`, `1`, `auto` | HIP on a Linux kernel older than 6.14 (stale VRAM, as vLLM): on; others: off |
 
 use super::devmem_backend;
@@ -95,19 +95,24 @@ impl Settings {
         let hip = kind == devmem_backend::Hip;
         let rereserve = switch("DEVMEM_RERESERVE")?;
         let zero_on_wake = switch("DEVMEM_ZERO_ON_WAKE")?;
-        if kind == devmem_backend::LevelZero {
-            // Level Zero's backend has neither a chosen-address reservation nor a fill.
-            for (name, asked) in [
-                ("DEVMEM_RERESERVE", rereserve),
-                ("DEVMEM_ZERO_ON_WAKE", zero_on_wake),
-            ] {
-                if asked == Some(true) {
-                    bail!(
-                        Unsupported,
-                        "{name}=1: the level_zero backend does not support it (cuda and hip do)"
-                    );
-                }
-            }
+        if !hip && rereserve == Some(true) {
+            // CUDA and Level Zero return memory on release. On an H100 (driver 580) the CUDA
+            // driver placed a freed range elsewhere when asked for it again in PyTorch
+            // workloads (bench/results/h100-issue14-rereserve-on-cuda-python.log), so a wake
+            // would have had nowhere to map: refused rather than offered.
+            bail!(
+                Unsupported,
+                "DEVMEM_RERESERVE=1: only the hip backend re-reserves address ranges; the {} \
+                 backend returns memory on release without it",
+                kind.label()
+            );
+        }
+        if kind == devmem_backend::LevelZero && zero_on_wake == Some(true) {
+            bail!(
+                Unsupported,
+                "DEVMEM_ZERO_ON_WAKE=1: the level_zero backend cannot fill device memory (cuda \
+                 and hip can)"
+            );
         }
         Ok(Self {
             chunk_size: chunk_size(kind)?,
