@@ -407,66 +407,57 @@ fn bad_switch_values_fail_the_load_naming_the_variable() {
         ("DEVMEM_RERESERVE", "maybe"),
         ("DEVMEM_ZERO_ON_WAKE", "2"),
     ] {
-        let out = run_child_test(
-            &[],
-            "bad_switch_child",
-            &[("DEVMEM_TEST_SWITCH", name), ("DEVMEM_TEST_VALUE", value)],
-            std::time::Duration::from_secs(60),
-        );
-        assert!(out.contains(name), "{out}");
+        switch_refused(name, value, "hip", "INVALID_ARGUMENT");
     }
-}
-
-#[test]
-#[ignore = "run by bad_switch_values_fail_the_load_naming_the_variable"]
-fn bad_switch_child() {
-    let name = std::env::var("DEVMEM_TEST_SWITCH").expect("switch");
-    let value = std::env::var("DEVMEM_TEST_VALUE").expect("value");
-    hip_env(&[(name.as_str(), value.as_str())]);
-    let mut p: *mut c_void = ptr::null_mut();
-    expect_err(
-        ffi::devmem_malloc(2 * MIB, 0, &mut p),
-        S::InvalidArgument,
-        &name,
-    );
-    println!("{}", message());
 }
 
 /// Only HIP re-reserves (CUDA's driver did not always give a freed range back on the H100),
 /// and Level Zero cannot zero: asking fails the load instead of being ignored.
 #[test]
 fn other_backends_refuse_what_they_cannot_do() {
-    for (backend, name) in [
-        ("cuda", "DEVMEM_RERESERVE"),
-        ("level_zero", "DEVMEM_RERESERVE"),
-        ("level_zero", "DEVMEM_ZERO_ON_WAKE"),
-    ] {
-        let out = run_child_test(
-            &[],
-            "refused_switch_child",
-            &[("DEVMEM_TEST_SWITCH", name), ("DEVMEM_TEST_ON", backend)],
-            std::time::Duration::from_secs(60),
-        );
-        assert!(out.contains(&format!("{name}=1")), "{out}");
-    }
+    switch_refused("DEVMEM_RERESERVE", "1", "cuda", "UNSUPPORTED");
+    switch_refused("DEVMEM_RERESERVE", "1", "level_zero", "UNSUPPORTED");
+    switch_refused("DEVMEM_ZERO_ON_WAKE", "1", "level_zero", "UNSUPPORTED");
+}
+
+/// Runs `switch_child` with `name=value` on `backend`: the first allocation must fail with
+/// `status`, naming the variable and its value.
+fn switch_refused(name: &str, value: &str, backend: &str, status: &str) {
+    let out = run_child_test(
+        &[],
+        "switch_child",
+        &[
+            ("DEVMEM_TEST_SWITCH", name),
+            ("DEVMEM_TEST_VALUE", value),
+            ("DEVMEM_TEST_ON", backend),
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    let expected = format!("DEVMEM_STATUS_{status}");
+    assert!(out.contains(&expected), "{expected} missing: {out}");
+    assert!(out.contains(&format!("{name}={value}")), "{out}");
 }
 
 #[test]
-#[ignore = "run by other_backends_refuse_what_they_cannot_do"]
-fn refused_switch_child() {
-    let name = std::env::var("DEVMEM_TEST_SWITCH").expect("switch");
-    let backend = std::env::var("DEVMEM_TEST_ON").expect("backend");
-    setup(&[(name.as_str(), "1")]);
+#[ignore = "run by switch_refused"]
+fn switch_child() {
+    let var = |k: &str| std::env::var(k).expect(k);
+    let (name, value, backend) = (
+        var("DEVMEM_TEST_SWITCH"),
+        var("DEVMEM_TEST_VALUE"),
+        var("DEVMEM_TEST_ON"),
+    );
+    hip_env(&[(name.as_str(), value.as_str())]);
     std::env::set_var("DEVMEM_BACKEND", &backend);
     std::env::set_var("DEVMEM_CUDA_LIBRARY", emulator_path());
     std::env::set_var("DEVMEM_ZE_LIBRARY", emulator_path());
     let mut p: *mut c_void = ptr::null_mut();
-    expect_err(
-        ffi::devmem_malloc(2 * MIB, 0, &mut p),
-        S::Unsupported,
-        &format!("{name}=1"),
-    );
-    println!("{}", message());
+    let status = ffi::devmem_malloc(2 * MIB, 0, &mut p);
+    assert_ne!(status, S::Success);
+    let name = ffi::devmem_status_string(status as i32);
+    // SAFETY: a static NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    println!("{name}: {}", message());
 }
 
 /// The layer works over CUDA too: chunks and zeroing by request.

@@ -211,16 +211,9 @@ pub extern "C" fn cuCtxSynchronize() -> R {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> R {
-    with_context("cuMemGetInfo_v2", |emu, device| {
-        let d = device as usize;
-        // SAFETY: out-pointers per the driver contract.
-        unsafe {
-            let rc = put(free, emu.capacity[d].saturating_sub(emu.used[d]));
-            if rc != SUCCESS {
-                return rc;
-            }
-            put(total, emu.capacity[d])
-        }
+    // SAFETY: out-pointers per the driver contract.
+    with_context("cuMemGetInfo_v2", |emu, device| unsafe {
+        emu.put_mem_info(device, free, total)
     })
 }
 
@@ -388,6 +381,27 @@ fn memcpy(
 }
 
 impl Emu {
+    /// Writes `device`'s free and total bytes.
+    ///
+    /// # Safety
+    /// Each pointer must be NULL or valid for a write.
+    pub(crate) unsafe fn put_mem_info(
+        &self,
+        device: i32,
+        free: *mut usize,
+        total: *mut usize,
+    ) -> R {
+        let d = device as usize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let rc = put(free, self.capacity[d].saturating_sub(self.used[d]));
+            if rc != SUCCESS {
+                return rc;
+            }
+            put(total, self.capacity[d])
+        }
+    }
+
     /// Checks that `device_side` is device memory, queues the copy on `stream` of `device`,
     /// and for a synchronous copy (`stream` `None`, the legacy stream) runs the legacy
     /// stream's work up to and including it before returning.

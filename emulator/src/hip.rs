@@ -144,16 +144,9 @@ pub extern "C" fn hipDeviceSynchronize() -> R {
 
 #[no_mangle]
 pub unsafe extern "C" fn hipMemGetInfo(free: *mut usize, total: *mut usize) -> R {
-    with_device("hipMemGetInfo", |emu, device| {
-        let d = device as usize;
-        // SAFETY: out-pointers per the runtime contract.
-        unsafe {
-            let rc = put(free, emu.capacity[d].saturating_sub(emu.used[d]));
-            if rc != SUCCESS {
-                return rc;
-            }
-            put(total, emu.capacity[d])
-        }
+    // SAFETY: out-pointers per the runtime contract.
+    with_device("hipMemGetInfo", |emu, device| unsafe {
+        emu.put_mem_info(device, free, total)
     })
 }
 

@@ -82,8 +82,8 @@ pub struct CudaBackend {
     api: CudaApi,
     device_count: i32,
     devices: Mutex<Vec<Option<Arc<DeviceState>>>>,
-    /// Idle events, reused by copy markers (addresses; raw pointers are not `Send`).
-    idle_events: Mutex<Vec<(i32, usize)>>,
+    /// Idle events, reused by copy markers.
+    idle_events: super::IdleEvents,
 }
 
 impl CudaBackend {
@@ -103,7 +103,7 @@ impl CudaBackend {
             api,
             device_count: count,
             devices: Mutex::new(vec![None; usize::try_from(count).unwrap_or(0)]),
-            idle_events: Mutex::new(Vec::new()),
+            idle_events: super::IdleEvents::default(),
         })
     }
 
@@ -479,31 +479,22 @@ impl Backend for CudaBackend {
 
     fn record_copy_marker(&self, device: i32) -> Result<u64> {
         self.with_device(device, |state| {
-            let reused = {
-                let mut idle = self.idle_events.lock();
-                let at = idle.iter().position(|(d, _)| *d == device);
-                at.map(|i| idle.swap_remove(i).1)
-            };
-            let event = match reused {
-                Some(event) => event as CUevent,
-                None => self
-                    .api
-                    .create_event(CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)?,
-            };
-            if let Err(err) = self.api.record_event(event, state.stream()) {
-                self.idle_events.lock().push((device, event as usize));
-                return Err(err);
-            }
-            Ok(event as u64)
+            self.idle_events.record(
+                device,
+                || {
+                    let flags = CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+                    Ok(self.api.create_event(flags)? as usize)
+                },
+                |event| self.api.record_event(event as CUevent, state.stream()),
+            )
         })
     }
 
     fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()> {
         self.with_device(device, |_| {
-            let event = marker as usize as CUevent;
-            let waited = self.api.synchronize_event(event);
-            self.idle_events.lock().push((device, event as usize));
-            waited
+            self.idle_events.wait(device, marker, |event| {
+                self.api.synchronize_event(event as CUevent)
+            })
         })
     }
 }

@@ -47,8 +47,8 @@ pub struct HipBackend {
     api: HipApi,
     device_count: i32,
     devices: Mutex<Vec<Option<Arc<DeviceState>>>>,
-    /// Idle events, reused by copy markers: (device, event address).
-    idle_events: Mutex<Vec<(i32, usize)>>,
+    /// Idle events, reused by copy markers.
+    idle_events: super::IdleEvents,
 }
 
 impl HipBackend {
@@ -66,7 +66,7 @@ impl HipBackend {
             api,
             device_count: count,
             devices: Mutex::new(vec![None; usize::try_from(count).unwrap_or(0)]),
-            idle_events: Mutex::new(Vec::new()),
+            idle_events: super::IdleEvents::default(),
         })
     }
 
@@ -285,29 +285,19 @@ impl Backend for HipBackend {
 
     fn record_copy_marker(&self, device: i32) -> Result<u64> {
         self.with_device(device, |state| {
-            let reused = {
-                let mut idle = self.idle_events.lock();
-                let at = idle.iter().position(|(d, _)| *d == device);
-                at.map(|i| idle.swap_remove(i).1)
-            };
-            let event = match reused {
-                Some(event) => event as *mut c_void,
-                None => self.api.create_event()?,
-            };
-            if let Err(err) = self.api.record_event(event, state.stream()) {
-                self.idle_events.lock().push((device, event as usize));
-                return Err(err);
-            }
-            Ok(event as u64)
+            self.idle_events.record(
+                device,
+                || Ok(self.api.create_event()? as usize),
+                |event| self.api.record_event(event as *mut c_void, state.stream()),
+            )
         })
     }
 
     fn wait_copy_marker(&self, device: i32, marker: u64) -> Result<()> {
         self.with_device(device, |_| {
-            let event = marker as usize as *mut c_void;
-            let waited = self.api.synchronize_event(event);
-            self.idle_events.lock().push((device, event as usize));
-            waited
+            self.idle_events.wait(device, marker, |event| {
+                self.api.synchronize_event(event as *mut c_void)
+            })
         })
     }
 

@@ -555,27 +555,6 @@ impl Backend for Layered {
     ) -> std::result::Result<(), Stranded> {
         self.map_with_access_inner(device, va, size, handle, true)
     }
-
-    fn create_and_map(
-        &self,
-        device: i32,
-        va: u64,
-        size: usize,
-    ) -> std::result::Result<u64, Stranded> {
-        let handle = self.create(device, size).map_err(Stranded::nothing)?;
-        if let Err(mut failed) = self.map_with_access(device, va, size, handle) {
-            if failed.mapped {
-                failed.handle = Some(handle); // released when it is unmapped
-                return Err(failed);
-            }
-            if let Err(undo) = self.release(device, handle) {
-                log::error!("devmem: releasing handle {handle:#x} after a failed map: {undo}");
-                failed.handle = Some(handle);
-            }
-            return Err(failed);
-        }
-        Ok(handle)
-    }
 }
 
 impl Layered {

@@ -238,6 +238,49 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Idle driver events (as addresses) per device, reused by copy markers: CUDA's and HIP's.
+#[derive(Default)]
+pub(crate) struct IdleEvents(Mutex<Vec<(i32, usize)>>);
+
+impl IdleEvents {
+    /// Records a marker on `device`: an idle event, or one from `create`, passed to `record`.
+    /// An event that fails to record goes back to the idle list.
+    pub(crate) fn record(
+        &self,
+        device: i32,
+        create: impl FnOnce() -> Result<usize>,
+        record: impl FnOnce(usize) -> Result<()>,
+    ) -> Result<u64> {
+        let reused = {
+            let mut idle = self.0.lock();
+            let at = idle.iter().position(|(d, _)| *d == device);
+            at.map(|i| idle.swap_remove(i).1)
+        };
+        let event = match reused {
+            Some(event) => event,
+            None => create()?,
+        };
+        if let Err(err) = record(event) {
+            self.0.lock().push((device, event));
+            return Err(err);
+        }
+        Ok(event as u64)
+    }
+
+    /// Waits for the marker with `wait`, then makes its event idle again.
+    pub(crate) fn wait(
+        &self,
+        device: i32,
+        marker: u64,
+        wait: impl FnOnce(usize) -> Result<()>,
+    ) -> Result<()> {
+        let event = marker as usize;
+        let waited = wait(event);
+        self.0.lock().push((device, event));
+        waited
+    }
+}
+
 /// A failed map whose undo failed too: what is still held.
 #[derive(Debug)]
 pub struct Stranded {
