@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import gc
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,29 @@ def _device_module(torch: Any) -> Tuple[Any, Any]:
     if xpu is not None and xpu.is_available() and hasattr(xpu.memory, "XPUPluggableAllocator"):
         return xpu, xpu.memory.XPUPluggableAllocator
     raise RuntimeError("no CUDA or XPU device is available to PyTorch")
+
+
+def torch_backend(torch: Any) -> Optional[_lib.Backend]:
+    """The devmem backend a PyTorch build needs: ``Backend.HIP`` for a ROCm build
+    (``torch.version.hip`` set, where ``torch.cuda`` runs on HIP), None (automatic) otherwise."""
+    return _lib.Backend.HIP if getattr(getattr(torch, "version", None), "hip", None) else None
+
+
+def select_torch_backend(torch: Any) -> None:
+    """Chooses the backend ``torch`` needs before devmem's first allocation (unless
+    ``DEVMEM_BACKEND`` chooses): on a ROCm build, HIP even where a CUDA driver would load too.
+    Raises :class:`InvalidStateError` when devmem already runs on another backend."""
+    wanted = torch_backend(torch)
+    if wanted is None or os.environ.get("DEVMEM_BACKEND", "").strip():
+        return
+    try:
+        api.select_backend(wanted)
+    except InvalidStateError as err:
+        raise InvalidStateError(
+            Status.INVALID_STATE,
+            f"PyTorch is a ROCm build (torch.version.hip={torch.version.hip}), so devmem must use its hip "
+            f"backend, but it is loaded already: {err}",
+        ) from None
 
 
 #: Tags a selective wake may leave asleep; any wake restores every other tag (vLLM's rule).
@@ -171,7 +195,9 @@ class CuMemAllocator:
 
     def _pluggable(self) -> Any:
         if self._allocator is None:
-            _, pluggable = _device_module(_torch())
+            torch = _torch()
+            select_torch_backend(torch)
+            _, pluggable = _device_module(torch)
             self._allocator = pluggable(_lib.library_path(), "my_malloc", "my_free")
         return self._allocator
 

@@ -50,3 +50,32 @@ def test_a_bad_chunk_size_is_a_clear_error():
     out = run_clean("import devmem\ndevmem.malloc(1 << 20)\n", DEVMEM_EMULATOR="hip", DEVMEM_CHUNK_SIZE="big")
     assert out.returncode != 0
     assert "InvalidArgumentError" in out.stderr and "DEVMEM_CHUNK_SIZE=big" in out.stderr
+
+
+def test_a_rocm_build_of_pytorch_selects_the_hip_backend():
+    import types
+
+    import devmem
+    from conftest import HIP
+    from devmem.allocator import select_torch_backend, torch_backend
+
+    rocm = types.SimpleNamespace(version=types.SimpleNamespace(hip="6.4.43483", cuda=None))
+    cuda = types.SimpleNamespace(version=types.SimpleNamespace(hip=None, cuda="13.0"))
+    assert torch_backend(rocm) == devmem.Backend.HIP
+    assert torch_backend(cuda) is None
+    select_torch_backend(cuda)  # nothing to choose
+    if HIP:
+        select_torch_backend(rocm)  # already HIP: fine
+    else:
+        import os
+
+        saved = os.environ.pop("DEVMEM_BACKEND", None)
+        try:
+            devmem.backend()  # loaded on another backend
+            import pytest
+
+            with pytest.raises(devmem.InvalidStateError, match="ROCm build .* must use its hip backend"):
+                select_torch_backend(rocm)
+        finally:
+            if saved is not None:
+                os.environ["DEVMEM_BACKEND"] = saved
