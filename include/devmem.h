@@ -283,7 +283,9 @@ void my_free(void *ptr, ssize_t size, int device, void *stream);
 // vLLM's primitive: creates `size` bytes of physical memory on `device`, maps it at `d_mem`
 // (inside a range the caller reserved) with read-write access, and writes the physical handle
 // to `*handle`. The allocation is not tracked by devmem's registry. Returns a
-// `devmem_status` as an int; callers that declare it `void` still work.
+// `devmem_status` as an int; callers that declare it `void` still work. This is vLLM's CUDA
+// form on every backend: where physical memory is chunked (HIP), `*handle` is devmem's id for
+// the chunks, which `unmap_and_release` takes back.
 int create_and_map(unsigned long long device,
                    ssize_t size,
                    unsigned long long d_mem,

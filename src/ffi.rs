@@ -187,7 +187,9 @@ fn low_level_args(device: c_ulonglong, size: ssize_t, d_mem: c_ulonglong) -> Res
 /// vLLM's primitive: creates `size` bytes of physical memory on `device`, maps it at `d_mem`
 /// (inside a range the caller reserved) with read-write access, and writes the physical handle
 /// to `*handle`. The allocation is not tracked by devmem's registry. Returns a
-/// `devmem_status` as an int; callers that declare it `void` still work.
+/// `devmem_status` as an int; callers that declare it `void` still work. This is vLLM's CUDA
+/// form on every backend: where physical memory is chunked (HIP), `*handle` is devmem's id for
+/// the chunks, which `unmap_and_release` takes back.
 #[no_mangle]
 pub extern "C" fn create_and_map(
     device: c_ulonglong,
