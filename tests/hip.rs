@@ -559,3 +559,45 @@ fn a_hip_runtime_already_in_the_process_is_the_one_used() {
     ok(ffi::devmem_free(p as *mut c_void));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// vLLM's primitives over a range the caller reserved through HIP: chunked memory is mapped
+/// and released as one handle, and the caller's range, cycled to return the memory, is still
+/// the caller's to free.
+#[test]
+fn the_low_level_primitives_work_over_a_caller_reservation() {
+    hip_env(&[("DEVMEM_CHUNK_SIZE", "2M")]);
+    // SAFETY: the emulator's HIP entry points, from the library devmem loads.
+    let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("emulator");
+    type Reserve = unsafe extern "C" fn(*mut u64, usize, usize, u64, u64) -> c_int;
+    type FreeVa = unsafe extern "C" fn(u64, usize) -> c_int;
+    // SAFETY: the types match the runtime's prototypes.
+    let (reserve, free_va) = unsafe {
+        (
+            *lib.get::<Reserve>(b"hipMemAddressReserve\0").expect("sym"),
+            *lib.get::<FreeVa>(b"hipMemAddressFree\0").expect("sym"),
+        )
+    };
+    let mut va = 0u64;
+    // SAFETY: a valid out-pointer.
+    assert_eq!(unsafe { reserve(&mut va, 6 * MIB, 0, 0, 0) }, 0);
+    let mut handle: std::ffi::c_ulonglong = 0;
+    assert_eq!(
+        ffi::create_and_map(0, 6 * MIB as isize, va, &mut handle),
+        0,
+        "{}",
+        message()
+    );
+    assert_eq!(emu().counters().handles, 3, "three chunks");
+    fill(va, 6 * MIB, 23);
+    assert_eq!(mismatches(va, 6 * MIB, 23), 0);
+    assert_eq!(
+        ffi::unmap_and_release(0, 6 * MIB as isize, va, &mut handle),
+        0,
+        "{}",
+        message()
+    );
+    assert_eq!(used_bytes(), 0, "the memory went back to the device");
+    // SAFETY: the caller's range, still reserved at the same address.
+    assert_eq!(unsafe { free_va(va, 6 * MIB) }, 0);
+    assert_no_device_leaks();
+}
