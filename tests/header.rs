@@ -31,7 +31,7 @@ fn header_declares_no_sleep_symbol() {
 }
 
 #[test]
-fn library_does_not_link_libcuda() {
+fn library_links_no_gpu_library() {
     let exe = std::env::current_exe().expect("test binary");
     let lib = exe
         .parent()
@@ -53,12 +53,14 @@ fn library_does_not_link_libcuda() {
         text.contains("(NEEDED)"),
         "readelf printed no NEEDED entry at all; the check would prove nothing:\n{text}"
     );
-    assert!(
-        !text
-            .lines()
-            .any(|l| l.contains("(NEEDED)") && l.contains("libcuda")),
-        "{text}"
-    );
+    for gpu in ["libcuda", "libamdhip64", "libze_loader"] {
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains("(NEEDED)") && l.contains(gpu)),
+            "{gpu} is linked:\n{text}"
+        );
+    }
     assert!(
         text.lines()
             .any(|l| l.contains("(SONAME)") && l.contains("libdevmem.so.0")),
