@@ -601,3 +601,21 @@ fn the_low_level_primitives_work_over_a_caller_reservation() {
     assert_eq!(unsafe { free_va(va, 6 * MIB) }, 0);
     assert_no_device_leaks();
 }
+
+/// Chunks over Level Zero (`zeVirtualMemMap` per chunk), by request.
+#[test]
+fn the_chunk_layer_works_over_level_zero_on_request() {
+    setup(&[("DEVMEM_CHUNK_SIZE", "2M")]);
+    std::env::set_var("DEVMEM_BACKEND", "level_zero");
+    std::env::set_var("DEVMEM_ZE_LIBRARY", emulator_path());
+    let before = emu().calls_exactly("zePhysicalMemCreate");
+    let w = alloc(6 * MIB, "weights");
+    assert_eq!(emu().calls_exactly("zePhysicalMemCreate") - before, 3);
+    assert_eq!(chunks(w).len(), 3);
+    fill(w, 6 * MIB, 31);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(w, 6 * MIB, 31), 0);
+    free_all(&[w]);
+    release_store_and_assert_clean();
+}
