@@ -430,6 +430,48 @@ row!(
     ffi::devmem_get_allocation_info(0x1000 as *const c_void, &mut unsafe_zeroed())
 );
 row!(
+    allocation_chunks_ptr_null,
+    S::NullPointer,
+    "must not be NULL",
+    ffi::devmem_get_allocation_chunks(ptr::null(), ptr::null_mut(), ptr::null_mut(), 0, &mut 0)
+);
+row!(
+    allocation_chunks_count_null,
+    S::NullPointer,
+    "must not be NULL",
+    ffi::devmem_get_allocation_chunks(
+        0x1000 as *const c_void,
+        ptr::null_mut(),
+        ptr::null_mut(),
+        0,
+        ptr::null_mut()
+    )
+);
+row!(
+    allocation_chunks_arrays_null_with_capacity,
+    S::NullPointer,
+    "when capacity is 2",
+    ffi::devmem_get_allocation_chunks(
+        0x1000 as *const c_void,
+        ptr::null_mut(),
+        ptr::null_mut(),
+        2,
+        &mut 0
+    )
+);
+row!(
+    allocation_chunks_unknown,
+    S::UnknownPointer,
+    "not inside",
+    ffi::devmem_get_allocation_chunks(
+        0x1000 as *const c_void,
+        ptr::null_mut(),
+        ptr::null_mut(),
+        0,
+        &mut 0
+    )
+);
+row!(
     for_each_callback_null,
     S::NullPointer,
     "callback is NULL",
