@@ -71,6 +71,24 @@ pub struct Layered {
 /// New reservations set aside before one that overlaps no lost range is found.
 const RESERVE_ATTEMPTS: usize = 8;
 
+/// The start address of each of `sizes` laid end to end from `va`.
+fn starts(va: u64, sizes: impl IntoIterator<Item = usize>) -> Vec<u64> {
+    let mut at = va;
+    sizes
+        .into_iter()
+        .map(|n| {
+            let start = at;
+            at += n as u64;
+            start
+        })
+        .collect()
+}
+
+/// Names piece `i` of `count` in a message.
+fn piece(i: usize, count: usize, n: usize, at: u64) -> String {
+    format!("piece {} of {count} ({n} bytes at {at:#x})", i + 1)
+}
+
 impl Layered {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Backend>, chunk: usize, cycle: bool) -> Self {
@@ -177,41 +195,33 @@ impl Layered {
         pieces: &[(u64, usize)],
         access: bool,
     ) -> std::result::Result<(), (Error, bool)> {
-        let mut offset = 0u64;
+        let at = starts(va, pieces.iter().map(|p| p.1));
         let mut mapped = vec![false; pieces.len()];
         let mut failure = None;
         for (i, &(handle, size)) in pieces.iter().enumerate() {
-            let at = va + offset;
-            let step = self.inner.map(device, at, size, handle).and_then(|()| {
+            let step = self.inner.map(device, at[i], size, handle).and_then(|()| {
                 mapped[i] = true;
                 if access {
-                    self.inner.set_access(device, at, size)
+                    self.inner.set_access(device, at[i], size)
                 } else {
                     Ok(())
                 }
             });
             if let Err(err) = step {
-                failure = Some(err.context(format!(
-                    "piece {} of {} ({size} bytes at {at:#x})",
-                    i + 1,
-                    pieces.len()
-                )));
+                failure = Some(err.context(piece(i, pieces.len(), size, at[i])));
                 break;
             }
-            offset += size as u64;
         }
         let Some(err) = failure else {
             return Ok(());
         };
-        let mut offset = 0u64;
         for (i, &(_, size)) in pieces.iter().enumerate() {
             if mapped[i] {
-                match self.inner.unmap(device, va + offset, size) {
+                match self.inner.unmap(device, at[i], size) {
                     Ok(()) => mapped[i] = false,
                     Err(undo) => log::error!("devmem: undoing a partial map at {va:#x}: {undo}"),
                 }
             }
-            offset += size as u64;
         }
         let still = mapped.iter().any(|m| *m);
         if still {
@@ -296,10 +306,11 @@ impl Layered {
         let Some(pieces) = id.and_then(|id| self.pieces(id).ok()) else {
             return;
         };
-        let mut offset = 0u64;
-        for (i, &n) in sizes.iter().enumerate() {
-            let at = va + offset;
-            offset += n as u64;
+        for (i, (&n, at)) in sizes
+            .iter()
+            .zip(starts(va, sizes.iter().copied()))
+            .enumerate()
+        {
             if !was[i] || mapped[i] || pieces.get(i).is_none_or(|p| p.1 != n) {
                 continue;
             }
@@ -418,12 +429,11 @@ impl Backend for Layered {
 
     fn set_access(&self, device: i32, va: u64, size: usize) -> Result<()> {
         let sizes = self.split(device, size)?;
-        let mut offset = 0u64;
-        for n in sizes {
-            self.inner.set_access(device, va + offset, n)?;
-            offset += n as u64;
-        }
-        Ok(())
+        let at = starts(va, sizes.iter().copied());
+        sizes
+            .iter()
+            .zip(at)
+            .try_for_each(|(&n, at)| self.inner.set_access(device, at, n))
     }
 
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()> {
@@ -436,24 +446,18 @@ impl Backend for Layered {
             .filter(|m| m.len() == sizes.len())
             .unwrap_or_else(|| vec![true; sizes.len()]);
         let was = mapped.clone();
-        let mut offset = 0u64;
+        let at = starts(va, sizes.iter().copied());
         let mut failure = None;
         for (i, &n) in sizes.iter().enumerate() {
             if mapped[i] {
-                match self.inner.unmap(device, va + offset, n) {
+                match self.inner.unmap(device, at[i], n) {
                     Ok(()) => mapped[i] = false,
                     Err(err) => {
-                        failure = Some(err.context(format!(
-                            "piece {} of {} ({n} bytes at {:#x})",
-                            i + 1,
-                            sizes.len(),
-                            va + offset
-                        )));
+                        failure = Some(err.context(piece(i, sizes.len(), n, at[i])));
                         break;
                     }
                 }
             }
-            offset += n as u64;
         }
         if let Some(err) = failure {
             // Map back what this call unmapped, so a failed unmap leaves the whole range

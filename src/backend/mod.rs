@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::error::Result;
+use crate::error::{bail, Result};
 
 pub mod cuda;
 pub mod hip;
@@ -374,60 +374,52 @@ fn choice() -> Result<devmem_backend> {
     }
 }
 
-/// A backend of `kind` that reports at least one device; `Err` (with `DriverNotFound` or
-/// `InvalidDevice`) when it cannot be used, for `Auto` to move on.
-fn load_with_devices(kind: devmem_backend) -> Result<Arc<dyn Backend>> {
-    let backend: Arc<dyn Backend> = match kind {
-        devmem_backend::Cuda => Arc::new(cuda::CudaBackend::load()?),
-        devmem_backend::Hip => Arc::new(hip::HipBackend::load()?),
-        _ => Arc::new(level_zero::LevelZeroBackend::load()?),
-    };
-    if backend.device_count() == 0 && kind != devmem_backend::LevelZero {
-        return Err(crate::error::Error::new(
-            crate::error::devmem_status::InvalidDevice,
-            format!("the {} driver reports no device", kind.label()),
-        ));
-    }
-    Ok(backend)
-}
-
+/// The driver backend of `kind` (`Auto`: the first that works, see [`devmem_backend::Auto`]).
 fn load_driver(kind: devmem_backend) -> Result<Arc<dyn Backend>> {
     match kind {
         devmem_backend::Cuda => Ok(Arc::new(cuda::CudaBackend::load()?)),
         devmem_backend::Hip => Ok(Arc::new(hip::HipBackend::load()?)),
         devmem_backend::LevelZero => Ok(Arc::new(level_zero::LevelZeroBackend::load()?)),
-        devmem_backend::Auto => {
-            // CUDA first, then HIP, then Level Zero: each only when the one before has no
-            // driver or no device.
-            let mut skipped = Vec::new();
-            for kind in [devmem_backend::Cuda, devmem_backend::Hip] {
-                match load_with_devices(kind) {
-                    Ok(backend) => return Ok(backend),
-                    // A HIP runtime without an AMD GPU fails hipInit: skipped too.
-                    Err(e)
-                        if kind == devmem_backend::Hip
-                            || e.status == crate::error::devmem_status::DriverNotFound
-                            || e.status == crate::error::devmem_status::InvalidDevice =>
-                    {
-                        skipped.push(e)
-                    }
-                    Err(e) => return Err(e),
-                }
+        devmem_backend::Auto => load_auto(),
+    }
+}
+
+/// CUDA first, then HIP, then Level Zero: each only when the one before has no driver or no
+/// device.
+fn load_auto() -> Result<Arc<dyn Backend>> {
+    let mut skipped = Vec::new();
+    for kind in [devmem_backend::Cuda, devmem_backend::Hip] {
+        let loaded = load_driver(kind).and_then(|backend| {
+            if backend.device_count() == 0 {
+                bail!(
+                    InvalidDevice,
+                    "the {} driver reports no device",
+                    kind.label()
+                );
             }
-            match level_zero::LevelZeroBackend::load() {
-                Ok(b) => Ok(Arc::new(b)),
-                Err(ze_err) => {
-                    let mut message: Vec<String> =
-                        skipped.iter().map(|e| e.message.clone()).collect();
-                    message.push(format!("Level Zero: {}", ze_err.message));
-                    Err(crate::error::Error::new(
-                        skipped.first().map_or(ze_err.status, |e| e.status),
-                        message.join("; "),
-                    ))
-                }
+            Ok(backend)
+        });
+        match loaded {
+            Ok(backend) => return Ok(backend),
+            // A HIP runtime without an AMD GPU fails hipInit: skipped too.
+            Err(e)
+                if kind == devmem_backend::Hip
+                    || e.status == crate::error::devmem_status::DriverNotFound
+                    || e.status == crate::error::devmem_status::InvalidDevice =>
+            {
+                skipped.push(e)
             }
+            Err(e) => return Err(e),
         }
     }
+    load_driver(devmem_backend::LevelZero).map_err(|ze_err| {
+        let mut message: Vec<String> = skipped.iter().map(|e| e.message.clone()).collect();
+        message.push(format!("Level Zero: {}", ze_err.message));
+        crate::error::Error::new(
+            skipped.first().map_or(ze_err.status, |e| e.status),
+            message.join("; "),
+        )
+    })
 }
 
 /// The driver backend with the switches in force ([`settings`]) layered over it.
