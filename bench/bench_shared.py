@@ -63,6 +63,11 @@ def load_weights(torch, alloc, nbytes, seed):
     return ws if TENSORS > 1 else ws[0]
 
 
+def named(w):
+    """The weights by name, as a restarted engine names its state_dict."""
+    return {f"w{i}": t for i, t in enumerate(w if isinstance(w, list) else [w])}
+
+
 def numel(w):
     return sum(t.numel() for t in w) if isinstance(w, list) else w.numel()
 
@@ -148,6 +153,7 @@ def child_durable_write(args):
     devmem.open_shared_store(args.name, args.weights_gib * GIB + 64 * MIB, keep=True)
     alloc = devmem.CuMemAllocator.get_instance()
     w = load_weights(torch, alloc, args.weights_gib * GIB, 3)
+    devmem.name_tensors(named(w))
     with open(args.out, "w") as f:
         json.dump(digest(torch, w), f)
     torch.save([t.cpu() for t in w] if isinstance(w, list) else w.cpu(), args.file)
@@ -174,6 +180,7 @@ def child_durable_read(args):
     w = w if TENSORS > 1 else w[0]
     t_alloc = time.perf_counter()
     devmem.set_read_only("weights")
+    devmem.name_tensors(named(w))
     devmem.restore_from_store("weights")
     torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -285,7 +292,7 @@ def main():
         subprocess.run(["cat", tmp + ".pt"], stdout=subprocess.DEVNULL, check=True)  # page cache
         records += collect([run(args, "--child", "durable_read", *common)])
         os.unlink(tmp + ".pt")
-        left = os.path.exists(f"/dev/shm/devmem-{name}.region")
+        left = os.path.exists(f"/dev/shm/devmem-{os.geteuid()}/devmem-{name}.region")
         records.append(dict(phase="durable_cleanup", region_left=left))
     if "ranks" in phases:
         name = f"ranks-{os.getpid()}"

@@ -6,7 +6,9 @@ static int ok(devmem_status st, const char *what) {
   if (st == DEVMEM_STATUS_SUCCESS) return 1;
   char msg[512];
   devmem_last_error_message(msg, sizeof msg);
-  fprintf(stderr, "%s: %s\n", what, msg);   /* msg starts with the status name */
+  /* msg says what failed (the call, its error, the pointer or tag) without the status's
+     name; devmem_status_string(st) gives that */
+  fprintf(stderr, "%s: %s\n", what, msg);
   return 0;
 }
 

@@ -30,6 +30,12 @@
 // process uses it, remove it and create a new one (without it, that is an error).
 #define DEVMEM_SHARED_RECLAIM 2
 
+// Longest range name `devmem_name_range` accepts, in bytes (without the NUL).
+#define DEVMEM_MAX_NAME_LEN 4096
+
+// Longest path `devmem_shared_store_info.path` holds, with its NUL.
+#define DEVMEM_PATH_BUFFER_LEN 4096
+
 // Result of every fallible devmem function.
 //
 // `DEVMEM_STATUS_SUCCESS` is 0; every other value is an error whose details are in
@@ -129,8 +135,11 @@ enum devmem_read_only
   // Every sleep copies the tag's bytes (default).
   DEVMEM_READ_ONLY_OFF = 0,
   // The bytes do not change after the declaration: a wake keeps the host copy, and the next
-  // sleep only unmaps. Writing them anyway is the caller's error: the next sleep does not
-  // copy them, and the wake after it restores the older bytes.
+  // sleep only unmaps. Where the backend has a device checksum (CUDA) this behaves exactly
+  // like `Verify`: a changed allocation is copied again, never lost. Without one (HIP,
+  // Level Zero) nothing is checked: writing the bytes anyway is the caller's error, the
+  // next sleep does not copy them and the wake after it restores the older bytes. Every
+  // skipped copy is logged at info level with its tag and size.
   DEVMEM_READ_ONLY_ON = 1,
   // Like `On`, but each sleep first compares a checksum computed on the device with the
   // one recorded with the host copy, and copies again on a mismatch (counted in
@@ -250,7 +259,8 @@ typedef struct devmem_shared_store_options {
   // The instance's name: 1 to 128 bytes of printable ASCII, no `/`, no `..`. Every process
   // of one instance passes the same name. The file is `<dir>/devmem-<name>.region`.
   const char *name;
-  // The directory holding the region; NULL for `/dev/shm`.
+  // The directory holding the region; NULL for this user's private directory
+  // `/dev/shm/devmem-<uid>` (mode 0700, created when missing).
   const char *dir;
   // Bytes of backups each rank can hold (rounded up to 2 MiB).
   uint64_t bytes_per_rank;
@@ -264,6 +274,22 @@ typedef struct devmem_shared_store_options {
   // 0 for the default (30 s).
   uint32_t timeout_ms;
 } devmem_shared_store_options;
+
+// The shared store this process has open (`devmem_get_shared_store_info`).
+typedef struct devmem_shared_store_info {
+  // 1 when a store is open, else 0 (and every other field is zero).
+  int32_t open;
+  // 1 when the region stays after its last user leaves (durable sleep).
+  int32_t kept;
+  // This process's rank.
+  uint32_t rank;
+  // The number of ranks.
+  uint32_t world;
+  // The instance's generation (1 for a new region).
+  uint64_t generation;
+  // The region's file, NUL-terminated (truncated to fit).
+  char path[DEVMEM_PATH_BUFFER_LEN];
+} devmem_shared_store_info;
 
 #ifdef __cplusplus
 extern "C" {
@@ -461,21 +487,52 @@ devmem_status devmem_shared_store_open(const struct devmem_shared_store_options 
 // Leaves the shared host store: later backups go to private memory again. Backups already in
 // the region stay valid for this process. The last process to leave removes the file unless
 // the region is kept. A process that exits without calling this leaves the file behind for
-// the next instance, which reuses (kept) or reclaims (not kept) it. `INVALID_STATE` when none
-// is open.
+// the next instance, which reuses (kept) or reclaims (not kept) it. After a close, a region
+// named by `DEVMEM_SHARED_STORE` is not opened again by this process;
+// `devmem_shared_store_open` still opens one. `INVALID_STATE` when none is open.
 devmem_status devmem_shared_store_close(void);
 
-// Fills the live, mapped allocations of the `n` listed tags with the bytes the shared store
-// holds for them: the restart half of durable sleep. Allocations are matched by tag, by their
-// index among the tag's allocations (allocation order) and by size; any mismatch is
-// `DEVMEM_STATUS_REGION` before a byte is copied. Stored checksums are verified on the device
-// after the copy (CUDA); a mismatch is `DEVMEM_STATUS_REGION` naming the allocations. See
-// `devmem_get_last_transfer` for the bytes restored.
+// Names the bytes `[ptr, ptr+len)` of a live allocation (within the size it asked for):
+// a tensor's name, or a key for a whole allocation. Sleeping into the shared store records
+// the name with the bytes, and `devmem_restore_from_store` in a restarted process puts them
+// back only where the same name is registered again with the same length. Registering a
+// name again moves it; names go when their allocation is freed. `UNKNOWN_POINTER` when `ptr`
+// is in no live allocation, `INVALID_ARGUMENT` for an empty or overlong range or name
+// (1 to `DEVMEM_MAX_NAME_LEN` bytes of UTF-8).
+devmem_status devmem_name_range(uint64_t ptr, size_t len, const char *name);
+
+// Forgets the range names (`devmem_name_range`) of every allocation of `tag`, or of every
+// allocation when `tag` is NULL: call it before naming a reloaded model's tensors again, so a
+// name left on bytes that now hold another tensor is not saved with them. Writes the number
+// of names forgotten to `*out` when `out` is not NULL. `INVALID_TAG` for a bad tag.
+devmem_status devmem_clear_names(const char *tag, size_t *out);
+
+// Fills the named ranges (`devmem_name_range`) of the live, mapped allocations of the `n`
+// listed tags with the bytes the shared store holds under the same names: the restart half of
+// durable sleep. Restores by identity: before a byte is copied, every name must be stored by
+// this instance, rank and world, under the same tag, with the same length, and every name
+// stored under those tags must be asked for; otherwise `DEVMEM_STATUS_REGION` names what
+// differs. On CUDA every range must carry a checksum, verified on the device after the copy;
+// a mismatch is `DEVMEM_STATUS_REGION` naming the ranges. Waits for work queued on the
+// devices first. See `devmem_get_last_transfer` for the bytes restored.
 devmem_status devmem_restore_from_store(const char *const *tags, size_t n);
 
+// Like `devmem_restore_from_store`, for allocations that carry no names: matches whole
+// allocations by tag and order of allocation. Refused (`DEVMEM_STATUS_REGION`, nothing
+// copied) unless the store holds exactly as many allocations of each tag as the process
+// has, each allocated with exactly the same requested size, each with a checksum on CUDA.
+// Order proves nothing about identity: use it only where every process allocates the same
+// buffers in the same order.
+devmem_status devmem_restore_from_store_by_order(const char *const *tags, size_t n);
+
+// Writes what the shared store this process has open is to `*out` (`open` = 0 when none is:
+// a store `DEVMEM_SHARED_STORE` names counts only once it opened, at the first sleep).
+devmem_status devmem_get_shared_store_info(struct devmem_shared_store_info *out);
+
 // Declares what sleeps may assume about `tag`'s bytes: `DEVMEM_READ_ONLY_OFF` (default),
-// `DEVMEM_READ_ONLY_ON` (a wake keeps the host copy and the next sleep only unmaps; bytes
-// written after the declaration are lost at the next sleep) or `DEVMEM_READ_ONLY_VERIFY`
+// `DEVMEM_READ_ONLY_ON` (a wake keeps the host copy and the next sleep only unmaps; on CUDA
+// it verifies like `DEVMEM_READ_ONLY_VERIFY`; without a device checksum, bytes written after
+// the declaration are lost at the next sleep) or `DEVMEM_READ_ONLY_VERIFY`
 // (each sleep compares a device checksum with the host copy's and copies again on a
 // mismatch; `DEVMEM_STATUS_UNSUPPORTED` without a device checksum, e.g. on Level Zero).
 devmem_status devmem_set_read_only(const char *tag, int mode);

@@ -65,6 +65,14 @@ if ! { if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=65534 --regid=65534 --clear
   echo "note: cannot run a process under prlimit --nproc as an unprivileged user: needs_setpriv_* tests are skipped"
   filter="$filter - test(/^needs_setpriv_/)"
 fi
+tmpfs_probe=$(mktemp -d)
+if mount -t tmpfs -o size=1m tmpfs "$tmpfs_probe" 2>/dev/null; then
+  umount "$tmpfs_probe"
+else
+  echo "note: cannot mount a tmpfs here (needs root): needs_tmpfs_* tests are skipped"
+  filter="$filter - test(/^needs_tmpfs_/)"
+fi
+rmdir "$tmpfs_probe"
 step "Rust tests against the emulator's CUDA face (cargo nextest: one process per test)"
 cargo nextest run --workspace -j "$jobs" --no-fail-fast -E "$filter"
 step "the same Rust tests against the emulator's Level Zero face (cuda_only_* skipped)"

@@ -20,8 +20,8 @@ use parking_lot::Mutex;
 
 use crate::backend::{self, Backend};
 use crate::error::{bail, devmem_status, Error, Result};
-use crate::store::pipeline::{self, Left, RestoreTarget, SaveTarget};
-use crate::store::shared::SlotKey;
+use crate::store::pipeline::{self, FillCopy, Left, RestoreTarget, SaveTarget};
+use crate::store::shared::{NamedRange, Region, SlotKey};
 use crate::store::{self, Backup};
 
 pub use crate::backend::devmem_backend;
@@ -130,8 +130,11 @@ pub enum devmem_read_only {
     #[default]
     Off = 0,
     /// The bytes do not change after the declaration: a wake keeps the host copy, and the next
-    /// sleep only unmaps. Writing them anyway is the caller's error: the next sleep does not
-    /// copy them, and the wake after it restores the older bytes.
+    /// sleep only unmaps. Where the backend has a device checksum (CUDA) this behaves exactly
+    /// like `Verify`: a changed allocation is copied again, never lost. Without one (HIP,
+    /// Level Zero) nothing is checked: writing the bytes anyway is the caller's error, the
+    /// next sleep does not copy them and the wake after it restores the older bytes. Every
+    /// skipped copy is logged at info level with its tag and size.
     On = 1,
     /// Like `On`, but each sleep first compares a checksum computed on the device with the
     /// one recorded with the host copy, and copies again on a mismatch (counted in
@@ -183,6 +186,8 @@ struct Allocation {
     /// Wake copies the backup into it again; free unmaps it first.
     mapped_asleep: bool,
     backup: Option<Backup>,
+    /// Named byte ranges (name, offset, bytes): what a durable restore matches on.
+    names: Vec<(Arc<str>, u64, u64)>,
 }
 
 impl Allocation {
@@ -251,9 +256,22 @@ struct Registry {
     callbacks: Callbacks,
     last_transfer: devmem_transfer,
     read_only: HashMap<Arc<str>, devmem_read_only>,
+    /// Every named range's allocation (its start address).
+    names: HashMap<Arc<str>, u64>,
 }
 
 impl Registry {
+    /// Takes an allocation out of the registry, with its names.
+    fn remove(&mut self, ptr: u64) -> Option<Allocation> {
+        let allocation = self.allocations.remove(&ptr)?;
+        for (name, _, _) in &allocation.names {
+            if self.names.get(name) == Some(&ptr) {
+                self.names.remove(name);
+            }
+        }
+        Some(allocation)
+    }
+
     fn read_only(&self, tag: &str) -> devmem_read_only {
         self.read_only.get(tag).copied().unwrap_or_default()
     }
@@ -261,15 +279,15 @@ impl Registry {
     /// Each allocation's key in the shared region: its tag and its index among the live
     /// allocations of that tag, in allocation order (the order a restarted process repeats).
     fn slot_keys(&self) -> HashMap<u64, SlotKey> {
-        let mut by_tag: Vec<(&Arc<str>, u64, u64)> = self
+        let mut by_tag: Vec<(&Arc<str>, u64, u64, usize)> = self
             .allocations
             .values()
-            .map(|a| (&a.tag, a.id, a.va))
+            .map(|a| (&a.tag, a.id, a.va, a.requested))
             .collect();
         by_tag.sort_unstable();
         let mut out = HashMap::with_capacity(by_tag.len());
         let mut index = 0u32;
-        for (i, (tag, _, va)) in by_tag.iter().enumerate() {
+        for (i, (tag, _, va, requested)) in by_tag.iter().enumerate() {
             index = if i > 0 && by_tag[i - 1].0 == *tag {
                 index + 1
             } else {
@@ -280,6 +298,7 @@ impl Registry {
                 SlotKey {
                     tag: Arc::clone(tag),
                     index,
+                    requested: *requested as u64,
                 },
             );
         }
@@ -465,6 +484,7 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
             handle: Some(handle),
             mapped_asleep: false,
             backup: None,
+            names: Vec::new(),
         };
         let info = allocation.info();
         if reg.allocations.insert(va, allocation).is_some() {
@@ -546,7 +566,13 @@ pub fn free(ptr: u64) -> Result<()> {
     // The record leaves the registry before the address range goes back to the driver: once
     // freed, the driver may hand the same range to a concurrent malloc, whose record must not
     // be clobbered by this one.
-    let Some(allocation) = with_registry(|reg| reg.allocations.remove(&ptr)) else {
+    let Some(allocation) = with_registry(|reg| {
+        let removed = reg.remove(ptr);
+        if let Some(a) = &removed {
+            rekey_region_slots(reg, Some(&a.tag));
+        }
+        removed
+    }) else {
         bail!(
             UnknownPointer,
             "pointer {ptr:#x} was freed by another thread meanwhile"
@@ -554,6 +580,9 @@ pub fn free(ptr: u64) -> Result<()> {
     };
     if let Err(err) = backend.free_va(device, ptr, size) {
         with_registry(|reg| {
+            for (name, _, _) in &allocation.names {
+                reg.names.insert(Arc::clone(name), ptr);
+            }
             reg.allocations.insert(ptr, allocation);
             reg.transition(ptr, devmem_state::Discarded, None, None);
         });
@@ -663,7 +692,8 @@ pub fn trim(ptr: u64) -> Result<usize> {
     let _op = lock_ops(&*backend);
     let (device, size, state) = release_device_memory(&*backend, ptr, id, "trimming")?;
     let removed = with_registry(|reg| {
-        let allocation = reg.allocations.remove(&ptr)?;
+        let allocation = reg.remove(ptr)?;
+        rekey_region_slots(reg, Some(&allocation.tag));
         reg.account(
             &allocation.tag,
             allocation.size,
@@ -693,11 +723,16 @@ enum Action {
 /// Puts mapped allocations to sleep: `select` says, per allocation, whether to offload it,
 /// discard it or leave it mapped. The store's save pipeline moves the bytes; each allocation
 /// it releases is recorded here as it finishes, so a failure halfway leaves every record true.
-fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transfer> {
+fn put_to_sleep(
+    named: &BTreeSet<&str>,
+    select: impl Fn(&str) -> Option<Action>,
+) -> Result<devmem_transfer> {
     let backend = backend::get()?;
     let _op = lock_ops(&*backend);
     let start = Instant::now();
-    let region_on = store::shared_region(&backend, host_device(&*backend))?.is_some();
+    let region = store::shared_region(&backend, host_device(&*backend))?;
+    let region_on = region.is_some();
+    with_registry(|reg| warn_unknown_tags(reg, named, "sleep"));
     let mut offloads: Vec<SaveTarget> = Vec::new();
     let mut discards: Vec<SaveTarget> = Vec::new();
     // Read-only allocations whose host copy from the last cycle is kept: (target, checksum to
@@ -712,7 +747,12 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
             if a.state != devmem_state::Mapped {
                 continue;
             }
-            let read_only = reg.read_only(&a.tag);
+            // ON verifies wherever the backend can checksum: an in-place update (what an RL
+            // trainer does every step) is then copied again, never silently lost.
+            let read_only = match reg.read_only(&a.tag) {
+                devmem_read_only::On if backend.can_checksum() => devmem_read_only::Verify,
+                mode => mode,
+            };
             let target = SaveTarget {
                 va: a.va,
                 size: a.size,
@@ -721,8 +761,14 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
                 key: keys.get(&a.va).cloned().unwrap_or_else(|| SlotKey {
                     tag: Arc::clone(&a.tag),
                     index: 0,
+                    requested: a.requested as u64,
                 }),
                 checksum: region_on || read_only == devmem_read_only::Verify,
+                ranges: if region_on {
+                    a.names.iter().map(|(_, off, len)| (*off, *len)).collect()
+                } else {
+                    Vec::new()
+                },
             };
             match (action, &a.backup) {
                 (Action::Offload, Some(kept)) if read_only != devmem_read_only::Off => {
@@ -742,6 +788,19 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
     });
     let mut transfer = devmem_transfer::default();
     let skipped = verify_unchanged(&*backend, unchanged, &mut offloads, &mut transfer)?;
+    for t in &skipped {
+        log::info!(
+            "devmem: read-only tag {:?}: {:#x} ({} bytes) not copied, its host copy is kept{}",
+            t.key.tag,
+            t.va,
+            t.size,
+            if backend.can_checksum() {
+                " (checksum unchanged)"
+            } else {
+                " (unverified: this backend has no device checksum)"
+            }
+        );
+    }
     let skip_set: BTreeSet<u64> = skipped.iter().map(|t| t.va).collect();
     discards.extend(skipped);
     let saved = pipeline::save(&backend, &offloads, &discards, |t, backup, kept| {
@@ -771,6 +830,14 @@ fn put_to_sleep(select: impl Fn(&str) -> Option<Action>) -> Result<devmem_transf
             reg.transition(t.va, state, kept, backup)
         });
     });
+    if let Some(region) = &region {
+        if let Err(err) = write_manifest(region) {
+            log::error!(
+                "devmem: sleep: the shared store's names could not be recorded, so a restore \
+                 by name from it will refuse them: {err}"
+            );
+        }
+    }
     let transfer = record_transfer(transfer, start);
     log::info!(
         "devmem: sleep freed {} bytes ({} saved to host, {} unchanged, {} discarded) in {:.3} s",
@@ -861,7 +928,7 @@ fn tag_set(tags: &[String]) -> Result<BTreeSet<&str>> {
 /// memory first, the rest are discarded.
 pub fn sleep(offload_tags: &[String]) -> Result<devmem_transfer> {
     let offload = tag_set(offload_tags)?;
-    put_to_sleep(|tag| {
+    put_to_sleep(&offload, |tag| {
         Some(if offload.contains(tag) {
             Action::Offload
         } else {
@@ -873,7 +940,7 @@ pub fn sleep(offload_tags: &[String]) -> Result<devmem_transfer> {
 /// Saves and releases the mapped allocations of the listed tags only.
 pub fn offload_tags(tags: &[String]) -> Result<devmem_transfer> {
     let set = tag_set(tags)?;
-    put_to_sleep(|tag| set.contains(tag).then_some(Action::Offload))
+    put_to_sleep(&set, |tag| set.contains(tag).then_some(Action::Offload))
 }
 
 /// In one pass: saves and releases the mapped allocations of `offload`, releases those of
@@ -887,7 +954,8 @@ pub fn sleep_tags(offload: &[String], discard: &[String]) -> Result<devmem_trans
             "tag {both:?} is listed both to offload and to discard"
         );
     }
-    put_to_sleep(|tag| {
+    let named: BTreeSet<&str> = keep.union(&drop).copied().collect();
+    put_to_sleep(&named, |tag| {
         if keep.contains(tag) {
             Some(Action::Offload)
         } else if drop.contains(tag) {
@@ -901,7 +969,7 @@ pub fn sleep_tags(offload: &[String], discard: &[String]) -> Result<devmem_trans
 /// Releases the mapped allocations of the listed tags only, dropping their contents.
 pub fn discard_tags(tags: &[String]) -> Result<devmem_transfer> {
     let set = tag_set(tags)?;
-    put_to_sleep(|tag| set.contains(tag).then_some(Action::Discard))
+    put_to_sleep(&set, |tag| set.contains(tag).then_some(Action::Discard))
 }
 
 /// Maps every sleeping allocation of `tags` (all when `None`) and restores saved bytes. On any
@@ -912,20 +980,41 @@ pub fn discard_tags(tags: &[String]) -> Result<devmem_transfer> {
 /// ones; then one wait per device.
 pub fn wake_up(tags: Option<&[String]>) -> Result<devmem_transfer> {
     let filter = tags.map(tag_set).transpose()?;
-    wake_selected(|tag| filter.as_ref().is_none_or(|f| f.contains(tag)))
+    let named = filter.clone().unwrap_or_default();
+    wake_selected(&named, |tag| {
+        filter.as_ref().is_none_or(|f| f.contains(tag))
+    })
 }
 
 /// Like [`wake_up`] for every sleeping allocation whose tag is *not* in `deferred`: what an
 /// engine calls when only some tags (weights, KV cache) may stay asleep after a wake.
 pub fn wake_up_except(deferred: &[String]) -> Result<devmem_transfer> {
     let deferred = tag_set(deferred)?;
-    wake_selected(|tag| !deferred.contains(tag))
+    wake_selected(&deferred, |tag| !deferred.contains(tag))
 }
 
-fn wake_selected(select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
+/// Logs a warning for each tag a call named that no live allocation has (a typo would
+/// otherwise discard the real tag's bytes, or wake nothing, without a word).
+fn warn_unknown_tags(reg: &Registry, named: &BTreeSet<&str>, call: &str) {
+    let unknown: Vec<&&str> = named
+        .iter()
+        .filter(|t| !reg.allocations.values().any(|a| &*a.tag == **t))
+        .collect();
+    if unknown.is_empty() {
+        return;
+    }
+    let live: BTreeSet<&str> = reg.allocations.values().map(|a| &*a.tag).collect();
+    log::warn!(
+        "devmem: {call}: no live allocation has the tag(s) {unknown:?}; the tags in use are \
+         {live:?}"
+    );
+}
+
+fn wake_selected(named: &BTreeSet<&str>, select: impl Fn(&str) -> bool) -> Result<devmem_transfer> {
     let backend = backend::get()?;
     let _op = lock_ops(&*backend);
     let start = Instant::now();
+    with_registry(|reg| warn_unknown_tags(reg, named, "wake"));
     let mut targets: Vec<RestoreTarget> = with_registry(|reg| {
         reg.allocations
             .values()
@@ -1077,53 +1166,461 @@ pub fn open_shared_store(options: &store::shared::Options) -> Result<()> {
 }
 
 /// Leaves the shared host store: later backups use private memory again; backups already in
-/// the region stay valid; the last process to leave removes it unless it is kept.
+/// the region stay valid; the last process to leave removes it unless it is kept. After a
+/// close, a region named by `DEVMEM_SHARED_STORE` is not opened again by this process.
 pub fn close_shared_store() -> Result<()> {
     let backend = backend::get()?;
     let _op = lock_ops(&*backend);
     store::close_shared()
 }
 
-/// Fills the mapped allocations of `tags` with the bytes the shared store holds for them
-/// (an earlier process slept them into a kept region). Every allocation is matched by tag,
-/// index among the tag's allocations and size before any byte is copied; a mismatch is a
-/// `REGION` error and nothing is copied. After the copies, each stored checksum is compared
-/// with one computed on the device; a mismatch is a `REGION` error naming the allocations,
-/// whose bytes must then be loaded another way, and their stored copies are dropped.
-/// Read-only tags keep the stored copy as their host copy; the others' copies are freed.
-pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
-    let set = tag_set(tags)?;
-    let backend = backend::get()?;
-    let _op = lock_ops(&*backend);
-    let start = Instant::now();
-    let Some(region) = store::shared_region(&backend, host_device(&*backend))? else {
+/// Longest name of a byte range ([`name_range`]), in bytes.
+pub const DEVMEM_MAX_NAME_LEN: usize = crate::store::manifest::MAX_NAME;
+
+/// Names the bytes `[ptr, ptr+len)` of a live allocation `name`: a tensor's name, or a key per
+/// allocation. Sleeping into the shared store records each name with the bytes it names, and
+/// [`restore_from_store`] in a new process puts them back only where the same name is
+/// registered again, with the same length. A name already registered moves to the new range.
+/// Names go when their allocation is freed.
+pub fn name_range(ptr: u64, len: usize, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > DEVMEM_MAX_NAME_LEN || name.contains('\0') {
+        bail!(
+            InvalidArgument,
+            "a range name must be 1 to {DEVMEM_MAX_NAME_LEN} bytes without NUL; got {} bytes",
+            name.len()
+        );
+    }
+    with_registry(|reg| {
+        let Some(a) = reg.lookup(ptr) else {
+            bail!(
+                UnknownPointer,
+                "pointer {ptr:#x} is not inside any live devmem allocation"
+            );
+        };
+        let va = a.va;
+        let offset = ptr - va;
+        if len == 0
+            || offset
+                .checked_add(len as u64)
+                .is_none_or(|e| e > a.requested as u64)
+        {
+            bail!(
+                InvalidArgument,
+                "range {ptr:#x}+{len} is empty or runs past the {} bytes the allocation at {va:#x} \
+                 asked for",
+                a.requested
+            );
+        }
+        let name: Arc<str> = Arc::from(name);
+        if let Some(old) = reg.names.insert(Arc::clone(&name), va) {
+            if let Some(a) = reg.allocations.get_mut(&old) {
+                a.names.retain(|(n, _, _)| *n != name);
+            }
+        }
+        if let Some(a) = reg.allocations.get_mut(&va) {
+            a.names.push((name, offset, len as u64));
+        }
+        Ok(())
+    })
+}
+
+/// Forgets the names of every allocation of `tag` (of every allocation when `None`): what a
+/// caller does before naming a model's tensors again, so names of tensors gone from a
+/// caching allocator's segments are not saved with bytes that are now another tensor's.
+/// Returns the number of names forgotten.
+pub fn clear_names(tag: Option<&str>) -> Result<usize> {
+    if let Some(tag) = tag {
+        validate_tag(tag)?;
+    }
+    Ok(with_registry(|reg| {
+        let mut gone = Vec::new();
+        for a in reg.allocations.values_mut() {
+            if tag.is_none_or(|t| *a.tag == *t) {
+                gone.extend(a.names.drain(..).map(|(name, _, _)| name));
+            }
+        }
+        for name in &gone {
+            reg.names.remove(name);
+        }
+        gone.len()
+    }))
+}
+
+/// Re-records the key (tag, index) of every backup held in the shared region: freeing an
+/// allocation changes the index of the later ones of its tag.
+fn rekey_region_slots(reg: &Registry, tag: Option<&str>) {
+    let in_region = |a: &Allocation| a.backup.as_ref().and_then(Backup::region_slot).is_some();
+    let concerned = reg
+        .allocations
+        .values()
+        .any(|a| tag.is_none_or(|t| *a.tag == *t) && in_region(a));
+    if !concerned || store::shared_open_now().is_none() {
+        return; // the common case: no backup of the tag is in the region
+    }
+    let keys = reg.slot_keys();
+    for a in reg.allocations.values() {
+        if let (Some((region, slot, _)), Some(key)) = (
+            a.backup.as_ref().and_then(Backup::region_slot),
+            keys.get(&a.va),
+        ) {
+            region.rekey(slot, key);
+        }
+    }
+}
+
+/// Rewrites this rank's manifest: the names of every range this process saved in the region,
+/// plus those an earlier process left whose bytes are still there and whose names this
+/// process has not reused.
+fn write_manifest(region: &Arc<Region>) -> Result<()> {
+    let mine: Vec<(NamedRange, usize)> = with_registry(|reg| {
+        rekey_region_slots(reg, None);
+        let mut out = Vec::new();
+        for a in reg.allocations.values() {
+            let Some(backup) = a
+                .backup
+                .as_ref()
+                .filter(|_| a.state == devmem_state::Offloaded)
+            else {
+                continue;
+            };
+            let Some((r, slot, host)) = backup.region_slot() else {
+                continue;
+            };
+            if !Arc::ptr_eq(r, region) {
+                continue;
+            }
+            let Some(serial) = region.serial(slot) else {
+                continue;
+            };
+            for (name, offset, len) in &a.names {
+                let range = NamedRange {
+                    name: Arc::clone(name),
+                    tag: Arc::clone(&a.tag),
+                    slot,
+                    serial,
+                    offset: *offset,
+                    len: *len,
+                    checksum: backup.range_sum((*offset, *len)),
+                    tail: 0,
+                };
+                out.push((range, host + *offset as usize));
+            }
+        }
+        out
+    });
+    region.check_intact()?;
+    let mut names: BTreeSet<Arc<str>> = BTreeSet::new();
+    let mut ranges = Vec::with_capacity(mine.len());
+    for (mut range, host) in mine {
+        // SAFETY: the range lies in this rank's area of the region, checked intact above.
+        range.tail = unsafe { tail_of(host, range.len) };
+        if range.checksum.is_none() {
+            // Named after its bytes were saved, or not word-aligned on the device: the
+            // checksum of the saved copy, computed here on the host.
+            // SAFETY: the bytes lie in this rank's area of the region, checked intact above.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(host as *const u8, (range.len - range.len % 8) as usize)
+            };
+            range.checksum = Some(crate::checksum::of(bytes));
+        }
+        names.insert(Arc::clone(&range.name));
+        ranges.push(range);
+    }
+    let own_slots: BTreeSet<usize> = ranges.iter().map(|r| r.slot).collect();
+    // Names an earlier process left, unless this process uses the name (or the slot) now.
+    let registered: BTreeSet<Arc<str>> = with_registry(|reg| reg.names.keys().cloned().collect());
+    for left in region.named_ranges() {
+        let reused = names.contains(&left.range.name) || registered.contains(&left.range.name);
+        if !reused && !own_slots.contains(&left.range.slot) {
+            names.insert(Arc::clone(&left.range.name));
+            ranges.push(left.range);
+        }
+    }
+    region.write_manifest(ranges)
+}
+
+/// The last `len % 8` bytes of the range at `host` (those no checksum word covers), as a
+/// little-endian number.
+///
+/// # Safety
+/// `host..host+len` must be readable.
+unsafe fn tail_of(host: usize, len: u64) -> u64 {
+    let n = (len % 8) as usize;
+    let mut word = [0u8; 8];
+    // SAFETY: the caller guarantees the range is readable; the tail is its last `n` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (host + (len as usize - n)) as *const u8,
+            word.as_mut_ptr(),
+            n,
+        )
+    };
+    u64::from_le_bytes(word)
+}
+
+fn open_region_for_restore(backend: &Arc<dyn Backend>) -> Result<Arc<Region>> {
+    let Some(region) = store::shared_region(backend, host_device(&**backend))? else {
         bail!(
             InvalidState,
             "no shared store is open (devmem_shared_store_open or DEVMEM_SHARED_STORE)"
         );
     };
+    region.check_intact()?;
+    Ok(region)
+}
+
+/// The live allocations of `set`, each checked to be freshly allocated: mapped, no backup.
+fn restore_targets<'a>(reg: &'a Registry, set: &BTreeSet<&str>) -> Result<Vec<&'a Allocation>> {
+    let targets: Vec<&Allocation> = reg
+        .allocations
+        .values()
+        .filter(|a| set.contains(&*a.tag))
+        .collect();
+    if targets.is_empty() {
+        bail!(
+            InvalidArgument,
+            "no live allocation has the tag(s) {:?}",
+            set.iter().collect::<Vec<_>>()
+        );
+    }
+    if let Some(a) = targets
+        .iter()
+        .find(|a| a.state != devmem_state::Mapped || a.backup.is_some())
+    {
+        bail!(
+            InvalidState,
+            "the allocation at {:#x} (tag {:?}) is {}; restore from the store only into \
+             freshly allocated memory",
+            a.va,
+            a.tag,
+            if a.state == devmem_state::Mapped {
+                "mapped with a backup of its own"
+            } else {
+                "asleep"
+            }
+        );
+    }
+    Ok(targets)
+}
+
+/// At most `n` items of a list, for a message.
+fn some_of(items: &[String], n: usize) -> String {
+    let shown: Vec<&str> = items.iter().take(n).map(String::as_str).collect();
+    if items.len() > n {
+        format!("{} and {} more", shown.join(", "), items.len() - n)
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Fills the named ranges ([`name_range`]) of this process's mapped allocations of `tags`
+/// with the bytes the shared store holds under the same names (an earlier process slept them
+/// into a kept region): the restart half of durable sleep. Restores by identity, never by
+/// order: before any byte is copied, every name must be stored by this instance, rank and
+/// world, under the same tag, with the same length, and every name stored for those tags must
+/// be asked for; anything else is a `REGION` error naming it. On a backend with a device
+/// checksum every range must have been saved with one. The copies run through the store's
+/// pipeline after the devices' queued work, then each range is verified against its checksum;
+/// a mismatch is a `REGION` error naming the ranges (which must be loaded another way) and
+/// drops their stored copies. The stored copies used are freed.
+pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
+    let set = tag_set(tags)?;
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let start = Instant::now();
+    let region = open_region_for_restore(&backend)?;
+    let stored: HashMap<Arc<str>, _> = region
+        .named_ranges()
+        .into_iter()
+        .filter(|s| set.contains(&*s.range.tag))
+        .map(|s| (Arc::clone(&s.range.name), s))
+        .collect();
+    let (mut copies, mut names, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut missing, mut wrong, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut asked: BTreeSet<Arc<str>> = BTreeSet::new();
+    with_registry(|reg| -> Result<()> {
+        for a in restore_targets(reg, &set)? {
+            for (name, offset, len) in &a.names {
+                asked.insert(Arc::clone(name));
+                let Some(s) = stored.get(name) else {
+                    missing.push(format!("{name:?} (tag {:?}, {len} bytes)", a.tag));
+                    continue;
+                };
+                if s.range.len != *len || s.range.tag != a.tag {
+                    wrong.push(format!(
+                        "{name:?}: stored {} bytes under tag {:?}, asked for {len} bytes under \
+                         tag {:?}",
+                        s.range.len, s.range.tag, a.tag
+                    ));
+                    continue;
+                }
+                // SAFETY: the range lies in this rank's area (`named_ranges` checked it
+                // against its slot), which the open region keeps mapped.
+                if unsafe { tail_of(s.ptr, s.range.len) } != s.range.tail {
+                    changed.push(format!("{name:?}"));
+                }
+                copies.push(FillCopy {
+                    device: a.device,
+                    dst: a.va + offset,
+                    src: s.ptr,
+                    len: *len as usize,
+                    checksum: s.range.checksum,
+                });
+                names.push(Arc::clone(name));
+                slots.push(s.range.slot);
+            }
+        }
+        Ok(())
+    })?;
+    if asked.is_empty() {
+        bail!(
+            InvalidArgument,
+            "no allocation of the tag(s) {:?} has a named range: name what to restore \
+             (devmem_name_range; devmem.name_tensors in Python) in the process that saves and \
+             in the one that restores, or ask for devmem_restore_from_store_by_order",
+            set.iter().collect::<Vec<_>>()
+        );
+    }
+    let mut extra: Vec<String> = stored
+        .values()
+        .filter(|s| !asked.contains(&s.range.name))
+        .map(|s| {
+            format!(
+                "{:?} (tag {:?}, {} bytes)",
+                s.range.name, s.range.tag, s.range.len
+            )
+        })
+        .collect();
+    extra.sort();
+    if backend.can_checksum() {
+        for (c, name) in copies.iter().zip(&names) {
+            if c.checksum.is_none() {
+                wrong.push(format!(
+                    "{name:?}: saved without a checksum (the {} backend verifies every restore)",
+                    backend.name()
+                ));
+            }
+        }
+    }
+    // Two names over the same device bytes would overwrite each other (unless they are the
+    // same stored bytes, as tied weights are).
+    let mut order: Vec<usize> = (0..copies.len()).collect();
+    order.sort_by_key(|i| (copies[*i].device, copies[*i].dst));
+    for w in order.windows(2) {
+        let (a, b) = (&copies[w[0]], &copies[w[1]]);
+        let same = a.dst == b.dst && a.src == b.src && a.len == b.len;
+        if a.device == b.device && a.dst + a.len as u64 > b.dst && !same {
+            wrong.push(format!(
+                "{:?} and {:?} overlap in device memory",
+                names[w[0]], names[w[1]]
+            ));
+        }
+    }
+    if !changed.is_empty() {
+        wrong.push(format!(
+            "the stored last bytes of {} changed since they were saved",
+            some_of(&changed, 8)
+        ));
+    }
+    if !missing.is_empty() || !extra.is_empty() || !wrong.is_empty() {
+        let mut why = Vec::new();
+        if !missing.is_empty() {
+            why.push(format!("not stored: {}", some_of(&missing, 8)));
+        }
+        if !extra.is_empty() {
+            why.push(format!("stored but not asked for: {}", some_of(&extra, 8)));
+        }
+        if !wrong.is_empty() {
+            why.push(format!("mismatched: {}", some_of(&wrong, 8)));
+        }
+        bail!(
+            Region,
+            "restore from {} (instance {:?}, rank {} of {}) refused, nothing was copied: {}",
+            region.path().display(),
+            region.name(),
+            region.rank(),
+            region.world(),
+            why.join("; ")
+        );
+    }
+    let bad = pipeline::fill(
+        &backend,
+        &copies,
+        |ptr, len| region.split(ptr, len),
+        |ptr, len| region.wait_pinned(ptr, len),
+    )?;
+    let bytes: u64 = copies.iter().map(|c| c.len as u64).sum();
+    if bad.is_empty() {
+        // Used: the device has the bytes now.
+        slots.sort_unstable();
+        slots.dedup();
+        slots.into_iter().for_each(|slot| region.release(slot));
+    } else {
+        // Only the copies that failed their checksum are dropped; the rest stay for a retry.
+        bad.iter().for_each(|i| region.release(slots[*i]));
+    }
+    if let Err(err) = write_manifest(&region) {
+        log::warn!("devmem: restore: rewriting the shared store's names: {err}");
+    }
+    if !bad.is_empty() {
+        let failed: Vec<String> = bad.iter().map(|i| format!("{:?}", names[*i])).collect();
+        bail!(
+            Region,
+            "the shared store's copies of {} fail their checksum (the stored bytes changed); \
+             those ranges hold unspecified bytes and must be loaded another way; their stored \
+             copies were dropped (the others stay, for another restore)",
+            some_of(&failed, 8)
+        );
+    }
+    let transfer = record_transfer(
+        devmem_transfer {
+            allocations: names.len() as u64,
+            bytes_restored: bytes,
+            ..Default::default()
+        },
+        start,
+    );
+    log::info!(
+        "devmem: restored {bytes} bytes of {} named range(s) from the shared store in {:.3} s \
+         ({:.3} s/GiB)",
+        names.len(),
+        transfer.seconds,
+        transfer.seconds / (bytes.max(1) as f64 / (1u64 << 30) as f64)
+    );
+    Ok(transfer)
+}
+
+/// Like [`restore_from_store`], but matching whole allocations by tag and order of
+/// allocation, for callers that cannot name their bytes and ask for this by name. Refused
+/// before any copy unless, for every tag, the store holds exactly as many allocations as the
+/// process has, each with exactly the size the allocation asked for, each saved with a
+/// checksum where the backend has one. Read-only tags keep the stored copy as their host copy.
+pub fn restore_from_store_by_order(tags: &[String]) -> Result<devmem_transfer> {
+    let set = tag_set(tags)?;
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let start = Instant::now();
+    let region = open_region_for_restore(&backend)?;
     let mut plan = Vec::new();
     with_registry(|reg| -> Result<()> {
         let keys = reg.slot_keys();
-        for a in reg.allocations.values().filter(|a| set.contains(&*a.tag)) {
+        let targets = restore_targets(reg, &set)?;
+        for tag in &set {
+            let have = targets.iter().filter(|a| &*a.tag == *tag).count();
+            let stored = region.count_tag(tag);
+            if have != stored {
+                bail!(
+                    Region,
+                    "the shared store {} holds {stored} allocation(s) of tag {tag:?}; this \
+                     process has {have}: restoring by order needs the same allocations",
+                    region.path().display()
+                );
+            }
+        }
+        for a in targets {
             let Some(key) = keys.get(&a.va) else {
                 continue; // every live allocation has a key
             };
-            if a.state != devmem_state::Mapped || a.backup.is_some() {
-                bail!(
-                    InvalidState,
-                    "tag {:?} #{} at {:#x} is {} with a backup of its own; restore from the \
-                     store only into freshly allocated memory",
-                    key.tag,
-                    key.index,
-                    a.va,
-                    if a.state == devmem_state::Mapped {
-                        "mapped"
-                    } else {
-                        "asleep"
-                    }
-                );
-            }
             let Some(stored) = region.find(key) else {
                 bail!(
                     Region,
@@ -1131,17 +1628,28 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
                     region.path().display(),
                     key.tag,
                     key.index,
-                    a.size
+                    a.requested
                 );
             };
-            if stored.size != a.size {
+            if stored.size != a.size || stored.requested != a.requested as u64 {
                 bail!(
                     Region,
-                    "the shared store's copy of tag {:?} #{} has {} bytes; the allocation has {}",
+                    "the shared store's copy of tag {:?} #{} was allocated with {} bytes; this \
+                     allocation asked for {}",
                     key.tag,
                     key.index,
-                    stored.size,
-                    a.size
+                    stored.requested,
+                    a.requested
+                );
+            }
+            if stored.checksum.is_none() && backend.can_checksum() {
+                bail!(
+                    Region,
+                    "the shared store's copy of tag {:?} #{} was saved without a checksum; the \
+                     {} backend restores only verified bytes",
+                    key.tag,
+                    key.index,
+                    backend.name()
                 );
             }
             let read_only = reg.read_only(&a.tag) != devmem_read_only::Off;
@@ -1149,58 +1657,30 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
         }
         Ok(())
     })?;
-    if plan.is_empty() {
-        bail!(
-            InvalidArgument,
-            "no live allocation has the tag(s) {:?}",
-            set.iter().collect::<Vec<_>>()
-        );
-    }
-    let devices: BTreeSet<i32> = plan.iter().map(|p| p.1).collect();
-    // Piece by piece, each as soon as it is pinned (a region opened just now is still being
-    // pinned in the background).
-    let copied = plan
+    let copies: Vec<FillCopy> = plan
         .iter()
-        .try_for_each(|(va, device, size, _, stored, _)| {
-            region
-                .split(stored.ptr, *size)
-                .into_iter()
-                .try_for_each(|(offset, host, n)| {
-                    region.wait_pinned(host, n)?;
-                    backend.copy_to_device_async(*device, va + offset as u64, host as *const u8, n)
-                })
-        });
-    let waited = devices.iter().try_for_each(|d| backend.wait_copies(*d));
-    copied.and(waited).map_err(|e| {
-        e.context("restore from the shared store: the allocations hold unspecified bytes")
-    })?;
-    let mut bad = Vec::new();
-    if backend.can_checksum() {
-        for device in &devices {
-            let checked: Vec<_> = plan
-                .iter()
-                .filter(|p| p.1 == *device && p.4.checksum.is_some())
-                .collect();
-            let ranges: Vec<(u64, usize)> = checked.iter().map(|p| (p.0, p.2)).collect();
-            let sums = backend.checksums(*device, &ranges).map_err(|e| {
-                e.context(
-                    "restore from the shared store: the bytes were copied but could not be \
-                     verified",
-                )
-            })?;
-            for (p, sum) in checked.into_iter().zip(sums) {
-                if Some(sum) != p.4.checksum {
-                    bad.push(p.0);
-                    region.release(p.4.slot);
-                }
-            }
-        }
-    }
+        .map(|(va, device, size, _, stored, _)| FillCopy {
+            device: *device,
+            dst: *va,
+            src: stored.ptr,
+            len: *size,
+            checksum: stored.checksum,
+        })
+        .collect();
+    let bad = pipeline::fill(
+        &backend,
+        &copies,
+        |ptr, len| region.split(ptr, len),
+        |ptr, len| region.wait_pinned(ptr, len),
+    )?;
     if !bad.is_empty() {
-        let names: Vec<String> = plan
+        let names: Vec<String> = bad
             .iter()
-            .filter(|p| bad.contains(&p.0))
-            .map(|p| format!("tag {:?} #{} at {:#x}", p.3.tag, p.3.index, p.0))
+            .map(|i| {
+                let p = &plan[*i];
+                region.release(p.4.slot);
+                format!("tag {:?} #{} at {:#x}", p.3.tag, p.3.index, p.0)
+            })
             .collect();
         bail!(
             Region,
@@ -1227,7 +1707,7 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
     }
     let transfer = record_transfer(transfer, start);
     log::info!(
-        "devmem: restored {} bytes of {} allocation(s) from the shared store in {:.3} s",
+        "devmem: restored {} bytes of {} allocation(s) by order from the shared store in {:.3} s",
         transfer.bytes_restored,
         transfer.allocations,
         transfer.seconds

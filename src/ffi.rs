@@ -716,7 +716,8 @@ pub struct devmem_shared_store_options {
     /// The instance's name: 1 to 128 bytes of printable ASCII, no `/`, no `..`. Every process
     /// of one instance passes the same name. The file is `<dir>/devmem-<name>.region`.
     pub name: *const c_char,
-    /// The directory holding the region; NULL for `/dev/shm`.
+    /// The directory holding the region; NULL for this user's private directory
+    /// `/dev/shm/devmem-<uid>` (mode 0700, created when missing).
     pub dir: *const c_char,
     /// Bytes of backups each rank can hold (rounded up to 2 MiB).
     pub bytes_per_rank: u64,
@@ -791,19 +792,69 @@ pub extern "C" fn devmem_shared_store_open(
 /// Leaves the shared host store: later backups go to private memory again. Backups already in
 /// the region stay valid for this process. The last process to leave removes the file unless
 /// the region is kept. A process that exits without calling this leaves the file behind for
-/// the next instance, which reuses (kept) or reclaims (not kept) it. `INVALID_STATE` when none
-/// is open.
+/// the next instance, which reuses (kept) or reclaims (not kept) it. After a close, a region
+/// named by `DEVMEM_SHARED_STORE` is not opened again by this process;
+/// `devmem_shared_store_open` still opens one. `INVALID_STATE` when none is open.
 #[no_mangle]
 pub extern "C" fn devmem_shared_store_close() -> devmem_status {
     guard(core::close_shared_store)
 }
 
-/// Fills the live, mapped allocations of the `n` listed tags with the bytes the shared store
-/// holds for them: the restart half of durable sleep. Allocations are matched by tag, by their
-/// index among the tag's allocations (allocation order) and by size; any mismatch is
-/// `DEVMEM_STATUS_REGION` before a byte is copied. Stored checksums are verified on the device
-/// after the copy (CUDA); a mismatch is `DEVMEM_STATUS_REGION` naming the allocations. See
-/// `devmem_get_last_transfer` for the bytes restored.
+/// Longest range name `devmem_name_range` accepts, in bytes (without the NUL).
+pub const DEVMEM_MAX_NAME_LEN: usize = 4096;
+const _: () = assert!(DEVMEM_MAX_NAME_LEN == core::DEVMEM_MAX_NAME_LEN);
+
+/// Names the bytes `[ptr, ptr+len)` of a live allocation (within the size it asked for):
+/// a tensor's name, or a key for a whole allocation. Sleeping into the shared store records
+/// the name with the bytes, and `devmem_restore_from_store` in a restarted process puts them
+/// back only where the same name is registered again with the same length. Registering a
+/// name again moves it; names go when their allocation is freed. `UNKNOWN_POINTER` when `ptr`
+/// is in no live allocation, `INVALID_ARGUMENT` for an empty or overlong range or name
+/// (1 to `DEVMEM_MAX_NAME_LEN` bytes of UTF-8).
+#[no_mangle]
+pub extern "C" fn devmem_name_range(ptr: u64, len: usize, name: *const c_char) -> devmem_status {
+    guard(|| {
+        if name.is_null() {
+            bail!(NullPointer, "name is NULL");
+        }
+        // SAFETY: non-NULL and NUL-terminated per the contract.
+        let name = unsafe { CStr::from_ptr(name) }
+            .to_str()
+            .map_err(|_| Error::new(devmem_status::InvalidArgument, "name is not UTF-8"))?;
+        core::name_range(ptr, len, name)
+    })
+}
+
+/// Forgets the range names (`devmem_name_range`) of every allocation of `tag`, or of every
+/// allocation when `tag` is NULL: call it before naming a reloaded model's tensors again, so a
+/// name left on bytes that now hold another tensor is not saved with them. Writes the number
+/// of names forgotten to `*out` when `out` is not NULL. `INVALID_TAG` for a bad tag.
+#[no_mangle]
+pub extern "C" fn devmem_clear_names(tag: *const c_char, out: *mut usize) -> devmem_status {
+    guard(|| {
+        let tag = if tag.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL and NUL-terminated per the contract.
+            Some(unsafe { tag_from_c(tag, "tag") }?)
+        };
+        let n = core::clear_names(tag.as_deref())?;
+        if !out.is_null() {
+            // SAFETY: the caller passes NULL or a valid out-pointer.
+            unsafe { write_out(out, "out", n) }?;
+        }
+        Ok(())
+    })
+}
+
+/// Fills the named ranges (`devmem_name_range`) of the live, mapped allocations of the `n`
+/// listed tags with the bytes the shared store holds under the same names: the restart half of
+/// durable sleep. Restores by identity: before a byte is copied, every name must be stored by
+/// this instance, rank and world, under the same tag, with the same length, and every name
+/// stored under those tags must be asked for; otherwise `DEVMEM_STATUS_REGION` names what
+/// differs. On CUDA every range must carry a checksum, verified on the device after the copy;
+/// a mismatch is `DEVMEM_STATUS_REGION` naming the ranges. Waits for work queued on the
+/// devices first. See `devmem_get_last_transfer` for the bytes restored.
 #[no_mangle]
 pub extern "C" fn devmem_restore_from_store(tags: *const *const c_char, n: usize) -> devmem_status {
     guard(|| {
@@ -816,9 +867,89 @@ pub extern "C" fn devmem_restore_from_store(tags: *const *const c_char, n: usize
     })
 }
 
+/// Like `devmem_restore_from_store`, for allocations that carry no names: matches whole
+/// allocations by tag and order of allocation. Refused (`DEVMEM_STATUS_REGION`, nothing
+/// copied) unless the store holds exactly as many allocations of each tag as the process
+/// has, each allocated with exactly the same requested size, each with a checksum on CUDA.
+/// Order proves nothing about identity: use it only where every process allocates the same
+/// buffers in the same order.
+#[no_mangle]
+pub extern "C" fn devmem_restore_from_store_by_order(
+    tags: *const *const c_char,
+    n: usize,
+) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        if tags.is_empty() {
+            bail!(InvalidArgument, "no tags given");
+        }
+        core::restore_from_store_by_order(&tags).map(drop)
+    })
+}
+
+/// Longest path `devmem_shared_store_info.path` holds, with its NUL.
+pub const DEVMEM_PATH_BUFFER_LEN: usize = 4096;
+
+/// The shared store this process has open (`devmem_get_shared_store_info`).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct devmem_shared_store_info {
+    /// 1 when a store is open, else 0 (and every other field is zero).
+    pub open: i32,
+    /// 1 when the region stays after its last user leaves (durable sleep).
+    pub kept: i32,
+    /// This process's rank.
+    pub rank: u32,
+    /// The number of ranks.
+    pub world: u32,
+    /// The instance's generation (1 for a new region).
+    pub generation: u64,
+    /// The region's file, NUL-terminated (truncated to fit).
+    pub path: [c_char; DEVMEM_PATH_BUFFER_LEN],
+}
+
+/// Writes what the shared store this process has open is to `*out` (`open` = 0 when none is:
+/// a store `DEVMEM_SHARED_STORE` names counts only once it opened, at the first sleep).
+#[no_mangle]
+pub extern "C" fn devmem_get_shared_store_info(
+    out: *mut devmem_shared_store_info,
+) -> devmem_status {
+    guard(|| {
+        let mut info = devmem_shared_store_info {
+            open: 0,
+            kept: 0,
+            rank: 0,
+            world: 0,
+            generation: 0,
+            path: [0; DEVMEM_PATH_BUFFER_LEN],
+        };
+        if let Some(region) = crate::store::shared_open_now() {
+            use std::os::unix::ffi::OsStrExt;
+            info.open = 1;
+            info.kept = i32::from(region.kept());
+            info.rank = region.rank();
+            info.world = region.world();
+            info.generation = region.generation();
+            let bytes = region.path().as_os_str().as_bytes();
+            for (dst, src) in info
+                .path
+                .iter_mut()
+                .zip(bytes.iter().take(DEVMEM_PATH_BUFFER_LEN - 1))
+            {
+                *dst = *src as c_char;
+            }
+        }
+        // SAFETY: the caller passes NULL or a valid out-pointer.
+        unsafe { write_out(out, "out", info) }
+    })
+}
+
 /// Declares what sleeps may assume about `tag`'s bytes: `DEVMEM_READ_ONLY_OFF` (default),
-/// `DEVMEM_READ_ONLY_ON` (a wake keeps the host copy and the next sleep only unmaps; bytes
-/// written after the declaration are lost at the next sleep) or `DEVMEM_READ_ONLY_VERIFY`
+/// `DEVMEM_READ_ONLY_ON` (a wake keeps the host copy and the next sleep only unmaps; on CUDA
+/// it verifies like `DEVMEM_READ_ONLY_VERIFY`; without a device checksum, bytes written after
+/// the declaration are lost at the next sleep) or `DEVMEM_READ_ONLY_VERIFY`
 /// (each sleep compares a device checksum with the host copy's and copies again on a
 /// mismatch; `DEVMEM_STATUS_UNSUPPORTED` without a device checksum, e.g. on Level Zero).
 #[no_mangle]

@@ -18,6 +18,7 @@ pub(crate) mod backend;
 pub mod checksum;
 pub mod core;
 pub(crate) mod driver;
+mod env;
 pub mod error;
 pub mod ffi;
 mod logging;

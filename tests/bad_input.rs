@@ -430,6 +430,48 @@ row!(
     ffi::devmem_get_allocation_info(0x1000 as *const c_void, &mut unsafe_zeroed())
 );
 row!(
+    name_range_name_null,
+    S::NullPointer,
+    "name is NULL",
+    ffi::devmem_name_range(live(), 8, ptr::null())
+);
+row!(
+    name_range_not_utf8,
+    S::InvalidArgument,
+    "not UTF-8",
+    ffi::devmem_name_range(live(), 8, c"\xff".as_ptr())
+);
+row!(
+    name_range_unknown_pointer,
+    S::UnknownPointer,
+    "not inside",
+    ffi::devmem_name_range(0x1000, 8, c"w".as_ptr())
+);
+row!(
+    name_range_overflowing_length,
+    S::InvalidArgument,
+    "runs past",
+    ffi::devmem_name_range(live(), usize::MAX, c"w".as_ptr())
+);
+row!(
+    clear_names_bad_tag,
+    S::InvalidTag,
+    "empty",
+    ffi::devmem_clear_names(c"".as_ptr(), ptr::null_mut())
+);
+row!(
+    shared_store_info_out_null,
+    S::NullPointer,
+    "out",
+    ffi::devmem_get_shared_store_info(ptr::null_mut())
+);
+row!(
+    restore_by_order_without_a_store,
+    S::InvalidState,
+    "no shared store is open",
+    with_tags(ffi::devmem_restore_from_store_by_order, &[Some(b"w")])
+);
+row!(
     allocation_chunks_ptr_null,
     S::NullPointer,
     "must not be NULL",

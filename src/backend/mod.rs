@@ -359,7 +359,7 @@ fn choice() -> Result<devmem_backend> {
     if let Some(kind) = *CHOICE.lock() {
         return Ok(kind);
     }
-    let Ok(text) = std::env::var(BACKEND_ENV) else {
+    let Some(text) = crate::env::text(BACKEND_ENV)? else {
         return Ok(devmem_backend::Auto);
     };
     match text.trim() {

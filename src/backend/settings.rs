@@ -26,7 +26,7 @@ pub struct Settings {
 }
 
 fn switch(name: &str) -> Result<Option<bool>> {
-    let Ok(text) = std::env::var(name) else {
+    let Some(text) = crate::env::text(name)? else {
         return Ok(None);
     };
     match text.trim().to_ascii_lowercase().as_str() {
@@ -41,7 +41,7 @@ fn switch(name: &str) -> Result<Option<bool>> {
 }
 
 fn chunk_size(kind: devmem_backend) -> Result<usize> {
-    if let Ok(text) = std::env::var("DEVMEM_CHUNK_SIZE") {
+    if let Some(text) = crate::env::text("DEVMEM_CHUNK_SIZE")? {
         if !text.trim().is_empty() && !text.trim().eq_ignore_ascii_case("auto") {
             return crate::store::bound::parse_size(&text)
                 .and_then(|n| usize::try_from(n).ok())
@@ -64,11 +64,13 @@ fn chunk_size(kind: devmem_backend) -> Result<usize> {
         "VLLM_ROCM_SLEEP_MEM_CHUNK_SIZE",
         "VLLM_SLEEP_MEM_CHUNK_SIZE",
     ] {
-        if let Ok(text) = std::env::var(name) {
-            match text.trim().parse::<usize>().ok().filter(|mb| *mb > 0) {
+        match crate::env::text(name) {
+            Ok(None) => {}
+            Ok(Some(text)) => match text.trim().parse::<usize>().ok().filter(|mb| *mb > 0) {
                 Some(mb) => return Ok(mb.saturating_mul(1 << 20)),
                 None => log::warn!("devmem: ignoring {name}={text}: not a whole number of MiB"),
-            }
+            },
+            Err(err) => log::warn!("devmem: ignoring {}", err.message),
         }
     }
     Ok(HIP_CHUNK_BYTES)

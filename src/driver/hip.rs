@@ -176,7 +176,7 @@ impl HipApi {
     /// ROCm build loads its own copy) is used first, so devmem and the application share one
     /// runtime, its devices and its streams; then the names in [`DEFAULT_LIBRARIES`].
     pub fn load() -> Result<Self> {
-        let set = std::env::var(LIBRARY_ENV).is_ok_and(|p| !p.is_empty());
+        let set = crate::env::path(LIBRARY_ENV).is_some();
         let mut candidates: Vec<String> = Vec::new();
         if !set {
             candidates.extend(loaded_runtime());

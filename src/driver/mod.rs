@@ -13,21 +13,21 @@ pub mod cuda;
 pub mod hip;
 pub mod ze;
 
-/// Opens a driver library: the path in the environment variable `env` when set, else
-/// `default`. `what` names the library in the error ("the CUDA driver library").
+/// Opens a driver library: the path in the environment variable `env` when set (as the bytes
+/// the environment holds: a path need not be UTF-8), else `default`. `what` names the library
+/// in the error ("the CUDA driver library"). Returns the library and its path as text, for
+/// messages.
 pub(crate) fn open(env: &str, default: &str, what: &str) -> Result<(Library, String)> {
-    let path = std::env::var(env)
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| default.to_string());
+    let path = crate::env::path(env).unwrap_or_else(|| default.into());
+    let shown = path.to_string_lossy().into_owned();
     // SAFETY: opening a shared library runs its initialisers; driver libraries (and the
     // emulator) are made to be loaded this way.
     match unsafe { Library::new(&path) } {
-        Ok(lib) => Ok((lib, path)),
+        Ok(lib) => Ok((lib, shown)),
         Err(e) => Err(Error::new(
             devmem_status::DriverNotFound,
             format!(
-                "could not open {what} {path} (set {env} to override): {}",
+                "could not open {what} {shown} (set {env} to override): {}",
                 with_sources(&e)
             ),
         )),

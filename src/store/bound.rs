@@ -56,10 +56,10 @@ pub fn cap() -> Result<Option<u64>> {
         u64::MAX => return Ok(None),
         bytes => return Ok(Some(bytes)),
     }
-    match std::env::var(LIMIT_ENV) {
-        Err(_) => Ok(None),
-        Ok(text) if text.trim().is_empty() => Ok(None),
-        Ok(text) => match parse_size(&text) {
+    match crate::env::text(LIMIT_ENV)? {
+        None => Ok(None),
+        Some(text) if text.trim().is_empty() => Ok(None),
+        Some(text) => match parse_size(&text) {
             Some(0) => Ok(None),
             Some(bytes) => Ok(Some(bytes)),
             None => bail!(

@@ -27,6 +27,7 @@ pub mod anonymous;
 pub mod blocks;
 pub mod bound;
 pub mod driver_host;
+pub mod manifest;
 pub mod pipeline;
 pub mod shared;
 pub mod source;
@@ -66,6 +67,8 @@ pub struct Backup {
     shared: Option<(Arc<Region>, usize, usize)>,
     /// The device checksum of the saved bytes, when one was computed.
     checksum: Option<u64>,
+    /// Checksums of named ranges ((offset, bytes) → sum), computed with `checksum`.
+    range_sums: Vec<((u64, u64), Option<u64>)>,
 }
 
 impl Backup {
@@ -75,7 +78,27 @@ impl Backup {
             extents: Vec::new(),
             shared: Some((region, stored.slot, stored.ptr)),
             checksum: stored.checksum,
+            range_sums: Vec::new(),
         }
+    }
+
+    /// The region and slot holding the bytes, when they are in the shared region, and the
+    /// host address of the first byte.
+    pub fn region_slot(&self) -> Option<(&Arc<Region>, usize, usize)> {
+        self.shared.as_ref().map(|(r, slot, ptr)| (r, *slot, *ptr))
+    }
+
+    /// Records the checksums of named ranges computed with the backup's.
+    pub fn set_range_sums(&mut self, sums: Vec<((u64, u64), Option<u64>)>) {
+        self.range_sums = sums;
+    }
+
+    /// The checksum recorded for the named range (offset, bytes), if any.
+    pub fn range_sum(&self, range: (u64, u64)) -> Option<u64> {
+        self.range_sums
+            .iter()
+            .find(|(r, _)| *r == range)
+            .and_then(|(_, s)| *s)
     }
 
     /// The device checksum recorded for the saved bytes.
@@ -206,6 +229,10 @@ pub fn held_bytes() -> usize {
 /// The open shared region, if any.
 static SHARED: Mutex<Option<Arc<Region>>> = Mutex::new(None);
 
+/// Set by the first close: from then on the region named by `DEVMEM_SHARED_STORE` is not
+/// opened again by this process (only an explicit [`open_shared`] opens one).
+static ENV_STORE_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Opens (or creates) the shared region; backups go there until it is closed.
 pub fn open_shared(
     options: &shared::Options,
@@ -235,20 +262,29 @@ pub fn open_shared(
 
 /// Leaves the shared region: new backups go to the pool again. Backups already in the region
 /// stay valid (this process keeps its mapping until they are gone); the last process to leave
-/// removes the file unless it is kept.
+/// removes the file unless it is kept. A close is final for the environment: from then on a
+/// region named by `DEVMEM_SHARED_STORE` is not opened again by this process (reopening it
+/// would find this process's own rank still in use, or create a second file while the first
+/// is still mapped); an explicit [`open_shared`] still opens one.
 pub fn close_shared() -> Result<()> {
-    let Some(region) = SHARED.lock().take() else {
+    let mut active = SHARED.lock();
+    let Some(region) = active.take() else {
         bail!(InvalidState, "no shared store is open");
     };
+    ENV_STORE_CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(active);
     region.leave();
     Ok(())
 }
 
 /// The open shared region, opening it from the environment (`DEVMEM_SHARED_STORE`) first
-/// when that names one.
+/// when that names one and this process has never closed a region.
 pub fn shared_region(backend: &Arc<dyn Backend>, device: i32) -> Result<Option<Arc<Region>>> {
     if let Some(region) = SHARED.lock().as_ref() {
         return Ok(Some(Arc::clone(region)));
+    }
+    if ENV_STORE_CLOSED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
     }
     let Some(options) = shared::options_from_env()? else {
         return Ok(None);
@@ -472,6 +508,7 @@ pub fn take(backend: &Arc<dyn Backend>, device: i32, len: usize, key: &SlotKey) 
                 extents,
                 shared: None,
                 checksum: None,
+                range_sums: Vec::new(),
             });
         }
         if let Some(err) = pool.grow_error.take() {

@@ -32,6 +32,16 @@ pub struct SaveTarget {
     pub key: SlotKey,
     /// Record a device checksum of the bytes with the backup (where the backend has one).
     pub checksum: bool,
+    /// Named byte ranges (offset, bytes) of the allocation whose checksums the backup records
+    /// too ([`word_range`]), when `checksum` is set.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The device range a named range's checksum covers: its whole 8-byte words from its start,
+/// which must be 8-byte aligned (the kernel reads words). `None` when it is not aligned;
+/// a length of 0 when the range is shorter than a word.
+pub fn word_range(start: u64, len: u64) -> Option<(u64, usize)> {
+    (start % 8 == 0).then_some((start, (len - len % 8) as usize))
 }
 
 /// How far releasing one target got, when it got as far as unmapping.
@@ -156,9 +166,10 @@ pub fn save(
     let mut in_batch = 0;
     let mut failure: Option<Error> = None;
     for (i, t) in offloads.iter().enumerate() {
-        let sum = sums.next().flatten();
+        let (sum, range_sums) = sums.next().unwrap_or_default();
         let queued = super::take(backend, t.device, t.size, &t.key).and_then(|mut backup| {
             backup.set_checksum(sum);
+            backup.set_range_sums(t.ranges.iter().copied().zip(range_sums).collect());
             let pieces = backup.pieces(t.va, t.size);
             backups.push(Some(backup));
             pieces.into_iter().try_for_each(|(src, dst, n)| {
@@ -238,32 +249,52 @@ pub fn save(
     Err(err)
 }
 
-/// Device checksums of the targets that ask for one (`None` for the others, and for all of
-/// them where the backend has no checksum kernel).
-fn checksums(backend: &Arc<dyn Backend>, targets: &[SaveTarget]) -> Result<Vec<Option<u64>>> {
-    let mut out = vec![None; targets.len()];
+/// A target's checksum and those of its named ranges.
+type Sums = (Option<u64>, Vec<Option<u64>>);
+
+/// Device checksums of the targets that ask for one, and of their named ranges (`None` for
+/// the others, for ranges not word-aligned, and for all where the backend has no checksum
+/// kernel).
+fn checksums(backend: &Arc<dyn Backend>, targets: &[SaveTarget]) -> Result<Vec<Sums>> {
+    let mut out: Vec<Sums> = targets
+        .iter()
+        .map(|t| (None, vec![None; t.ranges.len()]))
+        .collect();
     let devices: BTreeSet<i32> = targets
         .iter()
         .filter(|t| t.checksum)
         .map(|t| t.device)
         .collect();
     for device in devices {
-        let picked: Vec<usize> = (0..targets.len())
-            .filter(|&i| targets[i].checksum && targets[i].device == device)
-            .collect();
-        let ranges: Vec<(u64, usize)> = picked
-            .iter()
-            .map(|&i| (targets[i].va, targets[i].size))
-            .collect();
+        // (target, None for the whole allocation or Some(range index), device range)
+        let mut picked: Vec<(usize, Option<usize>, (u64, usize))> = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            if !t.checksum || t.device != device {
+                continue;
+            }
+            picked.push((i, None, (t.va, t.size)));
+            for (r, (offset, len)) in t.ranges.iter().enumerate() {
+                match word_range(t.va + offset, *len) {
+                    Some((_, 0)) => out[i].1[r] = Some(0),
+                    Some(range) => picked.push((i, Some(r), range)),
+                    None => {}
+                }
+            }
+        }
+        let ranges: Vec<(u64, usize)> = picked.iter().map(|p| p.2).collect();
         match backend.checksums(device, &ranges) {
             Ok(sums) => {
-                for (i, sum) in picked.into_iter().zip(sums) {
-                    out[i] = Some(sum);
+                for ((i, r, _), sum) in picked.into_iter().zip(sums) {
+                    match r {
+                        None => out[i].0 = Some(sum),
+                        Some(r) => out[i].1[r] = Some(sum),
+                    }
                 }
             }
             Err(e) if e.status == devmem_status::Unsupported => return Ok(out),
             // A full device is when sleeps matter most: the backups go without a checksum
-            // (a durable restore of them is then unverified) rather than the sleep failing.
+            // (a durable restore of them is then refused on this backend) rather than the
+            // sleep failing.
             Err(e) if e.status == devmem_status::OutOfMemory => {
                 log::warn!("devmem: sleep: no device memory for checksums, saving without: {e}");
             }
@@ -271,6 +302,96 @@ fn checksums(backend: &Arc<dyn Backend>, targets: &[SaveTarget]) -> Result<Vec<O
         }
     }
     Ok(out)
+}
+
+/// One copy of a restore into memory that is already mapped (a durable restore from the
+/// shared store): `len` bytes from host `src` to device `dst`.
+#[derive(Debug, Clone)]
+pub struct FillCopy {
+    /// Device ordinal.
+    pub device: i32,
+    /// Device address.
+    pub dst: u64,
+    /// Host address of the saved bytes.
+    pub src: usize,
+    /// Bytes.
+    pub len: usize,
+    /// The checksum recorded for the bytes ([`word_range`] from `dst`), if any.
+    pub checksum: Option<u64>,
+}
+
+/// Copies saved bytes into mapped allocations and verifies them: the restore of a durable
+/// store. Waits for the application's work on every target device first (a kernel still
+/// initialising a tensor must not overwrite the bytes after this returns). Each copy is
+/// split where `split` says (the region's pinned pieces) and queued once `ready` says its
+/// source is pinned. After one wait per device, each copy with a checksum is verified: on the
+/// device where `dst` is word-aligned, else over the host bytes. Returns the indices of the
+/// copies that failed verification. On an error, every queued copy is finished before it
+/// returns and the targets hold unspecified bytes.
+pub fn fill(
+    backend: &Arc<dyn Backend>,
+    copies: &[FillCopy],
+    split: impl Fn(usize, usize) -> Vec<(usize, usize, usize)>,
+    ready: impl Fn(usize, usize) -> Result<()>,
+) -> Result<Vec<usize>> {
+    let devices: BTreeSet<i32> = copies.iter().map(|c| c.device).collect();
+    for device in &devices {
+        backend.synchronize(*device).map_err(|e| {
+            e.context(
+                "restore: waiting for the application's work on the device; nothing was copied",
+            )
+        })?;
+    }
+    let queued = copies.iter().try_for_each(|c| {
+        split(c.src, c.len)
+            .into_iter()
+            .try_for_each(|(offset, host, n)| {
+                ready(host, n)?;
+                backend.copy_to_device_async(c.device, c.dst + offset as u64, host as *const u8, n)
+            })
+    });
+    let waited = queued.and_then(|()| devices.iter().try_for_each(|d| backend.wait_copies(*d)));
+    if let Err(err) = waited {
+        finish_copies(&**backend, &devices);
+        return Err(err.context("restore: the target allocations hold unspecified bytes"));
+    }
+    let mut bad = Vec::new();
+    for device in &devices {
+        let mut on_device: Vec<(usize, (u64, usize), u64)> = Vec::new();
+        for (i, c) in copies.iter().enumerate() {
+            let Some(expect) = c.checksum.filter(|_| c.device == *device) else {
+                continue;
+            };
+            match word_range(c.dst, c.len as u64) {
+                Some((_, 0)) => {}
+                Some(range) if backend.can_checksum() => on_device.push((i, range, expect)),
+                _ => {
+                    // SAFETY: `ready` confirmed the source lies in memory the caller keeps
+                    // mapped for the call.
+                    let host = unsafe {
+                        std::slice::from_raw_parts(c.src as *const u8, c.len - c.len % 8)
+                    };
+                    if crate::checksum::of(host) != expect {
+                        bad.push(i);
+                    }
+                }
+            }
+        }
+        if on_device.is_empty() {
+            continue;
+        }
+        let ranges: Vec<(u64, usize)> = on_device.iter().map(|p| p.1).collect();
+        let sums = backend
+            .checksums(*device, &ranges)
+            .map_err(|e| e.context("restore: the bytes were copied but could not be verified"))?;
+        for ((i, _, expect), sum) in on_device.into_iter().zip(sums) {
+            if sum != expect {
+                bad.push(i);
+            }
+        }
+    }
+    bad.sort_unstable();
+    Ok(bad)
 }
 
 /// One sleeping allocation to map again, and the saved pieces to copy back.

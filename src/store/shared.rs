@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::blocks::BLOCK;
+use super::manifest;
 use crate::backend::{Backend, HostMemory};
 use crate::error::{bail, devmem_status, Error, Result};
 
@@ -50,7 +51,9 @@ pub(crate) const MAX_WORLD: u32 = 4096;
 pub const DEFAULT_DIR: &str = "/dev/shm";
 
 const MAGIC: [u8; 8] = *b"DEVMEMSR";
-const VERSION: u32 = 1;
+/// 2: the header records the instance name; slots record the requested size, a serial and
+/// their kind; a rank's names live in a manifest slot.
+const VERSION: u32 = 2;
 /// The only layout so far: one contiguous area per rank.
 const LAYOUT_CONTIGUOUS: u32 = 1;
 /// `ready` once the creator has written the header.
@@ -59,6 +62,20 @@ const READY: u32 = 0x5245_4459;
 const FREE: u32 = 0;
 const WRITING: u32 = 1;
 const VALID: u32 = 2;
+
+/// Bytes of each rank's area kept for its manifest: backups never use them, so a sleep into an
+/// area sized exactly for its allocations still records their names.
+const MANIFEST_RESERVE: usize = BLOCK;
+/// The largest manifest a rank may have (about 400,000 names): a larger one in the file is
+/// corrupt, never read into memory.
+const MAX_MANIFEST: u64 = 64 << 20;
+/// Serials beyond this are corrupt (a file cannot have used them up).
+const MAX_SERIAL: u64 = 1 << 62;
+
+/// A slot holding one allocation's bytes.
+const KIND_ALLOCATION: u32 = 0;
+/// A slot holding the rank's manifest (the names of its saved byte ranges).
+const KIND_MANIFEST: u32 = 1;
 
 #[repr(C)]
 struct Header {
@@ -78,6 +95,10 @@ struct Header {
     instance_pid: AtomicU32,
     /// Incremented each time a new instance starts using the region.
     generation: AtomicU64,
+    /// The instance name the region was created for: a copy or link of another instance's
+    /// file under this name is refused.
+    name_len: u32,
+    name: [u8; MAX_NAME_LEN],
 }
 
 #[repr(C)]
@@ -90,6 +111,14 @@ struct Slot {
     has_checksum: u32,
     tag_len: u32,
     tag: [u8; 256],
+    /// The size the allocation asked for (its rounded size is `size`).
+    requested: u64,
+    /// Unique among the rank's slots over the region's life: a manifest entry names the
+    /// serial it was written for, so a slot reused since never matches it.
+    serial: u64,
+    /// [`KIND_ALLOCATION`] or [`KIND_MANIFEST`].
+    kind: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -141,7 +170,16 @@ impl Layout {
                 options.world
             );
         }
-        Self::new(options.bytes_per_rank, options.world)
+        // Each area holds its manifest's reserve on top of what the caller asked for.
+        match options.bytes_per_rank.checked_add(MANIFEST_RESERVE as u64) {
+            _ if options.bytes_per_rank == 0 => Self::new(0, options.world),
+            Some(bytes) => Self::new(bytes, options.world),
+            None => bail!(
+                InvalidArgument,
+                "shared store: {} bytes per rank overflow",
+                options.bytes_per_rank
+            ),
+        }
     }
 
     fn check_world(world: u32) -> Result<()> {
@@ -218,11 +256,60 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The file a region with `name` lives in.
+/// The file a region with `name` lives in: `<dir>/devmem-<name>.region`, where `dir` defaults
+/// to [`private_dir`]. Creates nothing.
 pub fn path_for(name: &str, dir: Option<&Path>) -> Result<PathBuf> {
     check_name(name)?;
-    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
+    let dir = match dir {
+        Some(dir) => dir.to_path_buf(),
+        None => private_dir(),
+    };
     Ok(dir.join(format!("devmem-{name}.region")))
+}
+
+/// This user's own directory for regions: `/dev/shm/devmem-<uid>`, mode 0700. Only its owner
+/// can create a file in it, so no other user can claim an instance's name first.
+pub fn private_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    Path::new(DEFAULT_DIR).join(format!("devmem-{uid}"))
+}
+
+/// Creates [`private_dir`] when missing, and refuses one that is not this user's own
+/// directory with mode 0700 (another user made it first, or it is a link).
+fn ensure_private_dir(dir: &Path) -> Result<()> {
+    let c = c_path(dir)?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::mkdir(c.as_ptr(), 0o700) } != 0 && errno() != libc::EEXIST {
+        let status = match errno() {
+            libc::ENOSPC | libc::ENOMEM => devmem_status::HostOutOfMemory,
+            _ => devmem_status::Region,
+        };
+        return Err(os_error(format!("creating {}", dir.display()), status));
+    }
+    // SAFETY: plain C struct; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer; lstat does not follow links.
+    if unsafe { libc::lstat(c.as_ptr(), &mut st) } != 0 {
+        return Err(os_error(
+            format!("lstat {}", dir.display()),
+            devmem_status::Region,
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR || st.st_uid != me || st.st_mode & 0o077 != 0 {
+        bail!(
+            Region,
+            "shared store: {} is not this user's private directory (uid {}, mode {:o}, want \
+             uid {me}, a directory with mode 700); another user may have created it: choose \
+             another directory (DEVMEM_SHARED_DIR or the dir option)",
+            dir.display(),
+            st.st_uid,
+            st.st_mode & 0o7777
+        );
+    }
+    Ok(())
 }
 
 fn os_error(what: impl std::fmt::Display, status: devmem_status) -> Error {
@@ -275,6 +362,8 @@ pub struct SlotKey {
     pub tag: Arc<str>,
     /// Its index among the live allocations of that tag, in allocation order.
     pub index: u32,
+    /// The size the allocation asked for.
+    pub requested: u64,
 }
 
 /// A valid slot found for a key.
@@ -286,13 +375,94 @@ pub struct Stored {
     pub ptr: usize,
     /// Bytes stored.
     pub size: usize,
+    /// The size the saved allocation asked for.
+    pub requested: u64,
     /// Device checksum recorded when the bytes were saved.
     pub checksum: Option<u64>,
+}
+
+/// A named byte range of a saved allocation, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedRange {
+    /// The caller's name for the bytes (a tensor's name, a key).
+    pub name: Arc<str>,
+    /// The tag of the allocation holding them.
+    pub tag: Arc<str>,
+    /// The slot holding that allocation's bytes, and its serial when the entry was written.
+    pub slot: usize,
+    /// See [`Slot::serial`].
+    pub serial: u64,
+    /// Offset of the range in the allocation.
+    pub offset: u64,
+    /// Bytes in the range.
+    pub len: u64,
+    /// Checksum ([`crate::checksum`]) of the range's whole 8-byte words, from its start.
+    pub checksum: Option<u64>,
+    /// The range's last `len % 8` bytes (which no word covers), little-endian, zero-padded.
+    pub tail: u64,
+}
+
+/// A named range found in the region, with the host address of its bytes.
+#[derive(Debug, Clone)]
+pub struct StoredRange {
+    /// As recorded.
+    pub range: NamedRange,
+    /// Host address of the range's first byte.
+    pub ptr: usize,
+}
+
+/// One slot as this process knows it: the private copy of the rank's table, validated once at
+/// open. The table in the file is written (for the next process) but never read again.
+#[derive(Debug, Clone)]
+struct Entry {
+    state: u32,
+    kind: u32,
+    offset: u64,
+    size: u64,
+    requested: u64,
+    checksum: Option<u64>,
+    tag: Arc<str>,
+    index: u32,
+    serial: u64,
+    /// Taken or adopted by this process (the other valid slots are snapshots left by an
+    /// earlier process, which may be evicted when space runs out).
+    claimed: bool,
+}
+
+impl Entry {
+    fn free() -> Self {
+        Self {
+            state: FREE,
+            kind: KIND_ALLOCATION,
+            offset: 0,
+            size: 0,
+            requested: 0,
+            checksum: None,
+            tag: Arc::from(""),
+            index: 0,
+            serial: 0,
+            claimed: false,
+        }
+    }
+
+    fn is(&self, state: u32, kind: u32) -> bool {
+        self.state == state && self.kind == kind
+    }
+}
+
+/// This process's private state of its rank.
+struct Slots {
+    entries: Vec<Entry>,
+    next_serial: u64,
+    /// The manifest's slot and its parsed entries.
+    manifest: Option<(usize, Vec<NamedRange>)>,
 }
 
 /// One process's view of an open region.
 pub struct Region {
     path: PathBuf,
+    /// The instance name.
+    name: String,
     fd: OwnedFd,
     base: usize,
     layout: Layout,
@@ -300,15 +470,15 @@ pub struct Region {
     /// This rank's area, pinned piece by piece in the background (see [`Pinning`]).
     pinning: Arc<Pinning>,
     pinner: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Slots this process took or adopted (the rest of the valid ones are snapshots left by
-    /// an earlier process, which may be evicted when space runs out).
-    claimed: Mutex<Vec<bool>>,
+    /// The rank's slots, validated once at open; nothing read from the file after that
+    /// decides where devmem reads or writes.
+    slots: Mutex<Slots>,
     /// Still a user of the instance (holds its byte-0 lock); false once closed.
     member: Mutex<bool>,
     generation: u64,
 }
 
-// SAFETY: the raw mapping is only reached through methods that synchronise on `claimed` (this
+// SAFETY: the raw mapping is only reached through methods that synchronise on `slots` (this
 // rank's table) or use atomics (the header); the backend is Send + Sync.
 unsafe impl Send for Region {}
 // SAFETY: as above.
@@ -399,6 +569,15 @@ fn check_owner(path: &Path, st: &libc::stat) -> Result<()> {
             st.st_uid
         );
     }
+    if st.st_nlink != 1 {
+        bail!(
+            Region,
+            "shared store: {} has {} links, not 1 (a hard link to another instance's region \
+             would restore that instance's bytes); refused",
+            path.display(),
+            st.st_nlink
+        );
+    }
     let mode = st.st_mode & 0o7777;
     if mode != 0o600 {
         bail!(
@@ -465,13 +644,68 @@ impl Region {
         unsafe { &*(at as *const RankTable) }
     }
 
-    /// This rank's table, for writing. Only this process writes it (it holds the rank's lock).
-    #[allow(clippy::mut_from_ref)]
-    fn slot_mut(&self, _guard: &mut Vec<bool>, slot: usize) -> &mut Slot {
-        let table = self.table() as *const RankTable as *mut RankTable;
-        // SAFETY: this process owns the rank (its lock) and holds `claimed`'s guard, the only
-        // way to write the table, so no other reference to this slot is alive.
-        unsafe { &mut (*table).slots[slot] }
+    /// The file offset of this rank's slot `i`.
+    fn slot_offset(&self, i: usize) -> u64 {
+        (std::mem::size_of::<Header>()
+            + self.rank as usize * std::mem::size_of::<RankTable>()
+            + std::mem::offset_of!(RankTable, slots)
+            + i * std::mem::size_of::<Slot>()) as u64
+    }
+
+    /// Writes the private entry `i` to the file's table, its state last. Through `pwrite`, not
+    /// the mapping: a file another process truncated gives an error here, never SIGBUS.
+    /// Only this process writes the rank's table (it holds the rank's lock).
+    fn write_slot(&self, slots: &Slots, i: usize) -> Result<()> {
+        let e = &slots.entries[i];
+        let tag = e.tag.as_bytes();
+        let tag_len = tag.len().min(256);
+        let mut raw = Slot {
+            state: AtomicU32::new(e.state),
+            index: e.index,
+            offset: e.offset,
+            size: e.size,
+            checksum: e.checksum.unwrap_or(0),
+            has_checksum: u32::from(e.checksum.is_some()),
+            tag_len: tag_len as u32,
+            tag: [0; 256],
+            requested: e.requested,
+            serial: e.serial,
+            kind: e.kind,
+            _pad: 0,
+        };
+        raw.tag[..tag_len].copy_from_slice(&tag[..tag_len]);
+        // SAFETY: `Slot` is repr(C) with no padding (every field is naturally aligned and the
+        // size is a multiple of 8), so all its bytes are initialised.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                &raw as *const Slot as *const u8,
+                std::mem::size_of::<Slot>(),
+            )
+        };
+        let at = self.slot_offset(i);
+        let state = std::mem::offset_of!(Slot, state);
+        let (head, rest) = bytes.split_at(state + 4);
+        // Entering VALID: the fields first, the state last. Leaving it (free, being written):
+        // the state first. A process killed between the two writes leaves a slot that is
+        // either not valid or valid with its complete fields.
+        let write_state = || pwrite_all(&self.fd, &head[state..], at + state as u64);
+        if e.state != VALID {
+            write_state()?;
+        }
+        pwrite_all(&self.fd, rest, at + head.len() as u64)?;
+        if e.state == VALID {
+            write_state()?;
+        }
+        Ok(())
+    }
+
+    /// Updates entry `i` privately and in the file; a failed write is logged (the private
+    /// state, which decides everything this process does, is already right).
+    fn store_slot(&self, slots: &mut Slots, i: usize, e: Entry) {
+        slots.entries[i] = e;
+        if let Err(err) = self.write_slot(slots, i) {
+            log::error!("devmem: shared store: writing slot {i}: {err}");
+        }
     }
 
     fn area(&self) -> usize {
@@ -490,6 +724,32 @@ impl Region {
         self.generation
     }
 
+    /// The instance name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> u32 {
+        self.layout.world
+    }
+
+    /// Whether the region stays when its last user leaves (durable sleep).
+    pub fn kept(&self) -> bool {
+        self.check_intact().is_ok() && self.header().kept.load(Ordering::Relaxed) != 0
+    }
+
+    fn write_owner(&self, pid: u32) -> Result<()> {
+        let at =
+            std::mem::size_of::<Header>() + self.rank as usize * std::mem::size_of::<RankTable>();
+        pwrite_all(&self.fd, &pid.to_le_bytes(), at as u64)
+    }
+
     /// Bytes of this rank's area.
     pub fn rank_bytes(&self) -> usize {
         self.layout.rank_bytes as usize
@@ -500,6 +760,9 @@ impl Region {
     pub fn open(options: &Options, backend: &Arc<dyn Backend>, device: i32) -> Result<Arc<Self>> {
         let layout = Layout::of(options)?;
         let path = path_for(&options.name, options.dir.as_deref())?;
+        if options.dir.is_none() {
+            ensure_private_dir(&private_dir())?;
+        }
         let deadline = Instant::now() + options.timeout;
         let (fd, created) = loop {
             match Self::join(&path, &layout, options, deadline)? {
@@ -516,18 +779,24 @@ impl Region {
         };
         let mut region = Self {
             path,
+            name: options.name.clone(),
             fd,
             base,
             layout,
             rank: options.rank,
             pinning: Arc::new(Pinning::default()),
             pinner: Mutex::new(None),
-            claimed: Mutex::new(vec![false; SLOTS]),
+            slots: Mutex::new(Slots {
+                entries: vec![Entry::free(); SLOTS],
+                next_serial: 1,
+                manifest: None,
+            }),
             member: Mutex::new(true),
             generation: 0,
         };
         if let Err(err) = region.start(options, created, backend, device) {
-            region.leave();
+            // A file this call created holds nothing of anyone's: it goes, kept or not.
+            region.leave_removing(created);
             return Err(err);
         }
         Ok(Arc::new(region))
@@ -543,14 +812,13 @@ impl Region {
         let timed_out = Instant::now() >= deadline;
         match open_file(path)? {
             Opened::Created(fd) => {
-                if !lock_byte(&fd, 0, libc::F_RDLCK)? {
-                    bail!(
-                        Region,
-                        "shared store: could not lock the new {}",
-                        path.display()
-                    );
+                // Locked, then still at the path: a process that took this file for one whose
+                // creator died (it was not locked yet) removed it meanwhile otherwise. Once
+                // locked here, nobody can remove it.
+                if !lock_byte(&fd, 0, libc::F_RDLCK)? || !still_linked(path, &fstat(&fd)?) {
+                    return Ok(None);
                 }
-                if let Err(err) = Self::create(&fd, layout, options.keep) {
+                if let Err(err) = Self::create(&fd, layout, &options.name, options.keep) {
                     Self::abandon(path, &fd, true);
                     return Err(err.context(format!("shared store: creating {}", path.display())));
                 }
@@ -574,22 +842,32 @@ impl Region {
                         Ok(None)
                     };
                 }
-                match Self::check_existing(path, &fd, &st, layout)? {
+                match Self::check_existing(path, &fd, &st, layout, &options.name)? {
                     Check::Ready => Ok(Some((fd, false))),
-                    Check::NotReady if !timed_out => Ok(None),
                     Check::NotReady => {
-                        let alone = lock_byte(&fd, 0, libc::F_WRLCK)?;
+                        // The creator holds byte 0 from just after creating the file until it
+                        // leaves: alone with a file not ready, for longer than a creator needs
+                        // to lock it, means the creator died. Its file holds nothing: removed.
+                        let age = file_age(&st);
+                        if age >= ABANDONED_AFTER && lock_byte(&fd, 0, libc::F_WRLCK)? {
+                            log::warn!(
+                                "devmem: shared store: removing {}, which its creator left \
+                                 uninitialised ({:.1} s old, no process uses it)",
+                                path.display(),
+                                age.as_secs_f64()
+                            );
+                            Self::abandon(path, &fd, true);
+                            return Ok(None);
+                        }
+                        if !timed_out {
+                            return Ok(None);
+                        }
                         bail!(
                             Region,
-                            "shared store: {} was not initialised within {:?}{}",
+                            "shared store: {} was not initialised within {:?} by the process \
+                             creating it, which still holds it",
                             path.display(),
-                            options.timeout,
-                            if alone {
-                                "; no process uses it (its creator died): remove it or open \
-                                 with reclaim"
-                            } else {
-                                ""
-                            }
+                            options.timeout
                         )
                     }
                     Check::Different(found) => {
@@ -617,7 +895,7 @@ impl Region {
     }
 
     /// Sizes a new file and writes its header; `ready` is set last.
-    fn create(fd: &OwnedFd, layout: &Layout, keep: bool) -> Result<()> {
+    fn create(fd: &OwnedFd, layout: &Layout, name: &str, keep: bool) -> Result<()> {
         // SAFETY: a valid descriptor; the mode is exactly 0600 whatever the umask.
         if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } != 0 {
             return Err(os_error("fchmod", devmem_status::Region));
@@ -633,10 +911,25 @@ impl Region {
                 status,
             ));
         }
+        // Every page of the header and the slot tables is reserved before any is written
+        // through a mapping: on a full tmpfs this is ENOSPC, not SIGBUS.
+        // SAFETY: a valid descriptor; the range lies inside the file.
+        let rc =
+            unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, layout.header_bytes as libc::off_t) };
+        if rc != 0 && errno() != libc::EOPNOTSUPP {
+            let status = match errno() {
+                libc::ENOSPC | libc::ENOMEM | libc::EFBIG => devmem_status::HostOutOfMemory,
+                _ => devmem_status::Region,
+            };
+            return Err(os_error(
+                format!("reserving the {} header bytes", layout.header_bytes),
+                status,
+            ));
+        }
         let header_len = std::mem::size_of::<Header>() as u64;
         let base = map_file(fd, header_len)?;
-        // SAFETY: the first bytes of the new, zero-filled file, mapped just above; no other
-        // process reads them before `ready` is set.
+        // SAFETY: the first bytes of the new, zero-filled file, mapped just above and reserved;
+        // no other process reads them before `ready` is set.
         let header = unsafe { &mut *(base as *mut Header) };
         header.magic = MAGIC;
         header.version = VERSION;
@@ -654,13 +947,21 @@ impl Region {
             .instance_pid
             .store(std::process::id(), Ordering::Relaxed);
         header.generation.store(1, Ordering::Relaxed);
+        header.name_len = name.len() as u32;
+        header.name[..name.len()].copy_from_slice(name.as_bytes());
         header.ready.store(READY, Ordering::Release);
         unmap_file(base, header_len);
         Ok(())
     }
 
     /// Checks an existing file's header against the layout asked for, touching nothing else.
-    fn check_existing(path: &Path, fd: &OwnedFd, st: &libc::stat, want: &Layout) -> Result<Check> {
+    fn check_existing(
+        path: &Path,
+        fd: &OwnedFd,
+        st: &libc::stat,
+        want: &Layout,
+        name: &str,
+    ) -> Result<Check> {
         let header_len = std::mem::size_of::<Header>() as u64;
         if (st.st_size as u64) < header_len {
             // A creator between ftruncate and its header, or a truncated file.
@@ -669,12 +970,18 @@ impl Region {
         let base = map_file(fd, header_len)?;
         // SAFETY: the first `header_len` bytes of the file, just mapped.
         let header = unsafe { &*(base as *const Header) };
-        let out = Self::read_header(path, header, st.st_size as u64, want);
+        let out = Self::read_header(path, header, st.st_size as u64, want, name);
         unmap_file(base, header_len);
         out
     }
 
-    fn read_header(path: &Path, h: &Header, file_len: u64, want: &Layout) -> Result<Check> {
+    fn read_header(
+        path: &Path,
+        h: &Header,
+        file_len: u64,
+        want: &Layout,
+        name: &str,
+    ) -> Result<Check> {
         if h.ready.load(Ordering::Acquire) != READY {
             if h.magic != [0; 8] && h.magic != MAGIC {
                 bail!(
@@ -727,6 +1034,16 @@ impl Region {
                  corrupt)",
                 path.display(),
                 h.total_bytes
+            );
+        }
+        let recorded = &h.name[..(h.name_len as usize).min(MAX_NAME_LEN)];
+        if recorded != name.as_bytes() {
+            bail!(
+                Region,
+                "shared store: {} was made for instance {:?}, not {name:?} (a copy or rename of \
+                 another instance's region); refused",
+                path.display(),
+                String::from_utf8_lossy(recorded)
             );
         }
         if found != *want {
@@ -788,44 +1105,43 @@ impl Region {
                 }
             );
         }
-        self.table().owner_pid.store(me, Ordering::Relaxed);
+        self.write_owner(me)?;
         self.check_slots()?;
         self.prepare(backend, device)
     }
 
-    /// Validates this rank's slots and frees those a killed process left half-written.
+    /// Validates this rank's slots into the private table, frees those a killed process left
+    /// half-written, and loads the manifest. The last time the file's table is read.
     fn check_slots(&self) -> Result<()> {
-        let mut guard = self.claimed.lock();
-        let mut dropped = 0;
-        for i in 0..SLOTS {
-            let slot = self.slot_mut(&mut guard, i);
-            match slot.state.load(Ordering::Acquire) {
-                FREE => {}
+        self.check_intact()?;
+        let mut slots = self.slots.lock();
+        let mut dropped = Vec::new();
+        let table = self.table();
+        for (i, slot) in table.slots.iter().enumerate() {
+            // One read of each field, into private memory, then checks on the copy.
+            let state = slot.state.load(Ordering::Acquire);
+            let e = Entry {
+                state,
+                kind: slot.kind,
+                offset: slot.offset,
+                size: slot.size,
+                requested: slot.requested,
+                checksum: (slot.has_checksum != 0).then_some(slot.checksum),
+                tag: Arc::from(String::from_utf8_lossy(
+                    &slot.tag[..(slot.tag_len as usize).min(slot.tag.len())],
+                )),
+                index: slot.index,
+                serial: slot.serial,
+                claimed: false,
+            };
+            let tag_len = slot.tag_len;
+            match state {
+                FREE => continue,
                 WRITING => {
-                    slot.state.store(FREE, Ordering::Release);
-                    dropped += 1;
+                    dropped.push(i);
+                    continue;
                 }
-                VALID => {
-                    let fits = slot
-                        .offset
-                        .checked_add(slot.size)
-                        .is_some_and(|end| end <= self.layout.rank_bytes)
-                        && slot.offset % BLOCK as u64 == 0
-                        && slot.tag_len as usize <= slot.tag.len()
-                        && slot.tag_len > 0;
-                    if !fits {
-                        bail!(
-                            Region,
-                            "shared store: {} rank {} slot {i} is corrupt (offset {}, size {}, \
-                             tag length {})",
-                            self.path.display(),
-                            self.rank,
-                            slot.offset,
-                            slot.size,
-                            slot.tag_len
-                        );
-                    }
-                }
+                VALID => {}
                 other => bail!(
                     Region,
                     "shared store: {} rank {} slot {i} has an unknown state {other}",
@@ -833,14 +1149,72 @@ impl Region {
                     self.rank
                 ),
             }
+            let fits = e
+                .offset
+                .checked_add(e.size)
+                .is_some_and(|end| end <= self.layout.rank_bytes)
+                && e.offset % BLOCK as u64 == 0
+                && e.size > 0
+                && (e.kind == KIND_MANIFEST || e.requested <= e.size)
+                && (e.kind == KIND_ALLOCATION || e.kind == KIND_MANIFEST)
+                && tag_len as usize <= 256
+                && tag_len > 0
+                && (1..MAX_SERIAL).contains(&e.serial)
+                && (e.kind == KIND_ALLOCATION || e.size <= MAX_MANIFEST);
+            if !fits {
+                // Never trusted, never fatal: its bytes are nobody's backup any more.
+                log::warn!(
+                    "devmem: shared store: {} rank {} slot {i} is inconsistent (kind {}, offset \
+                     {}, size {}, tag length {tag_len}, serial {}); dropping it",
+                    self.path.display(),
+                    self.rank,
+                    e.kind,
+                    e.offset,
+                    e.size,
+                    e.serial
+                );
+                dropped.push(i);
+                continue;
+            }
+            slots.entries[i] = e;
         }
-        if dropped > 0 {
+        // Two valid slots over the same bytes: something else wrote the table; both go.
+        let mut used: Vec<(u64, u64, usize)> = slots
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.state == VALID)
+            .map(|(i, e)| (e.offset, e.size.next_multiple_of(BLOCK as u64), i))
+            .collect();
+        used.sort_unstable();
+        for w in used.windows(2).filter(|w| w[0].0 + w[0].1 > w[1].0) {
             log::warn!(
-                "devmem: shared store: rank {} dropped {dropped} slot(s) a previous process \
-                 left half-written",
-                self.rank
+                "devmem: shared store: {} rank {} slots {} and {} overlap; dropping both",
+                self.path.display(),
+                self.rank,
+                w[0].2,
+                w[1].2
+            );
+            dropped.extend([w[0].2, w[1].2]);
+        }
+        dropped.sort_unstable();
+        dropped.dedup();
+        for i in &dropped {
+            slots.entries[*i] = Entry::free();
+        }
+        slots.next_serial = slots.entries.iter().map(|e| e.serial).max().unwrap_or(0) + 1;
+        for i in &dropped {
+            self.store_slot(&mut slots, *i, Entry::free());
+        }
+        if !dropped.is_empty() {
+            log::warn!(
+                "devmem: shared store: rank {} dropped {} slot(s) a previous process left \
+                 half-written or inconsistent",
+                self.rank,
+                dropped.len()
             );
         }
+        self.load_manifest(&mut slots);
         Ok(())
     }
 
@@ -946,13 +1320,24 @@ impl Region {
     /// Leaves the instance: the last user unlinks the file unless it is kept. The mapping and
     /// the rank stay this process's until the region is dropped.
     pub fn leave(&self) {
+        self.leave_removing(false);
+    }
+
+    /// [`leave`](Self::leave); `remove` removes the file even when kept, if this is its last
+    /// user.
+    fn leave_removing(&self, remove: bool) {
         let mut member = self.member.lock();
         if !*member {
             return;
         }
         *member = false;
         let last = lock_byte(&self.fd, 0, libc::F_WRLCK).unwrap_or(false);
-        if last && self.header().kept.load(Ordering::Relaxed) == 0 {
+        // A file changed under the mapping is never read through it again.
+        let kept = || match self.check_intact() {
+            Ok(()) => self.header().kept.load(Ordering::Relaxed) != 0,
+            Err(_) => true,
+        };
+        if last && (remove || !kept()) {
             Self::abandon(&self.path, &self.fd, true);
             log::info!("devmem: shared store: removed {}", self.path.display());
         }
@@ -961,74 +1346,75 @@ impl Region {
         }
     }
 
+    /// Refuses a file that another process truncated, resized or linked since it was opened:
+    /// every sleep, restore and manifest write checks this before touching the mapping.
+    pub fn check_intact(&self) -> Result<()> {
+        let st = fstat(&self.fd)?;
+        if st.st_size as u64 != self.layout.total_bytes {
+            bail!(
+                Region,
+                "shared store: {} is now {} bytes, not {} (truncated or resized by another \
+                 process); it is not touched again",
+                self.path.display(),
+                st.st_size,
+                self.layout.total_bytes
+            );
+        }
+        if st.st_nlink > 1 {
+            bail!(
+                Region,
+                "shared store: {} has {} links (another name for the same file could reuse \
+                 its bytes as another instance's); refused",
+                self.path.display(),
+                st.st_nlink
+            );
+        }
+        Ok(())
+    }
+
+    fn stored(&self, i: usize, e: &Entry) -> Stored {
+        Stored {
+            slot: i,
+            ptr: self.area() + e.offset as usize,
+            size: e.size as usize,
+            requested: e.requested,
+            checksum: e.checksum,
+        }
+    }
+
     /// Takes a slot for `key` with room for `len` bytes, marked as being written. Reuses the
     /// slot of an earlier snapshot of the same allocation when it has the same size; evicts
     /// snapshots no allocation of this process holds when space runs out.
     pub fn take(&self, key: &SlotKey, len: usize) -> Result<Stored> {
-        let len_blocks = len.next_multiple_of(BLOCK);
-        let mut claimed = self.claimed.lock();
-        let same = self.find_locked(&claimed, key);
-        let slot = match same {
-            Some(s) if !claimed[s.slot] && s.size == len => s.slot,
-            _ => {
-                let free = (0..SLOTS)
-                    .find(|&i| self.table().slots[i].state.load(Ordering::Acquire) == FREE);
-                let Some(free) = free else {
-                    bail!(
-                        HostOutOfMemory,
-                        "shared store: rank {} of {} has all its {SLOTS} slots in use",
-                        self.rank,
-                        self.path.display()
-                    );
-                };
-                let offset = loop {
-                    if let Some(offset) = self.fit(len_blocks) {
-                        break offset;
-                    }
-                    let victim = (0..SLOTS).find(|&i| {
-                        !claimed[i] && self.table().slots[i].state.load(Ordering::Acquire) == VALID
-                    });
-                    let Some(victim) = victim else {
-                        bail!(
-                            HostOutOfMemory,
-                            "shared store: rank {} of {} has no room for {len} more bytes \
-                             (area {} bytes)",
-                            self.rank,
-                            self.path.display(),
-                            self.rank_bytes()
-                        );
-                    };
-                    log::warn!(
-                        "devmem: shared store: evicting an unclaimed snapshot (slot {victim}) \
-                         to make room"
-                    );
-                    self.slot_mut(&mut claimed, victim)
-                        .state
-                        .store(FREE, Ordering::Release);
-                };
-                let s = self.slot_mut(&mut claimed, free);
-                s.offset = offset as u64;
-                free
-            }
+        self.check_intact()?;
+        let mut slots = self.slots.lock();
+        let same = Self::find_locked(&slots, key)
+            .filter(|&i| !slots.entries[i].claimed && slots.entries[i].size == len as u64);
+        let (slot, offset) = match same {
+            Some(i) => (i, slots.entries[i].offset),
+            None => self.allocate(&mut slots, len, KIND_ALLOCATION)?,
         };
-        let s = self.slot_mut(&mut claimed, slot);
-        s.state.store(WRITING, Ordering::Release);
-        s.index = key.index;
-        s.size = len as u64;
-        s.checksum = 0;
-        s.has_checksum = 0;
-        let tag = key.tag.as_bytes();
-        s.tag_len = tag.len().min(s.tag.len()) as u32;
-        s.tag = [0; 256];
-        s.tag[..s.tag_len as usize].copy_from_slice(&tag[..s.tag_len as usize]);
-        let stored = Stored {
-            slot,
-            ptr: self.area() + s.offset as usize,
-            size: len,
+        let serial = slots.next_serial;
+        slots.next_serial += 1;
+        let e = Entry {
+            state: WRITING,
+            kind: KIND_ALLOCATION,
+            offset,
+            size: len as u64,
+            requested: key.requested,
             checksum: None,
+            tag: Arc::clone(&key.tag),
+            index: key.index,
+            serial,
+            claimed: true,
         };
-        claimed[slot] = true;
-        drop(claimed);
+        let stored = self.stored(slot, &e);
+        slots.entries[slot] = e;
+        if let Err(err) = self.write_slot(&slots, slot) {
+            slots.entries[slot] = Entry::free();
+            return Err(err.context("shared store: recording a slot"));
+        }
+        drop(slots);
         if let Err(err) = self.wait_pinned(stored.ptr, len) {
             self.release(slot);
             return Err(err);
@@ -1036,14 +1422,51 @@ impl Region {
         Ok(stored)
     }
 
+    /// A free slot and `len` bytes of the area for it, evicting unclaimed snapshots as needed.
+    fn allocate(&self, slots: &mut Slots, len: usize, kind: u32) -> Result<(usize, u64)> {
+        let Some(free) = slots.entries.iter().position(|e| e.state == FREE) else {
+            bail!(
+                HostOutOfMemory,
+                "shared store: rank {} of {} has all its {SLOTS} slots in use",
+                self.rank,
+                self.path.display()
+            );
+        };
+        let len_blocks = len.next_multiple_of(BLOCK);
+        loop {
+            if let Some(offset) = self.fit(slots, len_blocks, kind) {
+                return Ok((free, offset as u64));
+            }
+            let victim = slots
+                .entries
+                .iter()
+                .position(|e| !e.claimed && e.is(VALID, KIND_ALLOCATION));
+            let Some(victim) = victim else {
+                bail!(
+                    HostOutOfMemory,
+                    "shared store: rank {} of {} has no room for {len} more bytes (area {} \
+                     bytes)",
+                    self.rank,
+                    self.path.display(),
+                    self.rank_bytes()
+                );
+            };
+            log::warn!(
+                "devmem: shared store: evicting an unclaimed snapshot (slot {victim}, tag {:?}) \
+                 to make room",
+                slots.entries[victim].tag
+            );
+            self.store_slot(slots, victim, Entry::free());
+        }
+    }
+
     /// The first offset of a free run of `len` bytes in this rank's area.
-    fn fit(&self, len: usize) -> Option<usize> {
-        let mut used: Vec<(usize, usize)> = self
-            .table()
-            .slots
+    fn fit(&self, slots: &Slots, len: usize, kind: u32) -> Option<usize> {
+        let mut used: Vec<(usize, usize)> = slots
+            .entries
             .iter()
-            .filter(|s| s.state.load(Ordering::Acquire) != FREE)
-            .map(|s| (s.offset as usize, (s.size as usize).next_multiple_of(BLOCK)))
+            .filter(|e| e.state != FREE)
+            .map(|e| (e.offset as usize, (e.size as usize).next_multiple_of(BLOCK)))
             .collect();
         used.sort_unstable();
         let mut at = 0usize;
@@ -1053,71 +1476,283 @@ impl Region {
             }
             at = at.max(start + n);
         }
-        (at + len <= self.rank_bytes()).then_some(at)
+        // Backups leave the manifest's reserve free; the manifest may use the whole area.
+        let end = if kind == KIND_MANIFEST {
+            self.rank_bytes()
+        } else {
+            self.rank_bytes() - MANIFEST_RESERVE
+        };
+        (at + len <= end).then_some(at)
     }
 
     /// Marks a slot's bytes complete, with their device checksum when one was computed.
     pub fn seal(&self, slot: usize, checksum: Option<u64>) {
-        let mut claimed = self.claimed.lock();
-        let s = self.slot_mut(&mut claimed, slot);
-        s.checksum = checksum.unwrap_or(0);
-        s.has_checksum = u32::from(checksum.is_some());
-        s.state.store(VALID, Ordering::Release);
+        let mut slots = self.slots.lock();
+        let mut e = slots.entries[slot].clone();
+        e.checksum = checksum;
+        e.state = VALID;
+        self.store_slot(&mut slots, slot, e);
     }
 
     /// Frees a slot: its bytes are no longer anyone's backup.
     pub fn release(&self, slot: usize) {
-        let mut claimed = self.claimed.lock();
-        claimed[slot] = false;
-        self.slot_mut(&mut claimed, slot)
-            .state
-            .store(FREE, Ordering::Release);
+        let mut slots = self.slots.lock();
+        self.store_slot(&mut slots, slot, Entry::free());
     }
 
     /// Adopts a valid slot left by an earlier process as this process's backup.
     pub fn adopt(&self, slot: usize) -> Result<()> {
-        let mut claimed = self.claimed.lock();
-        if claimed[slot] {
+        let mut slots = self.slots.lock();
+        if slots.entries[slot].claimed {
             bail!(
                 InvalidState,
                 "shared store: slot {slot} already holds one of this process's backups"
             );
         }
-        claimed[slot] = true;
+        slots.entries[slot].claimed = true;
         Ok(())
+    }
+
+    /// Records that the allocation saved in `slot` now has `key` (an earlier allocation of
+    /// its tag was freed, so its index changed).
+    pub fn rekey(&self, slot: usize, key: &SlotKey) {
+        let mut slots = self.slots.lock();
+        let e = &slots.entries[slot];
+        if e.state == FREE || (e.index == key.index && e.tag == key.tag) {
+            return;
+        }
+        let mut e = e.clone();
+        e.index = key.index;
+        e.tag = Arc::clone(&key.tag);
+        self.store_slot(&mut slots, slot, e);
     }
 
     /// The valid slot holding `key`, if any.
     pub fn find(&self, key: &SlotKey) -> Option<Stored> {
-        let claimed = self.claimed.lock();
-        self.find_locked(&claimed, key)
+        let slots = self.slots.lock();
+        Self::find_locked(&slots, key).map(|i| self.stored(i, &slots.entries[i]))
     }
 
-    fn find_locked(&self, _claimed: &[bool], key: &SlotKey) -> Option<Stored> {
-        let tag = key.tag.as_bytes();
-        self.table().slots.iter().enumerate().find_map(|(i, s)| {
-            let valid = s.state.load(Ordering::Acquire) == VALID;
-            (valid
-                && s.index == key.index
-                && s.tag_len as usize == tag.len()
-                && &s.tag[..tag.len()] == tag)
-                .then(|| Stored {
-                    slot: i,
-                    ptr: self.area() + s.offset as usize,
-                    size: s.size as usize,
-                    checksum: (s.has_checksum != 0).then_some(s.checksum),
-                })
-        })
-    }
-
-    /// Valid slots of this rank (claimed or not).
-    pub fn valid_slots(&self) -> usize {
-        self.table()
-            .slots
+    fn find_locked(slots: &Slots, key: &SlotKey) -> Option<usize> {
+        slots
+            .entries
             .iter()
-            .filter(|s| s.state.load(Ordering::Acquire) == VALID)
+            .position(|e| e.is(VALID, KIND_ALLOCATION) && e.index == key.index && e.tag == key.tag)
+    }
+
+    /// Valid allocation slots of this rank whose tag is `tag`.
+    pub fn count_tag(&self, tag: &str) -> usize {
+        let slots = self.slots.lock();
+        slots
+            .entries
+            .iter()
+            .filter(|e| e.is(VALID, KIND_ALLOCATION) && &*e.tag == tag)
             .count()
     }
+
+    /// Valid allocation slots of this rank (claimed or not).
+    pub fn valid_slots(&self) -> usize {
+        let slots = self.slots.lock();
+        slots
+            .entries
+            .iter()
+            .filter(|e| e.is(VALID, KIND_ALLOCATION))
+            .count()
+    }
+
+    /// The named ranges the manifest holds whose slot still holds the bytes they were
+    /// recorded for (same serial, still valid).
+    pub fn named_ranges(&self) -> Vec<StoredRange> {
+        let slots = self.slots.lock();
+        let Some((_, ranges)) = &slots.manifest else {
+            return Vec::new();
+        };
+        ranges
+            .iter()
+            .filter_map(|r| {
+                let e = slots.entries.get(r.slot)?;
+                let holds = e.is(VALID, KIND_ALLOCATION)
+                    && e.serial == r.serial
+                    && e.tag == r.tag
+                    && r.offset.checked_add(r.len).is_some_and(|end| end <= e.size);
+                holds.then(|| StoredRange {
+                    range: r.clone(),
+                    ptr: self.area() + (e.offset + r.offset) as usize,
+                })
+            })
+            .collect()
+    }
+
+    /// The serial of the valid slot `slot`, if it is one.
+    pub fn serial(&self, slot: usize) -> Option<u64> {
+        let slots = self.slots.lock();
+        slots
+            .entries
+            .get(slot)
+            .filter(|e| e.is(VALID, KIND_ALLOCATION))
+            .map(|e| e.serial)
+    }
+
+    /// Replaces the rank's manifest with `ranges` (an empty list removes it). Written with
+    /// `pwrite` into a new slot, sealed, and only then is the old one freed: a process killed
+    /// meanwhile leaves the old manifest or the new one, never half of one.
+    pub fn write_manifest(&self, ranges: Vec<NamedRange>) -> Result<()> {
+        self.check_intact()?;
+        let mut slots = self.slots.lock();
+        let old = slots.manifest.as_ref().map(|(slot, _)| *slot);
+        if ranges.is_empty() {
+            if let Some(old) = old {
+                slots.manifest = None;
+                self.store_slot(&mut slots, old, Entry::free());
+            }
+            return Ok(());
+        }
+        let bytes = manifest::encode(&self.identity(), &ranges);
+        if bytes.len() as u64 > MAX_MANIFEST {
+            bail!(
+                Region,
+                "shared store: the names of rank {} take {} bytes, more than {MAX_MANIFEST}; \
+                 the previous manifest is kept",
+                self.rank,
+                bytes.len()
+            );
+        }
+        let (slot, offset) = self
+            .allocate(&mut slots, bytes.len(), KIND_MANIFEST)
+            .map_err(|e| e.context("shared store: no room for the rank's manifest"))?;
+        let serial = slots.next_serial;
+        slots.next_serial += 1;
+        let file_offset = (self.area() - self.base) as u64 + offset;
+        slots.entries[slot] = Entry {
+            state: VALID,
+            kind: KIND_MANIFEST,
+            offset,
+            size: bytes.len() as u64,
+            requested: 0,
+            checksum: None,
+            tag: Arc::from("devmem manifest"),
+            index: 0,
+            serial,
+            claimed: true,
+        };
+        let written =
+            pwrite_all(&self.fd, &bytes, file_offset).and_then(|()| self.write_slot(&slots, slot));
+        if let Err(err) = written {
+            self.store_slot(&mut slots, slot, Entry::free());
+            return Err(err.context("shared store: writing the rank's manifest"));
+        }
+        // The old manifest goes only once the new one is in place: a failed write keeps it.
+        if let Some(old) = old {
+            self.store_slot(&mut slots, old, Entry::free());
+        }
+        slots.manifest = Some((slot, ranges));
+        Ok(())
+    }
+
+    fn identity(&self) -> manifest::Identity {
+        manifest::Identity {
+            name: self.name.clone(),
+            rank: self.rank,
+            world: self.layout.world,
+        }
+    }
+
+    /// Reads and checks the manifest a previous process left (at open). A manifest that does
+    /// not parse, fails its checksum or names another instance, rank or world is dropped
+    /// with a warning: restoring by name then refuses every name, never guesses.
+    fn load_manifest(&self, slots: &mut Slots) {
+        let mut found: Vec<usize> = (0..SLOTS)
+            .filter(|&i| slots.entries[i].is(VALID, KIND_MANIFEST))
+            .collect();
+        found.sort_by_key(|&i| slots.entries[i].serial);
+        let Some(newest) = found.pop() else {
+            return;
+        };
+        for stale in found {
+            self.store_slot(slots, stale, Entry::free());
+        }
+        let e = &slots.entries[newest];
+        let mut bytes = vec![0u8; e.size as usize];
+        let file_offset = (self.area() - self.base) as u64 + e.offset;
+        let parsed = pread_exact(&self.fd, &mut bytes, file_offset)
+            .and_then(|()| manifest::decode(&bytes, &self.identity()));
+        match parsed {
+            Ok(ranges) => slots.manifest = Some((newest, ranges)),
+            Err(err) => {
+                log::warn!(
+                    "devmem: shared store: {} rank {}: dropping its manifest: {err}",
+                    self.path.display(),
+                    self.rank
+                );
+                self.store_slot(slots, newest, Entry::free());
+            }
+        }
+    }
+}
+
+/// Runs `step(done)` (one `pread` or `pwrite` of the bytes from `done` on, at `offset + done`)
+/// until `len` bytes are done; EINTR is retried, no progress is an error.
+fn positioned_io(
+    len: usize,
+    offset: u64,
+    what: &str,
+    mut step: impl FnMut(usize) -> isize,
+) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = step(done);
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        if n < 0 {
+            return Err(os_error(
+                format!(
+                    "{what} {} bytes at offset {}",
+                    len - done,
+                    offset + done as u64
+                ),
+                devmem_status::Region,
+            ));
+        }
+        if n == 0 {
+            bail!(
+                Region,
+                "shared store: {what} at offset {}: the file ends there",
+                offset + done as u64
+            );
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+fn pwrite_all(fd: &OwnedFd, bytes: &[u8], offset: u64) -> Result<()> {
+    positioned_io(bytes.len(), offset, "writing", |done| {
+        // SAFETY: a valid descriptor and `bytes.len() - done` readable bytes from `done`.
+        unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                bytes[done..].as_ptr().cast(),
+                bytes.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        }
+    })
+}
+
+fn pread_exact(fd: &OwnedFd, bytes: &mut [u8], offset: u64) -> Result<()> {
+    let len = bytes.len();
+    positioned_io(len, offset, "reading", |done| {
+        // SAFETY: a valid descriptor and `len - done` writable bytes from `done`.
+        unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                bytes[done..].as_mut_ptr().cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        }
+    })
 }
 
 /// Pieces the area is pinned in (each its own registration with the driver).
@@ -1300,6 +1935,22 @@ impl Pinning {
     }
 }
 
+/// A creator locks its new file within microseconds; one not ready after this long, with no
+/// process holding it, was left by a creator that died.
+const ABANDONED_AFTER: Duration = Duration::from_millis(500);
+
+/// How long ago the file's status last changed (its creation, for a file not yet ready).
+fn file_age(st: &libc::stat) -> Duration {
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(
+            st.st_ctime.max(0) as u64,
+            st.st_ctime_nsec.clamp(0, 999_999_999) as u32,
+        );
+    std::time::SystemTime::now()
+        .duration_since(changed)
+        .unwrap_or_default()
+}
+
 enum Check {
     Ready,
     NotReady,
@@ -1327,7 +1978,9 @@ impl Drop for Region {
             }
         }
         self.pinning.unpin_all();
-        self.table().owner_pid.store(0, Ordering::Relaxed);
+        if let Err(err) = self.write_owner(0) {
+            log::warn!("devmem: shared store: {err}");
+        }
         unmap_file(self.base, self.layout.total_bytes);
     }
 }

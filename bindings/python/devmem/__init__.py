@@ -29,6 +29,7 @@ from ._lib import (
     State,
     Status,
     UnknownPointerError,
+    UnknownTagWarning,
     UnsupportedError,
     library_path,
 )
@@ -61,6 +62,13 @@ from .api import (
     open_shared_store,
     close_shared_store,
     restore_from_store,
+    name_range,
+    name_tensors,
+    clear_names,
+    tensor_key,
+    shared_store_info,
+    shared_store_durable,
+    SharedStoreInfo,
     set_read_only,
     read_only,
     use_emulator,
@@ -68,6 +76,7 @@ from .api import (
     set_host_limit,
     set_host_policy,
     sleep,
+    sleep_tags,
     stats,
     tags,
     use_tag,
@@ -91,8 +100,9 @@ __all__ = [
     "free", "granularity", "host_limit", "host_policy", "last_transfer", "library_path", "malloc", "mem_get_info",
     "memory_profiling", "offload", "pause", "region", "release_host_store", "select_backend", "set_level_zero_context", "reserve_host_store", "resume",
     "set_current_tag", "set_host_limit", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
-    "ReadOnly", "RegionError", "open_shared_store", "close_shared_store", "restore_from_store", "set_read_only",
-    "read_only", "use_emulator",
+    "ReadOnly", "RegionError", "open_shared_store", "close_shared_store", "restore_from_store", "name_range", "name_tensors", "clear_names", "tensor_key",
+    "shared_store_info", "shared_store_durable", "SharedStoreInfo", "set_read_only",
+    "read_only", "use_emulator", "sleep_tags", "UnknownTagWarning",
 ]
 
 __version__ = "0.1.0"

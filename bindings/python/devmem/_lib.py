@@ -133,7 +133,41 @@ class OutOfMemoryError(DevmemError, MemoryError):
 
 
 class DriverNotFoundError(DevmemError, OSError):
-    """The CUDA driver library could not be opened."""
+    """No GPU driver library could be opened. The message says first what to do on a machine
+    without a GPU (the bundled emulator), then, one per line, what the library tried;
+    ``message`` keeps the library's own text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.args = (driver_not_found_text(message),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+#: What :class:`DriverNotFoundError` says first: the way to run without a GPU.
+NO_DRIVER_HINT = (
+    f"no GPU driver could be loaded. On a machine without a GPU, set {EMULATOR_ENV}=1 or call "
+    "devmem.use_emulator() to run on devmem's bundled driver emulator.\n"
+    f"({EMULATOR_ENV}=hip or level_zero selects its other faces.) On a GPU machine, install the driver, or "
+    "point DEVMEM_CUDA_LIBRARY (DEVMEM_HIP_LIBRARY, DEVMEM_ZE_LIBRARY) at it."
+)
+
+
+def driver_not_found_text(message: str) -> str:
+    """``DRIVER_NOT_FOUND: <what to do>`` and then the library's ``message``, one tried library
+    per line (it joins them with ``"; "``)."""
+    details = [part.strip() for part in message.split("; ") if part.strip()]
+    selected = os.environ.get(EMULATOR_ENV, "").strip()
+    if selected not in ("", "0"):  # the emulator was asked for: the hint would be no help
+        first = f"the driver emulator that {EMULATOR_ENV}={selected} selects could not be used."
+    else:
+        first = NO_DRIVER_HINT
+    lines = [f"{Status.DRIVER_NOT_FOUND.name}: {first}"]
+    if details:
+        lines.append("What was tried:")
+        lines.extend(f"  {part}" for part in details)
+    return "\n".join(lines)
 
 
 class DriverError(DevmemError):
@@ -184,6 +218,11 @@ class LibraryNotFoundError(DevmemError, OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Status.DRIVER_NOT_FOUND, message)
+
+
+class UnknownTagWarning(UserWarning):
+    """A sleep, offload, discard or wake named a tag that no live allocation has (a typo
+    matches nothing). Pass ``strict=True`` to make it an :class:`InvalidArgumentError`."""
 
 
 _EXCEPTIONS: Dict[int, type] = {
@@ -264,6 +303,23 @@ class SharedStoreOptions(Structure):
     ]
 
 
+#: ``DEVMEM_PATH_BUFFER_LEN``.
+PATH_BUFFER_LEN = 4096
+
+
+class SharedStoreInfo(Structure):
+    """``devmem_shared_store_info``."""
+
+    _fields_ = [
+        ("open", c_int32),
+        ("kept", c_int32),
+        ("rank", ctypes.c_uint32),
+        ("world", ctypes.c_uint32),
+        ("generation", c_uint64),
+        ("path", c_char * PATH_BUFFER_LEN),
+    ]
+
+
 class AllocationInfo(Structure):
     """``devmem_allocation_info``."""
 
@@ -321,6 +377,10 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_shared_store_open": (c_int32, [POINTER(SharedStoreOptions)]),
     "devmem_shared_store_close": (c_int32, []),
     "devmem_restore_from_store": (c_int32, [_TAGS, c_size_t]),
+    "devmem_restore_from_store_by_order": (c_int32, [_TAGS, c_size_t]),
+    "devmem_name_range": (c_int32, [c_uint64, c_size_t, c_char_p]),
+    "devmem_clear_names": (c_int32, [c_char_p, POINTER(c_size_t)]),
+    "devmem_get_shared_store_info": (c_int32, [POINTER(SharedStoreInfo)]),
     "devmem_set_read_only": (c_int32, [c_char_p, c_int]),
     "devmem_get_read_only": (c_int32, [c_char_p, POINTER(c_int32)]),
     "devmem_select_backend": (c_int32, [c_int]),

@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import _lib, api
 from ._lib import InvalidStateError, Status, encode_tag
@@ -138,11 +138,16 @@ class CuMemAllocator:
     * ``use_memory_pool(tag)``: PyTorch allocations in the body come from devmem with that tag.
       Each entry gets a fresh pool, as in vLLM; re-entering a tag releases (trims) the free
       cached segments of its older pools, and leaving a pool trims its own, because
-      ``empty_cache`` does not release memory that live pools hold.
+      ``empty_cache`` does not release memory that live pools hold. A pool is trimmed only
+      once no pool context (of any thread, at any nesting level) is still inside it, and
+      ``current_tag`` is the calling thread's: entries may nest (weights -> kv -> weights) and
+      several threads may each be inside their own pools.
     * ``cudagraph_pool()``: a context manager yielding the pool id to capture graphs into,
       with allocations tagged ``"cudagraph"``.
     * ``sleep(offload_tags)`` saves the listed tags and discards the rest; ``wake_up(tags)``
       restores ``tags`` and every tag outside :data:`DEFERRABLE_TAGS`; ``discard(tags)``.
+      A named tag that no live allocation has warns (:class:`devmem.UnknownTagWarning`), or
+      with ``strict=True`` raises :class:`devmem.InvalidArgumentError` before anything happens.
       Sleeping or discarding an allocation that is already asleep keeps its policy and logs a
       warning. Errors are :class:`devmem.DevmemError`, a ``RuntimeError``.
     * ``get_current_usage()`` and a read-only ``pointer_to_data`` view.
@@ -177,14 +182,34 @@ class CuMemAllocator:
 
     def __init__(self) -> None:
         _lib.load()
-        self.current_tag: str = CuMemAllocator.default_tag
+        # The calling thread's pool tag (``current_tag``).
+        self._local = threading.local()
+        # Guards the pool tables below. Never held across a call into PyTorch (creating or
+        # snapshotting a pool) or into the library: those may take long or re-enter.
+        self._lock = threading.Lock()
         # tag -> [(MemPool, pluggable allocator wrapper)], oldest first
         self.allocator_and_pools: Dict[str, List[Tuple[Any, Any]]] = {}
+        # id(MemPool) -> pool contexts (any thread, any nesting level) inside it now
+        self._users: Dict[int, int] = {}
+        # ids of the pools being trimmed now (one trim per pool at a time)
+        self._trimming: Set[int] = set()
+        # ids of the graph pools: allocated from again at every entry, never trimmed
+        self._reused: Set[int] = set()
         # device -> graph MemPool, per tag
         self._graph_pools: Dict[Tuple[str, int], Any] = {}
         self._allocator: Any = None
         self._released = False
         self._pointer_to_data = PointerToData()
+
+    @property
+    def current_tag(self) -> str:
+        """The tag of the calling thread's innermost pool context (``default_tag`` outside
+        any). Per thread: another thread's pools do not change it."""
+        return getattr(self._local, "tag", CuMemAllocator.default_tag)
+
+    @current_tag.setter
+    def current_tag(self, tag: str) -> None:
+        self._local.tag = tag
 
     @property
     def pointer_to_data(self) -> PointerToData:
@@ -194,12 +219,18 @@ class CuMemAllocator:
     # -- pools ---------------------------------------------------------------------------
 
     def _pluggable(self) -> Any:
-        if self._allocator is None:
+        with self._lock:
+            allocator = self._allocator
+        if allocator is None:
             torch = _torch()
             select_torch_backend(torch)
             _, pluggable = _device_module(torch)
-            self._allocator = pluggable(_lib.library_path(), "my_malloc", "my_free")
-        return self._allocator
+            made = pluggable(_lib.library_path(), "my_malloc", "my_free")
+            with self._lock:
+                if self._allocator is None:
+                    self._allocator = made
+                allocator = self._allocator
+        return allocator
 
     def _check_open(self) -> None:
         if self._released:
@@ -216,8 +247,9 @@ class CuMemAllocator:
 
     @contextlib.contextmanager
     def _tagged(self, tag: str) -> Iterator[None]:
-        """Sets ``tag`` (this object's and the thread's devmem tag) with expandable segments
-        off; restores both and the allocator configuration afterwards, also on exceptions."""
+        """Sets ``tag`` (this object's tag for the calling thread, and the thread's devmem tag)
+        with expandable segments off; restores both and the allocator configuration afterwards,
+        also on exceptions."""
         old_tag = self.current_tag
         old_thread_tag = api.current_tag()
         with expandable_segments_disabled():
@@ -240,17 +272,60 @@ class CuMemAllocator:
         encode_tag(tag)
         self._check_open()
         device, _ = _device_module(_torch())
-        if tag != self.current_tag:
-            # Older pools of this tag are never allocated from again.
-            for pool, _alloc in self.allocator_and_pools.get(tag, []):
-                self._trim(pool)
+        # Older pools of this tag are never allocated from again once no context is inside
+        # them; those still in use (an outer entry, another thread) are left alone.
+        self._trim_claimed(self._claim_idle(tag))
         entry = self._new_pool(device)
-        # Kept alive for the allocator's life (pytorch/pytorch#146431).
-        self.allocator_and_pools.setdefault(tag, []).append(entry)
-        with self._tagged(tag):
-            with device.use_mem_pool(entry[0]):
-                yield
-            self._trim(entry[0])
+        with self._lock:
+            self._check_open()
+            # Kept alive for the allocator's life (pytorch/pytorch#146431).
+            self.allocator_and_pools.setdefault(tag, []).append(entry)
+            self._users[id(entry[0])] = 1
+        done = False
+        try:
+            with self._tagged(tag):
+                with device.use_mem_pool(entry[0]):
+                    yield
+                done = True
+        finally:
+            idle = self._leave(entry[0], claim=done)
+        if idle:
+            self._trim_claimed([entry[0]])
+
+    def _claim_idle(self, tag: str) -> List[Any]:
+        """The pools of ``tag`` that no context is inside, nor being trimmed, nor reused;
+        marked as being trimmed (release with :meth:`_trim_claimed`)."""
+        with self._lock:
+            idle = [
+                pool for pool, _alloc in self.allocator_and_pools.get(tag, [])
+                if not self._users.get(id(pool)) and id(pool) not in self._trimming and id(pool) not in self._reused
+            ]
+            self._trimming.update(id(pool) for pool in idle)
+        return idle
+
+    def _leave(self, pool: Any, claim: bool) -> bool:
+        """One context left ``pool``; with ``claim``, marks it as being trimmed and returns True
+        when that was the last context inside it."""
+        with self._lock:
+            key = id(pool)
+            users = self._users.get(key, 0) - 1
+            if users > 0:
+                self._users[key] = users
+                return False
+            self._users.pop(key, None)
+            if not claim or key in self._trimming or key in self._reused:
+                return False
+            self._trimming.add(key)
+            return True
+
+    def _trim_claimed(self, pools: List[Any]) -> None:
+        """Trims pools claimed by :meth:`_claim_idle` or :meth:`_leave`, outside the lock."""
+        try:
+            for pool in pools:
+                self._trim(pool)
+        finally:
+            with self._lock:
+                self._trimming.difference_update(id(pool) for pool in pools)
 
     def _trim(self, pool: Any) -> int:
         """Releases the free cached segments of ``pool`` (one no longer allocated from) for
@@ -288,13 +363,24 @@ class CuMemAllocator:
         self._check_open()
         device, _ = _device_module(_torch())
         key = (tag, int(device.current_device()))
-        pool = self._graph_pools.get(key)
+        with self._lock:
+            pool = self._graph_pools.get(key)
         if pool is None:
-            entry = self._new_pool(device)
-            self.allocator_and_pools.setdefault(tag, []).append(entry)
-            pool = self._graph_pools[key] = entry[0]
-        with self._tagged(tag):
-            yield pool.id
+            entry = self._new_pool(device)  # outside the lock: a PyTorch call
+            with self._lock:
+                self._check_open()
+                pool = self._graph_pools.get(key)
+                if pool is None:  # another thread may have made it meanwhile; theirs wins
+                    self.allocator_and_pools.setdefault(tag, []).append(entry)
+                    self._reused.add(id(entry[0]))
+                    pool = self._graph_pools[key] = entry[0]
+        with self._lock:
+            self._users[id(pool)] = self._users.get(id(pool), 0) + 1
+        try:
+            with self._tagged(tag):
+                yield pool.id
+        finally:
+            self._leave(pool, claim=False)
 
     @contextlib.contextmanager
     def capture_graph(self, graph: Any, tag: str = "cudagraph", **kwargs: Any) -> Iterator[None]:
@@ -306,9 +392,14 @@ class CuMemAllocator:
 
     # -- sleep mode ----------------------------------------------------------------------
 
-    def sleep(self, offload_tags: Union[None, str, Tuple[str, ...], List[str]] = None) -> None:
+    def sleep(
+        self, offload_tags: Union[None, str, Tuple[str, ...], List[str]] = None, *, strict: Optional[bool] = False
+    ) -> None:
         """Releases all device memory devmem holds; tags in ``offload_tags`` (default
-        ``("default",)``) are saved to host memory first, the rest are discarded.
+        ``("default",)``) are saved to host memory first, the rest are discarded. A named tag
+        that no live allocation has warns (:class:`devmem.UnknownTagWarning`), or with
+        ``strict=True`` raises :class:`devmem.InvalidArgumentError` before anything happens;
+        ``strict=None`` skips the check.
 
         PyTorch's cached device memory is returned first (``empty_cache``, as vLLM's sleep
         does; cheap, the device is idle by then), and a young-generation ``gc.collect`` runs on a
@@ -318,32 +409,42 @@ class CuMemAllocator:
         sleep releases whole pool segments whatever tensors still reference them."""
         if offload_tags is None:
             offload_tags = (CuMemAllocator.default_tag,)
+            strict = None  # not named by the caller
         tags = _lib.normalize_tags(offload_tags, "offload_tags")
+        api.check_tags("CuMemAllocator.sleep", {"offload_tags": tags}, strict)
         # Level Zero has no device-wide synchronise; PyTorch's does it for every stream.
         self._synchronize()
         self._empty_cache()
         with _alongside(self._collect) as entering:
-            api.sleep(tags, _entering=entering)
+            api.sleep(tags, strict=None, _entering=entering)
         self._warn_policy_conflicts(offload=tags)
 
-    def discard(self, tags: Union[str, Tuple[str, ...], List[str]]) -> None:
+    def discard(self, tags: Union[str, Tuple[str, ...], List[str]], *, strict: Optional[bool] = False) -> None:
         """Releases the mapped memory of ``tags`` without saving it. Allocations of ``tags``
-        already asleep with a host backup keep it (a warning says so)."""
+        already asleep with a host backup keep it (a warning says so). An unknown tag warns,
+        or raises with ``strict=True`` (see :meth:`sleep`)."""
         names = _lib.normalize_tags(tags)
+        api.check_tags("CuMemAllocator.discard", {"tags": names}, strict)
         conflicts = [t for t in names if api.stats(t).offloaded_bytes.current]
         self._synchronize()
-        api.discard(names)
+        api.discard(names, strict=None)
         if conflicts:
             logger.warning(
                 "devmem: discard cannot change the policy of already-asleep allocations of %s; "
                 "their host backups were kept", conflicts,
             )
 
-    def wake_up(self, tags: Optional[Union[str, List[str], Tuple[str, ...]]] = None) -> None:
+    def wake_up(
+        self, tags: Optional[Union[str, List[str], Tuple[str, ...]]] = None, *, strict: Optional[bool] = False
+    ) -> None:
         """Maps sleeping memory again and restores offloaded bytes: every tag when ``tags`` is
         None, else ``tags`` plus every tag outside :data:`DEFERRABLE_TAGS` (vLLM's rule: only
         weights and KV cache may stay asleep). When the device is full, PyTorch's cached memory
-        is returned and the wake retried once; a wake that still fails keeps every backup."""
+        is returned and the wake retried once; a wake that still fails keeps every backup. A
+        named tag that no live allocation has warns, or raises with ``strict=True`` (see
+        :meth:`sleep`)."""
+        if tags is not None:
+            api.check_tags("CuMemAllocator.wake_up", {"tags": _lib.normalize_tags(tags)}, strict)
         wake = self._wake_call(tags)
         try:
             wake()
@@ -358,7 +459,7 @@ class CuMemAllocator:
             return lambda: api.wake_up(None)
         names = _lib.normalize_tags(tags)
         deferred = [t for t in DEFERRABLE_TAGS if t not in names]
-        return lambda: api.wake_up_except(deferred)
+        return lambda: api.wake_up_except(deferred, strict=None)
 
     def get_current_usage(self) -> int:
         """Bytes of all live devmem allocations, awake or asleep."""
@@ -413,18 +514,21 @@ class CuMemAllocator:
         """Drops the MemPools, then the allocator wrappers, in that order, before interpreter
         finalisation (a MemPool's teardown may still call into its allocator). Afterwards
         ``use_memory_pool`` raises :class:`InvalidStateError`; sleep and wake still work."""
-        self._released = True
-        if not self.allocator_and_pools and self._allocator is None:
-            return
-        entries = [e for es in self.allocator_and_pools.values() for e in es]
-        self.allocator_and_pools.clear()
-        self._graph_pools.clear()
-        pools = [e[0] for e in entries]
-        allocators = [e[1] for e in entries]
-        if self._allocator is not None:
-            allocators.append(self._allocator)
-            self._allocator = None
-        entries.clear()
+        with self._lock:
+            self._released = True
+            if not self.allocator_and_pools and self._allocator is None:
+                return
+            entries = [e for es in self.allocator_and_pools.values() for e in es]
+            self.allocator_and_pools.clear()
+            self._graph_pools.clear()
+            self._users.clear()
+            self._reused.clear()
+            pools = [e[0] for e in entries]
+            allocators = [e[1] for e in entries]
+            if self._allocator is not None:
+                allocators.append(self._allocator)
+                self._allocator = None
+            entries.clear()
         try:
             torch = _torch()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -520,11 +624,11 @@ def pause(tag: Optional[str] = None) -> None:
         keep = [t for t in targets if _policies.get(t, True)]
         drop = [t for t in targets if not _policies.get(t, True)]
     if keep:
-        api.offload(keep)
+        api.offload(keep, strict=None)
     if drop:
-        api.discard(drop)
+        api.discard(drop, strict=None)
 
 
 def resume(tag: Optional[str] = None) -> None:
     """Brings back ``tag`` (every tag when None) at the same addresses."""
-    api.wake_up(None if tag is None else [tag])
+    api.wake_up(None if tag is None else [tag], strict=None)

@@ -8,8 +8,10 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from . import _lib
 from ._lib import AllocationInfo, State, Stats, Transfer, call, encode_tag, normalize_tags, tag_array
@@ -101,7 +103,9 @@ seen_tags: "set[str]" = {DEFAULT_TAG}
 
 
 def set_current_tag(tag: str) -> None:
-    """Sets the calling thread's tag for later allocations."""
+    """Sets the calling thread's tag for later allocations. The tag is per thread (the library
+    keeps it in thread-local storage): it applies to allocations made by this thread only, and
+    a new thread starts with ``"default"``. Set it in the thread that allocates."""
     call("devmem_set_current_tag", encode_tag(tag))
     seen_tags.add(tag)
 
@@ -113,16 +117,92 @@ def current_tag() -> str:
     return buf.value.decode("utf-8")
 
 
-@contextlib.contextmanager
-def use_tag(tag: str) -> Iterator[None]:
-    """Sets the thread's tag for the body and restores the previous one afterwards."""
-    encode_tag(tag)
-    previous = current_tag()
-    set_current_tag(tag)
-    try:
-        yield
-    finally:
-        set_current_tag(previous)
+class _TagScope:
+    """What :func:`use_tag` returns: a context manager that warns when it is dropped without
+    ever being entered (``devmem.use_tag("w")`` on its own line sets nothing)."""
+
+    def __init__(self, tag: str, where: str) -> None:
+        encode_tag(tag)
+        self.tag = tag
+        self._where = where
+        self._entered = False
+        self._previous: List[str] = []
+
+    def __enter__(self) -> None:
+        self._entered = True
+        self._previous.append(current_tag())
+        set_current_tag(self.tag)
+
+    def __exit__(self, *exc: Any) -> None:
+        set_current_tag(self._previous.pop())
+
+    def __repr__(self) -> str:
+        return f"devmem.use_tag({self.tag!r})"
+
+    def __del__(self) -> None:
+        if getattr(self, "_entered", True):
+            return
+        warnings.warn(
+            f"devmem.use_tag({self.tag!r}) (at {self._where}) was never entered, so it set no tag: "
+            f"write 'with devmem.use_tag({self.tag!r}):' around the allocations, or call "
+            f"devmem.set_current_tag({self.tag!r}) in the thread that allocates",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def use_tag(tag: str) -> "contextlib.AbstractContextManager[None]":
+    """Context manager: sets the calling thread's tag for the body and restores the previous
+    one afterwards, also when the body raises::
+
+        with devmem.use_tag("weights"):
+            ptr = devmem.malloc(size)
+
+    Only a ``with`` statement sets the tag: the object on its own does nothing, and one that is
+    never entered warns (``UserWarning``) when it is collected. The tag is per thread (the
+    library keeps it in thread-local storage): allocations made by other threads, including
+    threads started in the body, keep their own tag (``"default"`` unless they set one), so
+    enter ``use_tag`` in the thread that allocates."""
+    caller = sys._getframe(1)
+    return _TagScope(tag, f"{caller.f_code.co_filename}:{caller.f_lineno}")
+
+
+def _outside_package_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn`, called from the caller of this function,
+    that points at the first frame outside the devmem package (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(2)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def check_tags(what: str, named: Dict[str, List[str]], strict: Optional[bool]) -> None:
+    """Checks that every tag in ``named`` (argument name -> tags) has a live allocation, in any
+    state. An unknown tag (a typo matches nothing) is an :class:`UnknownTagWarning` naming it
+    and the tags that exist, or with ``strict=True`` an :class:`InvalidArgumentError` raised
+    before anything happens; ``strict=None`` skips the check (for callers that name tags which
+    may legitimately have no allocation)."""
+    if strict is None:
+        return
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be bool or None, not {type(strict).__name__}")
+    unknown = {arg: [t for t in dict.fromkeys(tags) if stats(t).allocations.current == 0] for arg, tags in named.items()}
+    unknown = {arg: tags for arg, tags in unknown.items() if tags}
+    if not unknown:
+        return
+    existing = sorted({a.tag for a in allocations()})
+    names = "; ".join(f"{arg} {tags}" for arg, tags in unknown.items())
+    message = (
+        f"{what}: no live allocation has the tag(s) named in {names}, so they match nothing; "
+        f"the tags that exist are {existing}"
+    )
+    if strict:
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, message + "; nothing was done")
+    warnings.warn(message + " (strict=True makes this an error)", _lib.UnknownTagWarning,
+                  stacklevel=_outside_package_stacklevel() + 1)
 
 
 def _c_device(device: int) -> int:
@@ -166,10 +246,22 @@ def last_transfer() -> TransferResult:
     )
 
 
-def sleep(offload_tags: TagsArg = (), _entering: Any = None) -> TransferResult:
+def sleep(offload_tags: TagsArg = (), *args: Any, strict: Optional[bool] = False, _entering: Any = None) -> TransferResult:
     """Releases the device memory of every mapped allocation; those whose tag is in
-    ``offload_tags`` are saved to host memory first, the rest are discarded."""
+    ``offload_tags`` are saved to host memory first, the rest are discarded (vLLM's meaning).
+
+    A tag in ``offload_tags`` that no live allocation has is a :class:`UnknownTagWarning`
+    (its bytes would be discarded by a typo), or with ``strict=True`` an
+    :class:`InvalidArgumentError` before anything happens. To save some tags, discard others
+    and leave the rest mapped, use :func:`sleep_tags`."""
+    if args:
+        raise TypeError(
+            f"devmem.sleep() takes the tags to offload and nothing else positionally ({len(args) + 1} "
+            "positional arguments were given); every tag not named is discarded. To offload some tags and "
+            "discard others in one call, use devmem.sleep_tags(offload=..., discard=...)"
+        )
     tags = normalize_tags(offload_tags, "offload_tags")
+    check_tags("devmem.sleep", {"offload_tags": tags}, strict)
     array, n = tag_array(tags)
     call("devmem_sleep", array, n, entering=_entering)
     result = last_transfer()
@@ -180,36 +272,52 @@ def sleep(offload_tags: TagsArg = (), _entering: Any = None) -> TransferResult:
     return result
 
 
-def offload(tags: TagsArg) -> TransferResult:
-    """Saves to host memory and releases the mapped allocations of ``tags`` only."""
-    array, n = tag_array(normalize_tags(tags))
+def offload(tags: TagsArg, *, strict: Optional[bool] = False) -> TransferResult:
+    """Saves to host memory and releases the mapped allocations of ``tags`` only. An unknown
+    tag warns, or raises with ``strict=True`` (see :func:`sleep`)."""
+    names = normalize_tags(tags)
+    check_tags("devmem.offload", {"tags": names}, strict)
+    array, n = tag_array(names)
     call("devmem_offload", array, n)
     return last_transfer()
 
 
-def sleep_tags(offload: TagsArg, discard: TagsArg, _entering: Any = None) -> TransferResult:
+def sleep_tags(
+    offload: TagsArg, discard: TagsArg, *, strict: Optional[bool] = False, _entering: Any = None
+) -> TransferResult:
     """In one pass: saves and releases the mapped allocations of ``offload``, releases those of
-    ``discard`` without saving them, and leaves every other tag mapped."""
-    keep, n_keep = tag_array(normalize_tags(offload, "offload"))
-    drop, n_drop = tag_array(normalize_tags(discard, "discard"))
+    ``discard`` without saving them, and leaves every other tag mapped. An unknown tag warns,
+    or raises with ``strict=True`` (see :func:`sleep`)."""
+    keep_names = normalize_tags(offload, "offload")
+    drop_names = normalize_tags(discard, "discard")
+    check_tags("devmem.sleep_tags", {"offload": keep_names, "discard": drop_names}, strict)
+    keep, n_keep = tag_array(keep_names)
+    drop, n_drop = tag_array(drop_names)
     call("devmem_sleep_tags", keep, n_keep, drop, n_drop, entering=_entering)
     return last_transfer()
 
 
-def discard(tags: TagsArg) -> TransferResult:
-    """Releases the mapped allocations of ``tags`` only, dropping their contents."""
-    array, n = tag_array(normalize_tags(tags))
+def discard(tags: TagsArg, *, strict: Optional[bool] = False) -> TransferResult:
+    """Releases the mapped allocations of ``tags`` only, dropping their contents. An unknown
+    tag warns, or raises with ``strict=True`` (see :func:`sleep`)."""
+    names = normalize_tags(tags)
+    check_tags("devmem.discard", {"tags": names}, strict)
+    array, n = tag_array(names)
     call("devmem_discard", array, n)
     return last_transfer()
 
 
-def wake_up(tags: Optional[TagsArg] = None) -> TransferResult:
+def wake_up(tags: Optional[TagsArg] = None, *, strict: Optional[bool] = False) -> TransferResult:
     """Maps the sleeping allocations of ``tags`` (all when None) at their addresses and restores
-    saved bytes. Raises :class:`OutOfMemoryError` with every backup kept when the device is full."""
+    saved bytes. Raises :class:`OutOfMemoryError` with every backup kept when the device is full.
+    A named tag that no live allocation has warns (it wakes nothing), or raises with
+    ``strict=True`` (see :func:`sleep`)."""
     if tags is None:
         call("devmem_wake_up", None, 0)
     else:
-        array, n = tag_array(normalize_tags(tags))
+        names = normalize_tags(tags)
+        check_tags("devmem.wake_up", {"tags": names}, strict)
+        array, n = tag_array(names)
         call("devmem_wake_up", array, n)
     return _logged_wake()
 
@@ -223,10 +331,13 @@ def _logged_wake() -> TransferResult:
     return result
 
 
-def wake_up_except(deferred: TagsArg) -> TransferResult:
+def wake_up_except(deferred: TagsArg, *, strict: Optional[bool] = False) -> TransferResult:
     """Wakes every sleeping allocation whose tag is not in ``deferred`` (everything when it is
-    empty); vLLM's rule that only the deferrable tags may stay asleep after a wake."""
-    array, n = tag_array(normalize_tags(deferred, "deferred"))
+    empty); vLLM's rule that only the deferrable tags may stay asleep after a wake. An unknown
+    tag in ``deferred`` warns, or raises with ``strict=True`` (see :func:`sleep`)."""
+    names = normalize_tags(deferred, "deferred")
+    check_tags("devmem.wake_up_except", {"deferred": names}, strict)
+    array, n = tag_array(names)
     call("devmem_wake_up_except", array, n)
     return _logged_wake()
 
@@ -415,16 +526,36 @@ def read_only(tag: str) -> "_lib.ReadOnly":
 
 
 _close_registered = False
-_kept_open = False
+
+
+@dataclass(frozen=True)
+class SharedStoreInfo:
+    """The shared store this process has open (:func:`shared_store_info`)."""
+
+    path: str
+    rank: int
+    world: int
+    kept: bool
+    generation: int
+
+
+def shared_store_info() -> Optional[SharedStoreInfo]:
+    """The shared store this process has open, or ``None`` (a store ``DEVMEM_SHARED_STORE``
+    names counts only once it opened, at the first sleep)."""
+    info = _lib.SharedStoreInfo()
+    call("devmem_get_shared_store_info", ctypes.byref(info))
+    if not info.open:
+        return None
+    return SharedStoreInfo(
+        os.fsdecode(info.path), info.rank, info.world, bool(info.kept), info.generation)
 
 
 def shared_store_durable() -> bool:
-    """Whether sleeps go to a kept shared store, so a new process can restore them: one this
-    process opened with ``keep=True``, or one ``DEVMEM_SHARED_STORE`` names with
-    ``DEVMEM_SHARED_KEEP=1``."""
-    env = os.environ.get("DEVMEM_SHARED_STORE") and os.environ.get("DEVMEM_SHARED_KEEP", "").strip() in (
-        "1", "true", "yes")
-    return bool(_kept_open or env)
+    """Whether sleeps go to a kept shared store that is open now, so a new process can
+    restore them. Asks the library, never the environment: a store ``DEVMEM_SHARED_STORE``
+    names is durable only once it opened (at the first sleep) with ``DEVMEM_SHARED_KEEP=1``."""
+    info = shared_store_info()
+    return info is not None and info.kept
 
 
 def open_shared_store(
@@ -437,8 +568,8 @@ def open_shared_store(
     reclaim: bool = False,
     timeout: float = 30.0,
 ) -> None:
-    """Opens the shared host store ``<dir>/devmem-<name>.region`` (``dir`` defaults to
-    ``/dev/shm``), creating it when this process is the first of its instance. Later sleeps
+    """Opens the shared host store ``<dir>/devmem-<name>.region`` (``dir`` defaults to this
+    user's private ``/dev/shm/devmem-<uid>``, mode 0700), creating it when this process is the first of its instance. Later sleeps
     save into this rank's ``bytes_per_rank`` bytes of it. ``keep=True`` leaves the region in
     place when the last process closes it, so a restarted process can call
     :func:`restore_from_store`. The store is closed at interpreter exit. Raises
@@ -468,8 +599,6 @@ def open_shared_store(
         max(1, int(timeout * 1000)),
     )
     call("devmem_shared_store_open", ctypes.byref(options))
-    global _kept_open
-    _kept_open = keep
     if not _close_registered:
         atexit.register(_close_at_exit)
         _close_registered = True
@@ -494,21 +623,109 @@ if os.environ.get("DEVMEM_SHARED_STORE"):
 def close_shared_store() -> None:
     """Leaves the shared host store: later sleeps use private memory again; backups already in
     the region stay valid for this process. The last process to leave removes the region
-    unless it was opened with ``keep=True``."""
-    global _kept_open
+    unless it was opened with ``keep=True``. After a close, a store ``DEVMEM_SHARED_STORE``
+    names is not opened again by this process (:func:`open_shared_store` still opens one)."""
     call("devmem_shared_store_close")
-    _kept_open = False
 
 
-def restore_from_store(tags: TagsArg) -> TransferResult:
+def name_range(ptr: int, nbytes: int, name: str) -> None:
+    """Names the bytes ``[ptr, ptr+nbytes)`` of a live devmem allocation ``name``: what a
+    durable restore matches on (:func:`restore_from_store`). Registering a name again moves
+    it; names go when their allocation is freed."""
+    _check_range(ptr, nbytes)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be str, not {type(name).__name__}")
+    call("devmem_name_range", ptr, nbytes, name.encode("utf-8"))
+
+
+def clear_names(tag: Optional[str] = None) -> int:
+    """Forgets the range names of every allocation of ``tag`` (of every allocation when
+    ``None``): call it before naming a reloaded model's tensors again. Returns how many."""
+    out = ctypes.c_size_t(0)
+    call("devmem_clear_names", None if tag is None else encode_tag(tag), ctypes.byref(out))
+    return out.value
+
+
+def tensor_key(name: str, tensor: Any) -> str:
+    """The key :func:`name_tensors` records for ``tensor``: its name, dtype and shape, so a
+    restore refuses a tensor whose dtype or shape changed under the same name."""
+    return f"{name}|{str(tensor.dtype).replace('torch.', '')}|{list(tensor.shape)}"
+
+
+def name_tensors(named: Any) -> int:
+    """Names every tensor of ``named`` (a ``state_dict()``, ``dict(model.named_parameters())``,
+    or an iterable of ``(name, tensor)``) by :func:`tensor_key`, in the process that saves
+    and in the one that restores. Each tensor must be contiguous and live in devmem memory
+    (allocated inside a devmem pool). Returns the number of tensors named."""
+    items = named.items() if hasattr(named, "items") else named
+    count = 0
+    for name, tensor in items:
+        if not tensor.is_contiguous():
+            raise ValueError(f"tensor {name!r} is not contiguous: its bytes are not one range")
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:
+            continue
+        try:
+            name_range(tensor.data_ptr(), nbytes, tensor_key(name, tensor))
+        except _lib.DevmemError as err:
+            raise type(err)(err.status, f"tensor {name!r}: {err.message}") from None
+        count += 1
+    return count
+
+
+def _check_identity(rank: Optional[int], world: Optional[int]) -> None:
+    """Refuses a restore by a process whose rank or world differs from the store's: the ones
+    given, else torch.distributed's when it is initialised with the store's world size."""
+    info = shared_store_info()
+    if info is None:
+        env = os.environ
+        if not env.get("DEVMEM_SHARED_STORE"):
+            return  # the library says "no shared store is open"
+        # The store the environment names opens inside the restore: check against its values.
+        try:
+            info = SharedStoreInfo(env["DEVMEM_SHARED_STORE"], int(env.get("DEVMEM_SHARED_RANK", "0")),
+                                   int(env.get("DEVMEM_SHARED_WORLD", "1")), False, 0)
+        except ValueError:
+            return  # the library reports the bad value
+    if rank is None and world is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        if world != info.world:
+            # A per-node store: its ranks are the launcher's local ranks (torchrun's).
+            local = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+            if local[0] is None or local[1] is None or not all(v.isdigit() for v in local):
+                return
+            rank, world = int(local[0]), int(local[1])
+            if world != info.world:
+                return
+    if (rank is not None and rank != info.rank) or (world is not None and world != info.world):
+        raise _lib.RegionError(
+            _lib.Status.REGION,
+            f"restore refused: this process is rank {rank} of {world}, but the shared store "
+            f"{info.path} is open as rank {info.rank} of {info.world}; nothing was copied")
+
+
+def restore_from_store(
+    tags: TagsArg,
+    *,
+    by_order: bool = False,
+    rank: Optional[int] = None,
+    world: Optional[int] = None,
+) -> TransferResult:
     """Fills this process's freshly allocated, mapped allocations of ``tags`` with the bytes a
-    kept shared store holds for them (an earlier process slept them there). Allocations are
-    matched by tag, order of allocation within the tag, and size; a mismatch raises
-    :class:`RegionError` before anything is copied. On CUDA the stored checksums are verified
-    on the GPU after the copy."""
+    kept shared store holds for them (an earlier process slept them there). Restores by name:
+    every range named with :func:`name_tensors` / :func:`name_range` must be stored under the
+    same name, tag and length, and every name stored under ``tags`` must be asked for;
+    anything else raises :class:`RegionError` naming it before anything is copied. ``rank`` and
+    ``world`` (default: torch.distributed's when initialised with the store's world size, else
+    torchrun's ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` when those match it) must be the store's. On CUDA each range is verified on the GPU after the copy.
+    ``by_order=True`` matches whole allocations by tag and order of allocation instead, for
+    callers that cannot name their bytes: every size must match exactly."""
+    _check_identity(rank, world)
     names = normalize_tags(tags)
     array, n = tag_array(names)
-    call("devmem_restore_from_store", array, n)
+    call("devmem_restore_from_store_by_order" if by_order else "devmem_restore_from_store", array, n)
     return last_transfer()
 
 

@@ -18,11 +18,12 @@ raises, because mixing two allocators in one process would leave memory neither 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 logger = logging.getLogger("devmem")
 
@@ -123,6 +124,18 @@ def register() -> None:
     _patch_allocator_lookup()
 
 
+def _asleep_bytes() -> Optional[int]:
+    """Bytes of devmem allocations asleep now (offloaded or discarded), or None when the
+    library cannot say. Frees (``empty_cache`` returning cached segments) do not raise it."""
+    try:
+        from . import api
+
+        s = api.stats()
+        return s.offloaded_bytes.current + s.discarded_bytes.current
+    except Exception:  # the library is unusable: the state cannot be judged from it
+        return None
+
+
 def _backend_base() -> Any:
     from vllm.device_allocator.sleep_mode_backend import SleepModeBackend
 
@@ -138,7 +151,29 @@ class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
     * ``resume(tags)``: maps memory again and restores backups; ``tags`` may defer
       ``weights`` and ``kv_cache``, every other tag always comes back.
     * ``discard(tags)``: releases those tags without saving them (``release_kv_cache_memory``).
+
+    ``state()`` changes only when the call it describes succeeds. After a failed call it says
+    what happened: ``SUSPENDED`` when the call put allocations to sleep before it failed (a
+    failed sleep keeps what it saved asleep), else the state before the call (a failed wake
+    undoes its mappings).
     """
+
+    @contextlib.contextmanager
+    def _transition(self, during: Optional[str], after: str) -> Iterator[None]:
+        """``during`` while the body runs (None: unchanged), ``after`` once it returns; on an
+        exception, the state that describes what the failed call left behind."""
+        previous = self._state
+        asleep = _asleep_bytes()
+        if during is not None:
+            self._state = during
+        try:
+            yield
+        except BaseException:
+            now = _asleep_bytes()
+            released = asleep is not None and now is not None and now > asleep
+            self._state = "SUSPENDED" if released else previous
+            raise
+        self._state = after
 
     def _allocator(self) -> Any:
         from .allocator import CuMemAllocator
@@ -158,18 +193,19 @@ class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
         offload_tags: List[str] = ["runtime", "cudagraph"]
         if level == 1:
             offload_tags.insert(0, "weights")
-        self._state = "SUSPENDED"
-        allocator.sleep(offload_tags=tuple(offload_tags))
+        with self._transition(None, "SUSPENDED"):
+            # A model without graphs (enforce_eager) has no "cudagraph" allocations: no warning.
+            allocator.sleep(offload_tags=tuple(offload_tags), strict=None)
 
     def resume(self, tags: Optional[List[str]] = None) -> None:
         allocator = self._allocator()
-        self._state = "RESUMING"
-        allocator.wake_up(tags)
-        self._state = "RUNNING"
+        with self._transition("RESUMING", "RUNNING"):
+            allocator.wake_up(tags)
 
     def discard(self, tags: Any) -> None:
-        self._allocator().discard(tags)
-        self._state = "SUSPENDED"
+        allocator = self._allocator()
+        with self._transition(None, "SUSPENDED"):
+            allocator.discard(tags)
 
     @classmethod
     def is_supported(cls) -> bool:

@@ -33,6 +33,7 @@ TYPES = {
     "struct devmem_transfer *": ctypes.POINTER(_lib.Transfer),
     "struct devmem_allocation_info *": ctypes.POINTER(_lib.AllocationInfo),
     "const struct devmem_shared_store_options *": ctypes.POINTER(_lib.SharedStoreOptions),
+    "struct devmem_shared_store_info *": ctypes.POINTER(_lib.SharedStoreInfo),
     "devmem_read_only *": ctypes.POINTER(ctypes.c_int32),
     "devmem_allocation_callback": _lib.ALLOCATION_CALLBACK,
 }
@@ -96,6 +97,7 @@ def struct_fields(struct):
 @pytest.mark.parametrize(
     "struct,cls",
     [("devmem_counter", _lib.Counter), ("devmem_stats", _lib.Stats), ("devmem_transfer", _lib.Transfer),
+     ("devmem_shared_store_info", _lib.SharedStoreInfo),
      ("devmem_allocation_info", _lib.AllocationInfo), ("devmem_shared_store_options", _lib.SharedStoreOptions)],
 )
 def test_struct_fields_match_header(struct, cls):

@@ -120,9 +120,12 @@ def test_sleeping_twice_and_waking_twice_are_no_ops():
 
 
 def test_unknown_tags_are_no_ops():
-    assert devmem.offload("nobody").allocations == 0
-    assert devmem.discard(("nobody",)).allocations == 0
-    assert devmem.wake_up(["nobody"]).allocations == 0
+    with pytest.warns(devmem.UnknownTagWarning, match="'nobody'"):
+        assert devmem.offload("nobody").allocations == 0
+    with pytest.warns(devmem.UnknownTagWarning, match="'nobody'"):
+        assert devmem.discard(("nobody",)).allocations == 0
+    with pytest.warns(devmem.UnknownTagWarning, match="'nobody'"):
+        assert devmem.wake_up(["nobody"]).allocations == 0
 
 
 def test_errors_carry_status_and_message():

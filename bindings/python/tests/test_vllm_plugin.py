@@ -86,7 +86,7 @@ def test_entry_point_is_discovered_and_registers_the_backend(vllm):
         assert cls.supports_durable_storage()
     finally:
         devmem.close_shared_store()
-        os.unlink(f"/dev/shm/devmem-{name}.region")
+        os.unlink(f"/dev/shm/devmem-{os.geteuid()}/devmem-{name}.region")
     assert not cls.supports_durable_storage()
     backend = SleepModeBackendFactory.create_backend(_ModelConfig("devmem"))
     assert backend.state() == "RUNNING"
@@ -179,3 +179,58 @@ def test_backend_refuses_when_pools_came_from_vllm(vllm, fresh_choice):
     importlib.import_module("vllm.config").set_for_test(None)
     with pytest.raises(RuntimeError, match="DEVMEM_VLLM_ALLOCATOR"):
         backend.suspend(1)
+
+
+def test_state_changes_only_when_the_call_succeeds(vllm, fresh_choice):
+    """Issue 20, finding 14: a failed suspend leaves the backend RUNNING (nothing was released),
+    a failed resume leaves it SUSPENDED (the wake undid its mappings), not RESUMING."""
+    import ctypes
+
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+
+    importlib.import_module("vllm.config").set_for_test(_VllmConfig("devmem"))
+    backend = SleepModeBackendFactory.create_backend(_ModelConfig("devmem"))
+    with devmem.use_tag("weights"):
+        w = devmem.malloc(4 * MIB)
+    with devmem.use_tag("kv_cache"):
+        kv = devmem.malloc(4 * MIB)
+    devmem.release_host_store()
+    devmem.set_host_limit(MIB)  # too small for the weights' backup: the sleep fails up front
+    try:
+        with pytest.raises(devmem.HostOutOfMemoryError):
+            backend.suspend(level=1)
+    finally:
+        devmem.set_host_limit(0)
+    assert devmem.allocation_info(w).state == devmem.State.MAPPED
+    assert backend.state() == "RUNNING", "a failed suspend released nothing"
+    backend.suspend(level=1)
+    assert backend.state() == "SUSPENDED"
+    hog = devmem.malloc(devmem.mem_get_info()[0])  # the device is full: the wake fails
+    try:
+        with pytest.raises(devmem.OutOfMemoryError):
+            backend.resume(None)
+        assert devmem.allocation_info(w).state == devmem.State.OFFLOADED
+        assert backend.state() == "SUSPENDED", "a failed resume woke nothing"
+    finally:
+        devmem.free(hog)
+    backend.resume(None)
+    assert backend.state() == "RUNNING"
+    # A suspend that fails part way (the second unmap) keeps what it put to sleep asleep: the
+    # backend then says SUSPENDED, as every allocation that is not mapped needs a resume.
+    with devmem.use_tag("weights"):
+        w2 = devmem.malloc(4 * MIB)
+    emu = ctypes.CDLL(os.environ["DEVMEM_CUDA_LIBRARY"])  # loaded already: the same emulator
+    unmap = {"LEVEL_ZERO": "zeVirtualMemUnmap", "HIP": "hipMemUnmap"}.get(devmem.backend().name, "cuMemUnmap")
+    assert emu.cuemu_inject(unmap.encode(), 2, 999) == 0
+    try:
+        with pytest.raises(devmem.DriverError, match="stays mapped"):
+            backend.suspend(level=1)
+    finally:
+        emu.cuemu_clear_faults()
+    asleep = [a.tag for a in devmem.allocations() if a.state != devmem.State.MAPPED]
+    assert asleep, "the first unmap went through"
+    assert backend.state() == "SUSPENDED"
+    backend.resume(None)
+    assert backend.state() == "RUNNING"
+    for p in (w, kv, w2):
+        devmem.free(p)

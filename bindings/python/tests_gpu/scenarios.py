@@ -183,7 +183,7 @@ def shared_store():
     sleep/wake go through it, close removes it; read-only tags skip the copy and verification
     (the PTX checksum kernel) catches a write."""
     name = f"gpu-{os.getpid()}"
-    path = f"/dev/shm/devmem-{name}.region"
+    path = f"/dev/shm/devmem-{os.geteuid()}/devmem-{name}.region"
     devmem.open_shared_store(name, GIB + (64 << 20))
     check(os.path.exists(path), "the region exists while open")
     alloc = devmem.CuMemAllocator.get_instance()
@@ -225,6 +225,7 @@ def durable_write():
     with alloc.use_memory_pool("weights"):
         w = torch.empty(GIB, dtype=torch.uint8, device="cuda")
     w.view(torch.int64).random_()
+    devmem.name_tensors({"w": w})
     with open(os.environ["DEVMEM_GPU_DIGEST"], "w") as f:
         f.write(str(_digest(w)))
     alloc.sleep(offload_tags=("weights",))
@@ -239,6 +240,7 @@ def durable_read():
     with alloc.use_memory_pool("weights"):
         w = torch.empty(GIB, dtype=torch.uint8, device="cuda")
     expect_error = os.environ.get("DEVMEM_GPU_EXPECT") == "checksum"
+    devmem.name_tensors({"w": w})
     try:
         devmem.restore_from_store("weights")
     except devmem.RegionError as err:
@@ -265,7 +267,7 @@ def durable():
             [sys.executable, __file__, which], env=dict(env, **extra), capture_output=True, text=True, timeout=300)
         out = run("durable_write", DEVMEM_GPU_HARD_EXIT="1")
         check(out.returncode == 0, f"writer exited: {out.stderr[-2000:]}")
-        path = f"/dev/shm/devmem-{name}.region"
+        path = f"/dev/shm/devmem-{os.geteuid()}/devmem-{name}.region"
         check(os.path.exists(path), "the kept region outlived the writer")
         if corrupt:
             with open(path, "r+b") as f:

@@ -35,16 +35,33 @@ from ..allocator import CuMemAllocator, _alongside, _device_module, _torch
 logger = logging.getLogger("devmem")
 
 _TAG_DEFAULT = "default"
-#: Suffix of the devmem tag that holds a tag's allocations made with a CPU backup.
+#: Suffix of the devmem tag that holds a tag's allocations made with a CPU backup. Reserved:
+#: a user tag ending with it is refused, so ``tag`` and ``tag + BACKUP_SUFFIX`` never collide
+#: (devmem's C side accepts any character in a tag but NUL, so no separator is free).
 BACKUP_SUFFIX = ":cpu_backup"
 SHIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_tms_shim")
 
 
-def devmem_tag(tag: str, enable_cpu_backup: bool) -> str:
-    """The devmem tag for allocations of ``tag`` made with or without a CPU backup (one
-    torch_memory_saver tag may hold both kinds)."""
+def check_user_tag(tag: str) -> None:
+    """Refuses a torch_memory_saver tag ending with the reserved :data:`BACKUP_SUFFIX`: its
+    allocations would share a devmem tag with another tag's backed-up ones, and pausing it
+    would discard their backups. Raises ``ValueError`` naming the tag."""
     if not isinstance(tag, str):
         raise TypeError(f"tag must be str, not {type(tag).__name__}")
+    if tag.endswith(BACKUP_SUFFIX):
+        raise ValueError(
+            f"tag {tag!r} ends with {BACKUP_SUFFIX!r}, which devmem's torch_memory_saver reserves for the "
+            f"devmem tag of a region's CPU-backed allocations (tag {tag[:-len(BACKUP_SUFFIX)]!r} with "
+            "enable_cpu_backup=True uses it); choose another tag"
+        )
+
+
+def devmem_tag(tag: str, enable_cpu_backup: bool) -> str:
+    """The devmem tag for allocations of ``tag`` made with or without a CPU backup (one
+    torch_memory_saver tag may hold both kinds): ``tag`` itself, or ``tag`` +
+    :data:`BACKUP_SUFFIX`. One-to-one, because a tag ending with the suffix is refused
+    (``ValueError``)."""
+    check_user_tag(tag)
     name = tag + BACKUP_SUFFIX if enable_cpu_backup else tag
     _lib.encode_tag(name, "tag")
     return name
@@ -183,8 +200,10 @@ class TorchMemorySaver:
 
     def _targets(self, tag: Optional[str]) -> Tuple[List[str], List[str]]:
         """(devmem tags to offload, devmem tags to discard) for ``tag`` (every tag when None)."""
-        if tag is not None and not isinstance(tag, str):
-            raise TypeError(f"tag must be str or None, not {type(tag).__name__}")
+        if tag is not None:
+            if not isinstance(tag, str):
+                raise TypeError(f"tag must be str or None, not {type(tag).__name__}")
+            check_user_tag(tag)
         with self._lock:
             pairs = sorted(p for p in self._tags if tag is None or p[0] == tag)
         keep = [devmem_tag(t, True) for t, backup in pairs if backup]
@@ -201,7 +220,8 @@ class TorchMemorySaver:
         allocator._synchronize()
         allocator._empty_cache()
         with _alongside(allocator._collect) as entering:
-            api.sleep_tags(keep, drop, _entering=entering)
+            # Regions whose tensors are all freed have no allocation left: not a typo.
+            api.sleep_tags(keep, drop, strict=None, _entering=entering)
 
     def resume(self, tag: Optional[str] = None) -> None:
         """Maps the memory of ``tag``'s regions (every region when None) again at the same
@@ -214,7 +234,7 @@ class TorchMemorySaver:
             return
         if self._margin:
             self._check_margin(names)
-        api.wake_up(names)
+        api.wake_up(names, strict=None)
 
     def _check_margin(self, names: List[str]) -> None:
         need: Dict[int, int] = {}

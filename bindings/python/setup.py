@@ -1,0 +1,132 @@
+"""Build hook: never bundle a libdevmem.so or emulator that was not built from these sources.
+
+Everything else is configured in pyproject.toml (setuptools-rust builds ``libdevmem.so`` and the
+emulator with cargo into ``build/lib*/devmem/``). Both extensions are optional, so without cargo
+(or when cargo fails) the build goes on, and setuptools would then ship whatever an earlier
+build left in ``build/``: a library built from other sources, without a word. The ``build``
+command here records, next to ``build/``, a hash of the Rust sources each library was built
+from; after the build, a library that was not rebuilt now and whose recorded hash differs from
+the current sources' (or that has none) stops the build with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+from setuptools import setup
+from setuptools.command.build import build
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: The repository root (pyproject.toml's ``path = "../../Cargo.toml"``).
+ROOT = os.path.dirname(os.path.dirname(HERE))
+#: What the bundled libraries are built from, relative to ROOT: files, and folders walked.
+SOURCE_FILES = ("Cargo.toml", "Cargo.lock", "build.rs", "emulator/Cargo.toml", "emulator/build.rs")
+SOURCE_DIRS = ("src", "emulator/src")
+#: The libraries setuptools-rust puts into the package (pyproject.toml's targets).
+LIBRARY_PATTERNS = ("libdevmem", "_emulator")
+#: Where the hash each library was built from is recorded, in the build base (``build/``).
+STAMP = "devmem-rust-sources.json"
+
+
+class StaleLibraryError(RuntimeError):
+    """A library in the build folder was built from other sources and could not be rebuilt."""
+
+
+def rust_sources_hash(root: str = ROOT) -> Optional[str]:
+    """SHA-256 over the path and bytes of every Rust source file the libraries are built from,
+    or None when there are none (a tree without the Rust sources)."""
+    files: List[str] = [f for f in SOURCE_FILES if os.path.isfile(os.path.join(root, f))]
+    for folder in SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+            dirnames.sort()
+            files.extend(os.path.relpath(os.path.join(dirpath, name), root) for name in filenames)
+    if not any(f.startswith("src" + os.sep) or f == "Cargo.toml" for f in files):
+        return None
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(root, rel), "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def bundled_libraries(build_lib: str) -> List[str]:
+    """The native libraries under ``build_lib/devmem`` that a wheel would ship."""
+    package = os.path.join(build_lib, "devmem")
+    if not os.path.isdir(package):
+        return []
+    return sorted(
+        os.path.join(package, name) for name in os.listdir(package)
+        if name.startswith(LIBRARY_PATTERNS) and ".so" in name
+    )
+
+
+def _fingerprint(path: str) -> Tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def snapshot(build_lib: str) -> Dict[str, Tuple[int, int, int]]:
+    """The libraries in the build folder before a build, to tell rebuilt ones afterwards."""
+    return {path: _fingerprint(path) for path in bundled_libraries(build_lib)}
+
+
+def cargo_available() -> bool:
+    """Whether the cargo setuptools-rust would run (``$CARGO``, else ``cargo``) is on PATH."""
+    return shutil.which(os.environ.get("CARGO", "cargo")) is not None
+
+
+def check_bundled_libraries(
+    build_base: str, build_lib: str, before: Dict[str, Tuple[int, int, int]], root: str = ROOT,
+) -> None:
+    """After a build: records the current sources' hash for each library rebuilt now (changed
+    since ``before``), and raises :class:`StaleLibraryError` for any library left from an earlier
+    build whose recorded hash is not the current one, naming it and saying what to do."""
+    current = rust_sources_hash(root)
+    stamp_path = os.path.join(build_base, STAMP)
+    try:
+        with open(stamp_path) as f:
+            recorded: Dict[str, Optional[str]] = json.load(f)
+    except (OSError, ValueError):
+        recorded = {}
+    stale = []
+    for path in bundled_libraries(build_lib):
+        key = os.path.relpath(path, build_base)
+        if before.get(path) != _fingerprint(path):
+            recorded[key] = current  # built by this run
+        elif current is None or recorded.get(key) != current:
+            stale.append(path)
+    os.makedirs(build_base, exist_ok=True)
+    with open(stamp_path, "w") as f:
+        json.dump(recorded, f, indent=1, sort_keys=True)
+    if not stale:
+        return
+    why = (
+        "cargo is not on PATH, so it could not be rebuilt" if not cargo_available()
+        else "this build did not produce it (the cargo build failed, see the output above, or the file is "
+        "left over under another name, e.g. from another Python version)"
+    )
+    raise StaleLibraryError(
+        "refusing to bundle a native library that was not built from these sources: "
+        + ", ".join(os.path.abspath(p) for p in stale)
+        + f" is left from an earlier build (no record says it was built from the current Rust sources) and {why}. "
+        f"Install Rust's cargo (https://rustup.rs) and build again, or delete {os.path.abspath(build_base)} to "
+        "build the package without a bundled library (then set DEVMEM_LIBRARY to a libdevmem.so)."
+    )
+
+
+class BuildCheckingLibraries(build):
+    """``build`` that refuses to ship a stale bundled library (see the module docstring)."""
+
+    def run(self) -> None:
+        before = snapshot(self.build_lib)
+        super().run()
+        check_bundled_libraries(self.build_base, self.build_lib, before)
+
+
+if __name__ == "__main__":
+    setup(cmdclass={"build": BuildCheckingLibraries})
