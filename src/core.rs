@@ -1254,7 +1254,7 @@ fn rekey_region_slots(reg: &Registry, tag: Option<&str>) {
         .allocations
         .values()
         .any(|a| tag.is_none_or(|t| *a.tag == *t) && in_region(a));
-    if !concerned || store::shared_open_now().is_none() {
+    if !concerned {
         return; // the common case: no backup of the tag is in the region
     }
     let keys = reg.slot_keys();
@@ -1327,11 +1327,10 @@ fn write_manifest(region: &Arc<Region>) -> Result<()> {
         ranges.push(range);
     }
     let own_slots: BTreeSet<usize> = ranges.iter().map(|r| r.slot).collect();
-    // Names an earlier process left, unless this process uses the name (or the slot) now.
-    let registered: BTreeSet<Arc<str>> = with_registry(|reg| reg.names.keys().cloned().collect());
+    // Names an earlier process left (and this one has not restored yet), unless this process
+    // saved bytes under the name or into the slot now.
     for left in region.named_ranges() {
-        let reused = names.contains(&left.range.name) || registered.contains(&left.range.name);
-        if !reused && !own_slots.contains(&left.range.slot) {
+        if !names.contains(&left.range.name) && !own_slots.contains(&left.range.slot) {
             names.insert(Arc::clone(&left.range.name));
             ranges.push(left.range);
         }
@@ -1508,7 +1507,8 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
     order.sort_by_key(|i| (copies[*i].device, copies[*i].dst));
     for w in order.windows(2) {
         let (a, b) = (&copies[w[0]], &copies[w[1]]);
-        let same = a.dst == b.dst && a.src == b.src && a.len == b.len;
+        // The same stored bytes at the same place (tied weights, a view and its whole).
+        let same = a.dst.wrapping_sub(b.dst) == (a.src as u64).wrapping_sub(b.src as u64);
         if a.device == b.device && a.dst + a.len as u64 > b.dst && !same {
             wrong.push(format!(
                 "{:?} and {:?} overlap in device memory",
@@ -1568,7 +1568,8 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
             Region,
             "the shared store's copies of {} fail their checksum (the stored bytes changed); \
              those ranges hold unspecified bytes and must be loaded another way; their stored \
-             copies were dropped (the others stay, for another restore)",
+             copies were dropped, with any other range saved in the same allocation; the rest \
+             stay, for another restore",
             some_of(&failed, 8)
         );
     }

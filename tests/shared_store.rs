@@ -1692,9 +1692,38 @@ fn full_area_writer() {
     o.bytes = 4 * MIB as u64;
     ok(o.call());
     let w = alloc(4 * MIB, "weights");
-    fill(w, 4 * MIB, 8);
+    fill(w, 4 * MIB, 7);
     ok(name_range(w, 4 * MIB, "w"));
-    ok(sleep(&["weights"]));
+    // Several cycles: each sleep writes a new manifest while the last one is still there.
+    for seed in [7, 8] {
+        fill(w, 4 * MIB, seed);
+        ok(sleep(&["weights"]));
+        if seed == 7 {
+            ok(wake(None));
+        }
+    }
+}
+
+/// Writer whose offloaded set grows between sleeps: the manifest of the first sleep must not
+/// split the room the second needs (before: HOST_OUT_OF_MEMORY with room asked for).
+#[test]
+#[ignore = "run by an_area_sized_exactly_for_its_weights_keeps_their_names"]
+fn growing_area_writer() {
+    setup(&[]);
+    let name = env("DEVMEM_TEST_REGION");
+    let mut o = Open::new(&name);
+    o.bytes = 8 * MIB as u64;
+    ok(o.call());
+    let a = alloc(4 * MIB, "a");
+    ok(name_range(a, 8, "a"));
+    ok(sleep(&["a"]));
+    ok(wake(None));
+    let b = alloc(4 * MIB, "b");
+    ok(name_range(b, 8, "b"));
+    ok(sleep(&["a", "b"]));
+    ok(wake(None));
+    free_all(&[a, b]);
+    ok(ffi::devmem_shared_store_close());
 }
 
 /// Reader of the exactly-full test.
@@ -1723,6 +1752,10 @@ fn an_area_sized_exactly_for_its_weights_keeps_their_names() {
     let e = [("DEVMEM_TEST_REGION", name.as_str())];
     run_child_test(&[], "full_area_writer", &e, Duration::from_secs(120));
     run_child_test(&[], "full_area_reader", &e, Duration::from_secs(120));
+    assert!(!region_path(&name, None).exists());
+    let name = unique("growing");
+    let e = [("DEVMEM_TEST_REGION", name.as_str())];
+    run_child_test(&[], "growing_area_writer", &e, Duration::from_secs(120));
     assert!(!region_path(&name, None).exists());
 }
 

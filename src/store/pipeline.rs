@@ -293,8 +293,8 @@ fn checksums(backend: &Arc<dyn Backend>, targets: &[SaveTarget]) -> Result<Vec<S
             }
             Err(e) if e.status == devmem_status::Unsupported => return Ok(out),
             // A full device is when sleeps matter most: the backups go without a checksum
-            // (a durable restore of them is then refused on this backend) rather than the
-            // sleep failing.
+            // rather than the sleep failing (a restore by order of them is then refused on
+            // this backend; named ranges get a host checksum when the manifest is written).
             Err(e) if e.status == devmem_status::OutOfMemory => {
                 log::warn!("devmem: sleep: no device memory for checksums, saving without: {e}");
             }

@@ -1142,12 +1142,16 @@ impl Region {
                     continue;
                 }
                 VALID => {}
-                other => bail!(
-                    Region,
-                    "shared store: {} rank {} slot {i} has an unknown state {other}",
-                    self.path.display(),
-                    self.rank
-                ),
+                other => {
+                    log::warn!(
+                        "devmem: shared store: {} rank {} slot {i} has an unknown state {other}; \
+                         dropping it",
+                        self.path.display(),
+                        self.rank
+                    );
+                    dropped.push(i);
+                    continue;
+                }
             }
             let fits = e
                 .offset
@@ -1444,11 +1448,11 @@ impl Region {
             let Some(victim) = victim else {
                 bail!(
                     HostOutOfMemory,
-                    "shared store: rank {} of {} has no room for {len} more bytes (area {} \
-                     bytes)",
+                    "shared store: rank {} of {} has no room for {len} more bytes ({} bytes \
+                     for backups, plus {MANIFEST_RESERVE} for names)",
                     self.rank,
                     self.path.display(),
-                    self.rank_bytes()
+                    self.rank_bytes() - MANIFEST_RESERVE
                 );
             };
             log::warn!(
@@ -1461,6 +1465,9 @@ impl Region {
     }
 
     /// The first offset of a free run of `len` bytes in this rank's area.
+    /// An offset for `len` more bytes of this rank's area: backups take the first free run
+    /// below the manifest's reserve; a manifest takes the last free run in the whole area, so
+    /// it stays in (or next to) the reserve and never splits the backups' room.
     fn fit(&self, slots: &Slots, len: usize, kind: u32) -> Option<usize> {
         let mut used: Vec<(usize, usize)> = slots
             .entries
@@ -1469,20 +1476,29 @@ impl Region {
             .map(|e| (e.offset as usize, (e.size as usize).next_multiple_of(BLOCK)))
             .collect();
         used.sort_unstable();
-        let mut at = 0usize;
-        for (start, n) in used {
-            if start >= at + len {
-                return Some(at);
-            }
-            at = at.max(start + n);
-        }
-        // Backups leave the manifest's reserve free; the manifest may use the whole area.
-        let end = if kind == KIND_MANIFEST {
+        let limit = if kind == KIND_MANIFEST {
             self.rank_bytes()
         } else {
             self.rank_bytes() - MANIFEST_RESERVE
         };
-        (at + len <= end).then_some(at)
+        let mut gaps = Vec::new();
+        let mut at = 0usize;
+        for (start, n) in used {
+            if start > at {
+                gaps.push((at, start.min(limit)));
+            }
+            at = at.max(start + n);
+        }
+        gaps.push((at, limit));
+        let fits = |(start, end): &(usize, usize)| end.saturating_sub(*start) >= len;
+        if kind == KIND_MANIFEST {
+            gaps.iter()
+                .rev()
+                .find(|g| fits(g))
+                .map(|(_, end)| end - len)
+        } else {
+            gaps.iter().find(|g| fits(g)).map(|(start, _)| *start)
+        }
     }
 
     /// Marks a slot's bytes complete, with their device checksum when one was computed.
@@ -1617,9 +1633,20 @@ impl Region {
                 bytes.len()
             );
         }
-        let (slot, offset) = self
-            .allocate(&mut slots, bytes.len(), KIND_MANIFEST)
-            .map_err(|e| e.context("shared store: no room for the rank's manifest"))?;
+        let (slot, offset) = match self.allocate(&mut slots, bytes.len(), KIND_MANIFEST) {
+            Ok(found) => found,
+            // No room for two: the old one goes first (a process killed before the new one is
+            // written then leaves no names, never wrong ones).
+            Err(_) if old.is_some() => {
+                if let Some(old) = old {
+                    slots.manifest = None;
+                    self.store_slot(&mut slots, old, Entry::free());
+                }
+                self.allocate(&mut slots, bytes.len(), KIND_MANIFEST)
+                    .map_err(|e| e.context("shared store: no room for the rank's manifest"))?
+            }
+            Err(e) => return Err(e.context("shared store: no room for the rank's manifest")),
+        };
         let serial = slots.next_serial;
         slots.next_serial += 1;
         let file_offset = (self.area() - self.base) as u64 + offset;
@@ -1641,8 +1668,9 @@ impl Region {
             self.store_slot(&mut slots, slot, Entry::free());
             return Err(err.context("shared store: writing the rank's manifest"));
         }
-        // The old manifest goes only once the new one is in place: a failed write keeps it.
-        if let Some(old) = old {
+        // The old manifest goes only once the new one is in place.
+        if let Some(old) = old.filter(|o| slots.entries[*o].is(VALID, KIND_MANIFEST) && *o != slot)
+        {
             self.store_slot(&mut slots, old, Entry::free());
         }
         slots.manifest = Some((slot, ranges));

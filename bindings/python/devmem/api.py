@@ -635,6 +635,8 @@ def name_range(ptr: int, nbytes: int, name: str) -> None:
     _check_range(ptr, nbytes)
     if not isinstance(name, str):
         raise TypeError(f"name must be str, not {type(name).__name__}")
+    if "\0" in name:  # C would see only the part before it
+        raise _lib.InvalidArgumentError(_lib.Status.INVALID_ARGUMENT, f"range name {name!r} contains NUL")
     call("devmem_name_range", ptr, nbytes, name.encode("utf-8"))
 
 

@@ -248,6 +248,8 @@ def test_clear_names_forgets_a_tags_names():
     try:
         devmem.name_range(p, 8, "a")
         devmem.name_range(p + 8, 8, "b")
+        with pytest.raises(devmem.InvalidArgumentError, match="contains NUL"):
+            devmem.name_range(p, 8, "a\0b")
         assert devmem.clear_names("weights") == 2
         assert devmem.clear_names() == 0
     finally:
