@@ -1543,12 +1543,7 @@ pub fn restore_from_store(tags: &[String]) -> Result<devmem_transfer> {
             why.join("; ")
         );
     }
-    let bad = pipeline::fill(
-        &backend,
-        &copies,
-        |ptr, len| region.split(ptr, len),
-        |ptr, len| region.wait_pinned(ptr, len),
-    )?;
+    let bad = pipeline::fill(&backend, &copies, &region)?;
     let bytes: u64 = copies.iter().map(|c| c.len as u64).sum();
     if bad.is_empty() {
         // Used: the device has the bytes now.
@@ -1668,12 +1663,7 @@ pub fn restore_from_store_by_order(tags: &[String]) -> Result<devmem_transfer> {
             checksum: stored.checksum,
         })
         .collect();
-    let bad = pipeline::fill(
-        &backend,
-        &copies,
-        |ptr, len| region.split(ptr, len),
-        |ptr, len| region.wait_pinned(ptr, len),
-    )?;
+    let bad = pipeline::fill(&backend, &copies, &region)?;
     if !bad.is_empty() {
         let names: Vec<String> = bad
             .iter()

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::shared::SlotKey;
+use super::shared::{Region, SlotKey};
 use super::Backup;
 use crate::backend::Backend;
 use crate::error::{devmem_status, Error, Result};
@@ -321,18 +321,17 @@ pub struct FillCopy {
 }
 
 /// Copies saved bytes into mapped allocations and verifies them: the restore of a durable
-/// store. Waits for the application's work on every target device first (a kernel still
-/// initialising a tensor must not overwrite the bytes after this returns). Each copy is
-/// split where `split` says (the region's pinned pieces) and queued once `ready` says its
-/// source is pinned. After one wait per device, each copy with a checksum is verified: on the
+/// store, whose region `source` holds every copy's source. Waits for the application's work
+/// on every target device first (a kernel still initialising a tensor must not overwrite the
+/// bytes after this returns). Each copy is split at the region's pinned pieces and queued once
+/// its piece is pinned. After one wait per device, each copy with a checksum is verified: on the
 /// device where `dst` is word-aligned, else over the host bytes. Returns the indices of the
 /// copies that failed verification. On an error, every queued copy is finished before it
 /// returns and the targets hold unspecified bytes.
 pub fn fill(
     backend: &Arc<dyn Backend>,
     copies: &[FillCopy],
-    split: impl Fn(usize, usize) -> Vec<(usize, usize, usize)>,
-    ready: impl Fn(usize, usize) -> Result<()>,
+    source: &Region,
 ) -> Result<Vec<usize>> {
     let devices: BTreeSet<i32> = copies.iter().map(|c| c.device).collect();
     for device in &devices {
@@ -343,10 +342,11 @@ pub fn fill(
         })?;
     }
     let queued = copies.iter().try_for_each(|c| {
-        split(c.src, c.len)
+        source
+            .split(c.src, c.len)
             .into_iter()
             .try_for_each(|(offset, host, n)| {
-                ready(host, n)?;
+                source.wait_pinned(host, n)?;
                 backend.copy_to_device_async(c.device, c.dst + offset as u64, host as *const u8, n)
             })
     });
@@ -366,8 +366,8 @@ pub fn fill(
                 Some((_, 0)) => {}
                 Some(range) if backend.can_checksum() => on_device.push((i, range, expect)),
                 _ => {
-                    // SAFETY: `ready` confirmed the source lies in memory the caller keeps
-                    // mapped for the call.
+                    // SAFETY: the source lies in the region's area, which stays mapped while
+                    // `source` is borrowed.
                     let host = unsafe {
                         std::slice::from_raw_parts(c.src as *const u8, c.len - c.len % 8)
                     };

@@ -13,7 +13,7 @@ import pytest
 import devmem
 import devmem.torch_memory_saver as tms_module
 from conftest import EMULATED
-from devmem.torch_memory_saver import TorchMemorySaver, devmem_tag, torch_memory_saver
+from devmem.torch_memory_saver import BACKUP_SUFFIX, TorchMemorySaver, devmem_tag, torch_memory_saver
 
 pytestmark = pytest.mark.skipif(not EMULATED, reason="reads device memory through host pointers")
 MIB = 1 << 20
@@ -113,3 +113,46 @@ def test_import_shim_resolves_torch_memory_saver_in_child_processes():
     with tms_module.configure_subprocess():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+# Issue 20, finding 12: devmem tags are one-to-one. A user tag ending with the backup suffix
+# would share the devmem tag of another tag's CPU-backed allocations, and pausing it would
+# discard their backups; such a tag is refused.
+
+
+def test_a_tag_ending_with_the_backup_suffix_is_refused_and_backups_survive():
+    saver = TorchMemorySaver()
+    backed = _alloc(saver, "w", True, 0x5C)
+    saver.pause("w")
+    assert devmem.allocation_info(backed).state == devmem.State.OFFLOADED
+    clash = "w" + BACKUP_SUFFIX
+    with pytest.raises(ValueError, match="'w:cpu_backup' ends with ':cpu_backup'") as info:
+        _alloc(saver, clash, False, 0x11)
+    assert "reserves" in str(info.value)
+    with pytest.raises(ValueError, match="w:cpu_backup"):
+        with saver.region(tag=clash):
+            pass
+    with pytest.raises(ValueError, match="w:cpu_backup"):
+        with saver.region(tag=clash, enable_cpu_backup=True):
+            pass
+    with pytest.raises(ValueError, match="w:cpu_backup"):
+        saver.pause(clash)  # would have discarded w's backed-up bytes
+    with pytest.raises(ValueError, match="w:cpu_backup"):
+        saver.resume(clash)
+    with pytest.raises(ValueError, match="w:cpu_backup"):
+        devmem_tag(clash, False)
+    assert devmem.allocation_info(backed).state == devmem.State.OFFLOADED, "w's backup was kept"
+    saver.resume("w")
+    assert ctypes.string_at(backed, 2 * MIB) == b"\x5c" * (2 * MIB)
+    devmem.free(backed)
+
+
+def test_devmem_tags_are_one_to_one():
+    names = {}
+    for tag in ("w", "w:cpu", "cpu_backup", "w:cpu_backup_x", ":cpu_backupw", "x" * 200):
+        for backup in (False, True):
+            name = devmem_tag(tag, backup)
+            assert name not in names, f"{(tag, backup)} and {names[name]} share devmem tag {name!r}"
+            names[name] = (tag, backup)
+    with pytest.raises(ValueError):
+        devmem_tag(BACKUP_SUFFIX, True)
