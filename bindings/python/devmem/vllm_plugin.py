@@ -229,8 +229,11 @@ class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
 
     @classmethod
     def preserves_graphs_with_communicators(cls) -> bool:
-        # Communicators survive and every address comes back unchanged.
-        return True
+        # Not shown: a graph that captured a collective on devmem memory may replay against
+        # NCCL's stale registration of the released pages (NCCL_GRAPH_REGISTER=1, the default)
+        # and hang. Until a GPU run shows replay after sleep/wake with NCCL_GRAPH_REGISTER=0,
+        # say False (docs/engines.md, "NCCL, collectives and CUDA graphs").
+        return False
 
     @classmethod
     def supports_durable_storage(cls) -> bool:

@@ -79,6 +79,9 @@ def test_entry_point_is_discovered_and_registers_the_backend(vllm):
     assert issubclass(cls, SleepModeBackend) and cls.__name__ == "DevmemSleepModeBackend"
     assert cls.is_supported()
     assert (cls.preserves_communicators(), cls.supports_durable_storage()) == (True, False)
+    # Not shown on a GPU pair yet (NCCL's graph registration of remapped pages): no claim.
+    assert cls.preserves_graphs_with_communicators() is False
+    assert cls.preserves_compiled_artifacts() is True
     # A kept shared store makes suspended state durable; closing it ends that.
     name = f"plugin-{os.getpid()}"
     devmem.open_shared_store(name, 8 << 20, keep=True)
