@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # On the GPU machine (no cargo, no network): the engine integrations against the real driver
-# and PyTorch. Carry target/release/libdevmem.so and .engines/ (made by
-# scripts/prepare-engines.sh: vLLM 0.33's plugin/allocator files from its wheel and
-# torch_memory_saver's example programs). Logs go to $OUT:
-#   engines.log  vLLM allocator conformance (devmem's class and vLLM's), the vLLM plugin,
-#                one process on two devices, TP=2 with NCCL
-#   tms.log      torch_memory_saver's own examples against devmem.torch_memory_saver (torch mode)
+# and PyTorch. Carry target/release/libdevmem.so (and the preload library beside it, when built)
+# and .engines/ (made by scripts/prepare-engines.sh: vLLM 0.33's plugin/allocator files from its
+# wheel and torch_memory_saver's test suite). Logs go to $OUT:
+#   engines.log      vLLM allocator conformance (devmem's class and vLLM's), the vLLM plugin,
+#                    one process on two devices, TP=2 with NCCL
+#   tms.log          torch_memory_saver's own examples against devmem.torch_memory_saver, each
+#                    example in both hook modes (preload under LD_PRELOAD)
+#   tms-suite.log    torch_memory_saver's pytest suite (test/) against devmem's module
+#   rl-colocate.log  examples/rl_colocate.py (every mode)
+# ENGINES_ONLY=tms,suite,rl (comma list) runs only those parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/devmem-gpu}
@@ -25,19 +29,36 @@ engines() {
     OUT=/tmp python3 bindings/python/tests_gpu/engines.py $check 2>&1 || { echo "FAILED: $check"; status=1; }
   done
 }
-engines | tee "$OUT/engines.log"
-grep -q "^FAILED" "$OUT/engines.log" && status=1
 shim=$(python3 -m devmem.torch_memory_saver --pythonpath)
+want() { [ -z "${ENGINES_ONLY:-}" ] || [[ ",$ENGINES_ONLY," == *",$1,"* ]]; }
+if want engines; then
+  engines | tee "$OUT/engines.log"
+  grep -q "^FAILED" "$OUT/engines.log" && status=1
+fi
 tms() {
   for ex in simple cpu_backup cuda_graph multi_device nested_region rl_example training_engine; do
-    echo "=== torch_memory_saver example $ex (hook_mode=torch)"
-    if (cd .engines/tms_examples && PYTHONPATH="$shim:$PYTHONPATH" timeout 300 python3 "$ex.py" torch 2>&1); then
-      echo "RESULT $ex: PASS"
-    else
-      echo "RESULT $ex: FAIL (exit $?)"
-    fi
+    for mode in torch preload; do
+      echo "=== torch_memory_saver example $ex (hook_mode=$mode)"
+      pre=""
+      [ "$mode" = preload ] && pre=$(python3 -c "import os, devmem.torch_memory_saver as t
+with t.configure_subprocess(): print(os.environ.get('LD_PRELOAD', ''))")
+      if (cd .engines/tms_examples && PYTHONPATH="$shim:$PYTHONPATH" LD_PRELOAD="$pre" timeout 300 python3 "$ex.py" "$mode" 2>&1); then
+        echo "RESULT $ex $mode: PASS"
+      else
+        echo "RESULT $ex $mode: FAIL (exit $?)"
+      fi
+    done
   done
 }
-tms | tee "$OUT/tms.log"
+if want tms; then tms | tee "$OUT/tms.log"; fi
+if want suite; then
+  echo "=== torch_memory_saver's test suite ($(cat .engines/tms_commit.txt 2>/dev/null)) against devmem" | tee "$OUT/tms-suite.log"
+  (cd .engines/tms_test && PYTHONPATH="$shim:$PYTHONPATH:." timeout 540 python3 -m pytest -v -rA -p no:cacheprovider \
+    test_examples.py test_configure_subprocess.py 2>&1) | tee -a "$OUT/tms-suite.log"
+fi
+if want rl; then
+  timeout 900 python3 examples/rl_colocate.py --mode all --cycles "${RL_CYCLES:-4}" 2>&1 | tee "$OUT/rl-colocate.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 echo "gpu-engines exit status: $status"
 exit $status

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Here (with network): prepares .engines/ for scripts/gpu-engines.sh on the GPU machine, which
 # has no network: the files of vLLM 0.33's wheel that devmem meets (a small zip, see
-# bindings/python/conformance/vllm_tree.py) and torch_memory_saver's example programs (from a
-# checkout given as $1). Nothing of either is committed.
+# bindings/python/conformance/vllm_tree.py) and torch_memory_saver's test suite and example
+# programs (its test/ folder, from a checkout given as $1). Nothing of either is committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tms=${1:?usage: scripts/prepare-engines.sh PATH_TO_TORCH_MEMORY_SAVER_CHECKOUT}
-mkdir -p .engines/tms_examples build/vllm-wheel
-for f in simple cpu_backup cuda_graph multi_device nested_region rl_example training_engine; do
-  cp "$tms/test/examples/$f.py" .engines/tms_examples/
-done
+rm -rf .engines/tms_test .engines/tms_examples
+mkdir -p .engines build/vllm-wheel
+cp -r "$tms/test" .engines/tms_test
+cp -r "$tms/test/examples" .engines/tms_examples
+(cd "$tms" && git rev-parse HEAD 2>/dev/null || echo unknown) > .engines/tms_commit.txt
 PYTHONPATH=bindings/python python3 - <<'PY'
 import zipfile
 from conformance import vllm_tree
