@@ -232,7 +232,8 @@ def generate(torch: Any, model: Any, prompts: Any, new_tokens: int) -> Any:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(token)
         del past, out
-    return torch.cat(tokens, dim=1)
+    # Allocated in the KV-cache region, which the next sleep discards: keep a host copy.
+    return torch.cat(tokens, dim=1).cpu()
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
@@ -275,7 +276,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     # AdamW creates its state at the first step, inside the trainer's region.
     with timer("train"):
@@ -297,7 +298,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
                 saver.sleep_trainer()
         with timer("generate"), saver.kv_region():
             tokens = generate(torch, rollout, prompts, args.new_tokens)
-        # Same weights after a sleep/wake round trip: the same tokens.
+        # Same weights after a sleep/wake round trip: the same bytes and the same tokens.
+        weights = fingerprint(torch, list(rollout.parameters()) + list(rollout.buffers()))
         mapped = devmem_bytes(saver.rollout_tags, True)
         free_before = torch.cuda.mem_get_info(device)[0]
         with timer("sleep_rollout"):
@@ -309,10 +311,12 @@ def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
                                f"(>= the {mapped / 2**20:.0f} MiB devmem held for weights and KV cache)")
         with timer("wake_rollout"):
             saver.wake_rollout()
+        check(torch.equal(weights, fingerprint(torch, list(rollout.parameters()) + list(rollout.buffers()))),
+              "rollout weights bit-identical after sleep/wake")
         with saver.kv_region():
             again = generate(torch, rollout, prompts, args.new_tokens)
         check(torch.equal(tokens, again), f"{tokens.numel()} tokens identical before and after sleep/wake")
-        history.append(tokens.cpu())
+        history.append(tokens)
         if cycle > 0:
             same = torch.equal(history[-1], history[-2])
             print(f"  tokens {'unchanged' if same else 'changed'} after the training step (informational)")

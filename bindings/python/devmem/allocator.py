@@ -66,6 +66,27 @@ def select_torch_backend(torch: Any) -> None:
         ) from None
 
 
+def blas_workspace_outside_pools(device: Any) -> None:
+    """Makes sure the cuBLAS workspace of the calling thread's current stream exists, so that it
+    is not created inside the pool about to be entered.
+
+    PyTorch gives each (cuBLAS handle, stream) pair a workspace from its caching allocator at
+    the first matrix product on that stream and keeps it for the life of the process. Created
+    inside a devmem pool, it would live in memory of that pool's tag: pausing the tag (a trainer
+    put to sleep while a rollout runs) leaves cuBLAS working in unmapped memory, and the next
+    product fails with ``CUBLAS_STATUS_EXECUTION_FAILED`` (seen on the H200 with
+    ``examples/rl_colocate.py``). Asking for the handle before the pool is entered creates the
+    workspace in PyTorch's own memory. The first call creates the cuBLAS handle (once per
+    thread and device); a failure is logged and ignored: it only leaves PyTorch's default."""
+    get = getattr(device, "current_blas_handle", None)
+    if get is None:
+        return
+    try:
+        get()
+    except Exception as err:  # no cuBLAS in this build or no device context yet
+        logger.debug("devmem: could not create the cuBLAS workspace before entering a pool: %s", err)
+
+
 #: Tags a selective wake may leave asleep; any wake restores every other tag (vLLM's rule).
 DEFERRABLE_TAGS: Tuple[str, ...] = ("weights", "kv_cache")
 
@@ -272,6 +293,7 @@ class CuMemAllocator:
         encode_tag(tag)
         self._check_open()
         device, _ = _device_module(_torch())
+        blas_workspace_outside_pools(device)
         # Older pools of this tag are never allocated from again once no context is inside
         # them; those still in use (an outer entry, another thread) are left alone.
         self._trim_claimed(self._claim_idle(tag))

@@ -89,6 +89,19 @@ class FakeCuda:
             if ptr in pool.segments:
                 pool.segments[ptr] = 0
 
+    def current_blas_handle(self):
+        """PyTorch's ``current_blas_handle``: the first call on a thread's stream makes the
+        cuBLAS workspace through the caching allocator, so in the active pool if there is one."""
+        if not hasattr(self._local, "workspace"):
+            stack = self._local.__dict__.get("stack")
+            self._local.workspace = self.alloc(MIB) if stack else None
+        return 1
+
+    def matmul(self):
+        """A matrix product: cuBLAS uses the stream's workspace, made at the first product."""
+        self.current_blas_handle()
+        return self._local.workspace
+
     def free_all(self):
         for pool in self.pools:
             for ptr in pool.segments:
@@ -262,3 +275,16 @@ def test_many_threads_entering_and_leaving_pools_keep_the_table_consistent(fake)
     assert sum(len(v) for v in alloc.allocator_and_pools.values()) == 40
     assert not alloc._users and not alloc._trimming, "every context left, nothing is being trimmed"
     alloc.release_pools()
+
+
+def test_the_cublas_workspace_is_never_made_inside_a_pool(fake):
+    """A trainer's first matrix product runs inside its pool; pausing the trainer must not take
+    cuBLAS's workspace with it (CUBLAS_STATUS_EXECUTION_FAILED on the H200 otherwise)."""
+    alloc = devmem.CuMemAllocator()
+    with alloc.use_memory_pool("train"):
+        w = fake.alloc(2 * MIB)
+        workspace = fake.matmul()
+    assert workspace is None, "the cuBLAS workspace was made inside the 'train' pool"
+    alloc.sleep(offload_tags=("train",))
+    assert devmem.allocation_info(w).state == devmem.State.OFFLOADED
+    alloc.wake_up()
