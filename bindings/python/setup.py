@@ -24,10 +24,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: The repository root (pyproject.toml's ``path = "../../Cargo.toml"``).
 ROOT = os.path.dirname(os.path.dirname(HERE))
 #: What the bundled libraries are built from, relative to ROOT: files, and folders walked.
-SOURCE_FILES = ("Cargo.toml", "Cargo.lock", "build.rs", "emulator/Cargo.toml", "emulator/build.rs")
-SOURCE_DIRS = ("src", "emulator/src")
+SOURCE_FILES = ("Cargo.toml", "Cargo.lock", "build.rs", "emulator/Cargo.toml", "emulator/build.rs", "preload/Cargo.toml")
+SOURCE_DIRS = ("src", "emulator/src", "preload/src")
 #: The libraries setuptools-rust puts into the package (pyproject.toml's targets).
-LIBRARY_PATTERNS = ("libdevmem", "_emulator")
+LIBRARY_PATTERNS = ("libdevmem", "_emulator", "torch_memory_saver_hook_mode_preload")
+#: The preload library ships under the one name torch_memory_saver's users and slime look for.
+PRELOAD_STEM = "torch_memory_saver_hook_mode_preload"
 #: Where the hash each library was built from is recorded, in the build base (``build/``).
 STAMP = "devmem-rust-sources.json"
 
@@ -119,12 +121,28 @@ def check_bundled_libraries(
     )
 
 
+def name_preload_library(build_lib: str) -> None:
+    """setuptools-rust names the preload library like an extension of this Python
+    (``<stem>.cpython-311-x86_64-linux-gnu.so``); torch_memory_saver's users and slime look for
+    ``<stem>.abi3.so`` beside the package's ``torch_memory_saver`` folder. The one built now
+    replaces any older copy under that name."""
+    package = os.path.join(build_lib, "devmem")
+    wanted = os.path.join(package, PRELOAD_STEM + ".abi3.so")
+    if not os.path.isdir(package):
+        return
+    for name in sorted(os.listdir(package)):
+        path = os.path.join(package, name)
+        if name.startswith(PRELOAD_STEM + ".") and name.endswith(".so") and path != wanted:
+            os.replace(path, wanted)
+
+
 class BuildCheckingLibraries(build):
     """``build`` that refuses to ship a stale bundled library (see the module docstring)."""
 
     def run(self) -> None:
         before = snapshot(self.build_lib)
         super().run()
+        name_preload_library(self.build_lib)
         check_bundled_libraries(self.build_base, self.build_lib, before)
 
 

@@ -435,6 +435,32 @@ def emulator_path() -> Optional[str]:
     return found[0] if found else None
 
 
+#: File name stem of torch_memory_saver's preload-mode library (devmem ships its own under it).
+PRELOAD_STEM = "torch_memory_saver_hook_mode_preload"
+#: Environment override for the preload library's path.
+PRELOAD_ENV = "DEVMEM_TMS_PRELOAD"
+
+
+def preload_library_path() -> Optional[str]:
+    """devmem's ``LD_PRELOAD`` library for torch_memory_saver's preload mode:
+    ``$DEVMEM_TMS_PRELOAD``, else the copy bundled in this package
+    (``torch_memory_saver_hook_mode_preload.abi3.so``), else cargo's build beside the
+    ``libdevmem.so`` in use or in the source tree; None when there is none."""
+    env = os.environ.get(PRELOAD_ENV)
+    if env:
+        return env
+    found = sorted(glob.glob(os.path.join(_HERE, PRELOAD_STEM + "*.so")))
+    cargo_name = "lib" + PRELOAD_STEM + ".so"
+    library = os.environ.get(LIBRARY_ENV)
+    if library:
+        found.append(os.path.join(os.path.dirname(os.path.abspath(library)), cargo_name))
+    root = _source_tree()
+    if root is not None:
+        found.append(os.path.join(root, "target", "release", cargo_name))
+    found = [f for f in found if os.path.exists(f)]
+    return found[0] if found else None
+
+
 def emulator_face() -> Optional[str]:
     """The face ``DEVMEM_EMULATOR`` selects, or None for the real driver. Raises
     :class:`InvalidArgumentError` for a value that is not one of the accepted ones."""

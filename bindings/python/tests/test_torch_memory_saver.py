@@ -35,8 +35,8 @@ def test_names_and_defaults_are_torch_memory_savers():
 def test_unsupported_options_raise_naming_the_alternative():
     saver = TorchMemorySaver()
     saver.hook_mode = "torch"
-    with pytest.raises(ValueError, match="hook_mode='torch' only"):
-        saver.hook_mode = "preload"
+    with pytest.raises(ValueError, match="'torch' or 'preload'"):
+        saver.hook_mode = "LD_PRELOAD"
     with pytest.raises(NotImplementedError, match="HostPolicy.KEEP"):
         saver.retain_cpu_backup = True
     saver.retain_cpu_backup = False

@@ -14,9 +14,13 @@ Code that imports ``torch_memory_saver`` and cannot be edited gets this module w
 ``PYTHONPATH=$(python -m devmem.torch_memory_saver --pythonpath)`` (child processes inherit
 it), or in-process with :func:`install`.
 
-Only ``hook_mode="torch"`` exists: every allocation in a region comes from devmem's
-pluggable allocator. Unsupported torch_memory_saver options (``"preload"``, disk backups,
-``cpu_backup_backend="mmap"``, ``retain_cpu_backup=True``) raise with the alternative named.
+Two hook modes, as in torch_memory_saver. ``"torch"``: a region is a PyTorch pool on devmem's
+pluggable allocator. ``"preload"`` (the default when devmem's preload library is in
+``LD_PRELOAD``, as torch_memory_saver's default is preload): devmem's
+``torch_memory_saver_hook_mode_preload`` library takes the process's ``cudaMalloc`` calls made
+inside a region, and everywhere while ``TMS_INIT_ENABLE=1``. Unsupported torch_memory_saver
+options (disk backups, ``cpu_backup_backend="mmap"``, ``retain_cpu_backup=True``) raise with the
+alternative named.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import threading
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from .. import _lib, api
-from ..allocator import CuMemAllocator, _alongside, _device_module, _torch
+from .._torch_conf import expandable_segments_disabled
+from ..allocator import CuMemAllocator, _alongside, _device_module, _torch, blas_workspace_outside_pools
+from . import _preload
 
 logger = logging.getLogger("devmem")
 
@@ -72,10 +78,11 @@ class TorchMemorySaver:
     singleton of this module)."""
 
     def __init__(self) -> None:
-        self._hook_mode = "torch"
+        self._hook_mode: Optional[str] = None  # decided at first use (see hook_mode)
         self._margin = 0
         self._lock = threading.Lock()
         self._tags: Set[Tuple[str, bool]] = set()  # (tag, enable_cpu_backup) ever used
+        self._preload_pools: Dict[Tuple[str, int], Any] = {}  # (devmem tag, device) -> MemPool
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -86,17 +93,30 @@ class TorchMemorySaver:
 
     @property
     def hook_mode(self) -> str:
+        """``"preload"`` when devmem's preload library is in this process (torch_memory_saver's
+        default), else ``"torch"``, until set."""
+        if self._hook_mode is None:
+            self._hook_mode = "preload" if _preload.loaded() is not None else "torch"
         return self._hook_mode
 
     @hook_mode.setter
     def hook_mode(self, mode: str) -> None:
-        if mode != "torch":
+        if mode == "preload":
+            _preload.control()  # PreloadError naming the fix when it cannot work here
+        elif mode != "torch":
             raise ValueError(
-                f"devmem's torch_memory_saver supports hook_mode='torch' only, not {mode!r}: allocations are "
-                "routed through PyTorch's pluggable allocator inside region()/cuda_graph(); there is no "
-                "LD_PRELOAD interception"
+                f"hook_mode must be 'torch' or 'preload', not {mode!r} (devmem's torch_memory_saver has no "
+                "other hook modes)"
             )
         self._hook_mode = mode
+
+    @property
+    def _impl(self) -> Any:
+        """torch_memory_saver's private ``_impl`` as far as others use it: an object whose
+        ``_binary_wrapper.cdll`` is the preload library (slime's DeepEP patch), or None when
+        no preload library is loaded (then there is no switch to toggle)."""
+        found = _preload.loaded()
+        return None if found is None else _preload.Impl(found)
 
     @property
     def memory_margin_bytes(self) -> int:
@@ -160,8 +180,35 @@ class TorchMemorySaver:
         otherwise) and mapped again at the same addresses by :meth:`resume`."""
         self._check_backup_options(enable_cpu_backup, enable_disk_backup, cpu_backup_backend)
         name = self._remember(tag, enable_cpu_backup)
+        if self.hook_mode == "preload":
+            with self._preload_region(name, tag, enable_cpu_backup):
+                yield
+            return
         with CuMemAllocator.get_instance().use_memory_pool(name):
             yield
+
+    def _preload_pool(self, name: str, device: Any) -> Any:
+        """The PyTorch pool (default allocator, so ``cudaMalloc``) of devmem tag ``name`` on the
+        current device: one per tag, so a block freed in one tag's region is never handed to
+        another tag's tensor; kept for the process's life, as torch_memory_saver keeps its pool."""
+        key = (name, int(device.current_device()))
+        with self._lock:
+            pool = self._preload_pools.get(key)
+        if pool is None:
+            made = device.MemPool()  # a PyTorch call: outside the lock
+            with self._lock:
+                pool = self._preload_pools.setdefault(key, made)
+        return pool
+
+    @contextlib.contextmanager
+    def _preload_region(self, name: str, tag: str, enable_cpu_backup: bool) -> Iterator[None]:
+        control = _preload.control()
+        device, _ = _device_module(_torch())
+        blas_workspace_outside_pools(device)
+        pool = self._preload_pool(name, device)
+        with expandable_segments_disabled(), device.use_mem_pool(pool):
+            with control.switches(tag, enable_cpu_backup, True):
+                yield
 
     @contextlib.contextmanager
     def cuda_graph(
@@ -182,6 +229,13 @@ class TorchMemorySaver:
         name = self._remember(tag, enable_cpu_backup)
         if pool is not None:
             logger.info("devmem: cuda_graph(tag=%r) captures into devmem's pool for the tag, not the given pool", tag)
+        if self.hook_mode == "preload":
+            device, _ = _device_module(torch)
+            pool = self._preload_pool(name, device)
+            with expandable_segments_disabled(), _preload.control().switches(tag, enable_cpu_backup, True):
+                with torch.cuda.graph(cuda_graph, pool=pool.id, stream=stream, capture_error_mode=capture_error_mode):
+                    yield
+            return
         with CuMemAllocator.get_instance().cudagraph_pool(name) as pool_id:
             with torch.cuda.graph(cuda_graph, pool=pool_id, stream=stream, capture_error_mode=capture_error_mode):
                 yield
@@ -193,7 +247,9 @@ class TorchMemorySaver:
         torch = _torch()
         device, _ = _device_module(torch)
         pool = device.MemPool()
-        with device.use_mem_pool(pool):
+        preload = _preload.loaded()
+        switch = preload.switches(_TAG_DEFAULT, False, False) if preload is not None else contextlib.nullcontext()
+        with device.use_mem_pool(pool), switch:
             yield
 
     # -- pause / resume --------------------------------------------------------------------
@@ -205,7 +261,14 @@ class TorchMemorySaver:
                 raise TypeError(f"tag must be str or None, not {type(tag).__name__}")
             check_user_tag(tag)
         with self._lock:
-            pairs = sorted(p for p in self._tags if tag is None or p[0] == tag)
+            known = set(self._tags)
+        if self.hook_mode == "preload":
+            # The preload library allocates under tags no region named (TMS_INIT_ENABLE=1's
+            # "default", or a tag set through the library's own switches).
+            for name in api.tags():
+                backup = name.endswith(BACKUP_SUFFIX)
+                known.add((name[: -len(BACKUP_SUFFIX)] if backup else name, backup))
+        pairs = sorted(p for p in known if tag is None or p[0] == tag)
         keep = [devmem_tag(t, True) for t, backup in pairs if backup]
         drop = [devmem_tag(t, False) for t, backup in pairs if not backup]
         return keep, drop
@@ -283,10 +346,25 @@ class TorchMemorySaver:
         return out.view(x.dtype).view(x.shape)
 
 
-def configure_subprocess() -> Any:
+@contextlib.contextmanager
+def configure_subprocess() -> Iterator[None]:
     """Context manager: child processes started in the body import this module as
-    ``torch_memory_saver`` (the shim directory is put on ``PYTHONPATH``)."""
-    return _pythonpath_with_shim()
+    ``torch_memory_saver`` (the shim directory is put on ``PYTHONPATH``) and, as with
+    torch_memory_saver, run with devmem's preload library first in ``LD_PRELOAD`` (existing
+    entries kept), so they can use ``hook_mode="preload"`` and ``TMS_INIT_ENABLE``. Both
+    variables are restored afterwards."""
+    from .hooks import mode_preload
+
+    with _pythonpath_with_shim():
+        if _lib.preload_library_path() is None:
+            logger.warning(
+                "devmem: this install has no preload library (%s); children get the torch_memory_saver "
+                "shim but not LD_PRELOAD, so hook_mode='preload' will fail there", _lib.PRELOAD_STEM,
+            )
+            yield
+            return
+        with mode_preload.configure_subprocess():
+            yield
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .utils import is_xpu  # noqa: F401  (torch_memory_saver's tests import it from here)
+
 
 def get_device() -> str:
     """The device type the examples allocate on."""

@@ -1,0 +1,2 @@
+"""torch_memory_saver's ``hooks`` package layout (``hooks.mode_preload``), for code and tests
+that import from it."""

@@ -1,0 +1,21 @@
+"""``torch_memory_saver.hooks.mode_preload``: ``configure_subprocess`` puts devmem's preload
+library first in ``LD_PRELOAD`` for child processes, as torch_memory_saver's does."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from ..utils import change_env, get_binary_path_from_package
+
+
+@contextlib.contextmanager
+def configure_subprocess() -> Iterator[None]:
+    """Children started in the body run with the preload library first in ``LD_PRELOAD``;
+    entries already there are kept after it, and the variable is restored afterwards."""
+    lib_path = str(get_binary_path_from_package("torch_memory_saver_hook_mode_preload"))
+    current = os.environ.get("LD_PRELOAD", "")
+    kept = [p for p in current.split(":") if p and p != lib_path]
+    with change_env("LD_PRELOAD", ":".join([lib_path] + kept)):
+        yield
