@@ -6,7 +6,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from .. import _lib
+from devmem import _lib
 
 
 def is_xpu() -> bool:

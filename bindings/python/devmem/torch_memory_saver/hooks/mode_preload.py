@@ -7,7 +7,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from ..utils import change_env, get_binary_path_from_package
+from devmem.torch_memory_saver.utils import change_env, get_binary_path_from_package
 
 
 @contextlib.contextmanager
