@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import types
 from typing import Any, Callable, Iterator, List, Optional
 
 logger = logging.getLogger("devmem")
@@ -127,9 +128,8 @@ def _patch_allocator_lookup() -> None:
     # imported first, so every loaded module that holds vLLM's function under that name is
     # re-pointed (through __dict__: a module's __getattr__ may import things).
     for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict) and namespace.get(_LOOKUP) is original:
-            namespace[_LOOKUP] = get_mem_allocator_instance
+        if isinstance(module, types.ModuleType) and vars(module).get(_LOOKUP) is original:
+            vars(module)[_LOOKUP] = get_mem_allocator_instance
 
 
 class _View:
