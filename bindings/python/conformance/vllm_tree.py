@@ -257,16 +257,20 @@ def _graph_stubs(z: zipfile.ZipFile) -> dict:
     def read(name: str) -> str:
         return z.read(name).decode()
 
+    def indent(text: str, columns: int) -> str:
+        return textwrap.indent(text, " " * columns)
+
     vllm_py, model_py = read("vllm/config/vllm.py"), read("vllm/config/model.py")
-    indent = lambda text, n: textwrap.indent(text, " " * n)  # noqa: E731
     fields = ["enable_sleep_mode", "sleep_mode_backend", "sleep_mode_offload_cudagraph", "enable_cumem_allocator"]
+    nccl = _real_statement(vllm_py, "VllmConfig.__post_init__", "self.use_cumem_cudagraph_pool")
     stubs = {
         "vllm/config/__init__.py": STUB_CONFIG + STUB_CONFIG_GRAPHS,
         "vllm/config/compilation.py": STUB_CONFIG_COMPILATION.format(
             cuda_graph_mode=real_source(read("vllm/config/compilation.py"), "CUDAGraphMode")),
-        "vllm/config/model.py": STUB_CONFIG_MODEL.format(fields=indent(_real_fields(model_py, "ModelConfig", fields), 4)),
+        "vllm/config/model.py": STUB_CONFIG_MODEL.format(
+            fields=indent(_real_fields(model_py, "ModelConfig", fields), 4)),
         "vllm/config/vllm.py": STUB_CONFIG_VLLM.format(
-            nccl_statement=indent(_real_statement(vllm_py, "VllmConfig.__post_init__", "self.use_cumem_cudagraph_pool"), 8),
+            nccl_statement=indent(nccl, 8),
             use_cumem_cudagraph_pool=indent(real_source(vllm_py, "VllmConfig.use_cumem_cudagraph_pool"), 4)),
         "vllm/platforms/__init__.py": STUB_PLATFORMS,
         "vllm/distributed/__init__.py": "",
