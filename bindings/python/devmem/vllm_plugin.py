@@ -7,7 +7,14 @@ in every process it starts; it
 * registers the backend ``devmem`` with vLLM's ``SleepModeBackendFactory``, and
 * routes ``vllm.device_allocator.get_mem_allocator_instance()`` to devmem's
   :class:`devmem.CuMemAllocator` in the processes whose engine selected that backend, so the
-  weights, KV cache and runtime pools vLLM opens are devmem's. No vLLM file is changed on disk.
+  weights, KV cache, runtime and LoRA pools vLLM opens are devmem's (modules that imported the
+  name before :func:`register` ran are re-pointed; later imports read the routed name), and
+* lets ``--sleep-mode-offload-cudagraph`` work with ``devmem``: vLLM's
+  ``VllmConfig.use_cumem_cudagraph_pool`` (which sends CUDA-graph capture to the allocator's
+  ``"cudagraph"`` pool, offloaded by sleep and restored in place by wake) answers for
+  ``devmem`` what vLLM's own condition answers for ``cumem``.
+
+No vLLM file is changed on disk.
 
 Which allocator a process gets is decided once, at its first ``get_mem_allocator_instance()``
 call, from the vLLM config in effect: ``get_current_vllm_config_or_none()``, else the
@@ -23,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import types
 from typing import Any, Callable, Iterator, List, Optional
 
 logger = logging.getLogger("devmem")
@@ -30,8 +38,12 @@ logger = logging.getLogger("devmem")
 BACKEND_NAME = "devmem"
 #: Environment override for processes where no vLLM config is visible: "1" devmem, "0" vLLM's.
 ENV_ALLOCATOR = "DEVMEM_VLLM_ALLOCATOR"
-#: Modules that bind ``get_mem_allocator_instance`` by name at import time.
-_BINDERS = ("vllm.v1.worker.gpu_worker", "vllm.compilation.cudagraph_pool")
+#: The name vLLM's modules import from ``vllm.device_allocator`` (vLLM 0.33: the GPU worker,
+#: the CUDA-graph pool routing and the LoRA model-runner mixin bind it at import time).
+_LOOKUP = "get_mem_allocator_instance"
+#: ``VllmConfig``'s property that sends CUDA-graph capture to the allocator's sleeping
+#: ``"cudagraph"`` pool; vLLM 0.33 answers True only for ``sleep_mode_backend == "cumem"``.
+_GRAPH_POOL_PROPERTY = "use_cumem_cudagraph_pool"
 
 _lock = threading.Lock()
 _choice: Optional[bool] = None  # True: devmem's allocator; decided at the first call
@@ -103,25 +115,95 @@ def _patch_allocator_lookup() -> None:
     global _original
     import vllm.device_allocator as device_allocator
 
-    current = device_allocator.get_mem_allocator_instance
-    if current is get_mem_allocator_instance:
+    with _lock:
+        current = device_allocator.get_mem_allocator_instance
+        if current is not get_mem_allocator_instance:
+            _original = current
+            device_allocator.get_mem_allocator_instance = get_mem_allocator_instance
+        original = _original
+    if original is None:  # pragma: no cover - another copy of this module routed it
         return
-    _original = current
-    device_allocator.get_mem_allocator_instance = get_mem_allocator_instance
-    for name in _BINDERS:
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "get_mem_allocator_instance", None) is current:
-            module.get_mem_allocator_instance = get_mem_allocator_instance
+    # Modules imported from now on read the routed name; those imported before bound vLLM's
+    # function. Which modules those are depends on the vLLM version and on what the process
+    # imported first, so every loaded module that holds vLLM's function under that name is
+    # re-pointed (through __dict__: a module's __getattr__ may import things).
+    for module in list(sys.modules.values()):
+        if isinstance(module, types.ModuleType) and vars(module).get(_LOOKUP) is original:
+            vars(module)[_LOOKUP] = get_mem_allocator_instance
+
+
+class _View:
+    """A read-only view of ``target`` in which the attributes named in ``overrides`` have other
+    values."""
+
+    __slots__ = ("_target", "_overrides")
+
+    def __init__(self, target: Any, **overrides: Any) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_target"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"devmem: a view of a vLLM config is read-only (setting {name!r})")
+
+
+def _graph_pool_for_devmem(original: property) -> property:
+    """``original`` (vLLM's ``use_cumem_cudagraph_pool``), also true for ``devmem`` wherever
+    vLLM's own condition holds for ``cumem`` (the option, sleep mode, CUDA graphs on, a
+    CUDA-like platform): vLLM's code decides, on a view of the config that names ``cumem``.
+    For every other backend the answer is vLLM's, unchanged."""
+    fget = original.fget
+    assert fget is not None
+
+    def use_cumem_cudagraph_pool(self: Any) -> Any:
+        answer = fget(self)
+        model_config = getattr(self, "model_config", None)
+        if answer or getattr(model_config, "sleep_mode_backend", None) != BACKEND_NAME:
+            return answer
+        return fget(_View(self, model_config=_View(model_config, sleep_mode_backend="cumem")))
+
+    use_cumem_cudagraph_pool.__doc__ = original.__doc__
+    use_cumem_cudagraph_pool._devmem_original = original  # type: ignore[attr-defined]
+    return property(use_cumem_cudagraph_pool)
+
+
+def _patch_graph_pool_routing() -> None:
+    """Wraps ``VllmConfig.use_cumem_cudagraph_pool`` once per process. vLLM 0.33 reads it where
+    it captures graphs (``vllm.compilation.cudagraph_pool.capture_pool``), where it defaults
+    ``NCCL_GRAPH_REGISTER`` to 0 (``VllmConfig.__post_init__``) and where custom all-reduce
+    leaves graph buffers unregistered (they cannot be IPC-shared); each holds for devmem's
+    pool as for vLLM's."""
+    try:
+        from vllm.config import VllmConfig
+    except ImportError as err:
+        logger.info("devmem: no vllm.config.VllmConfig (%s): CUDA-graph memory is not routed to devmem", err)
+        return
+    with _lock:
+        current = VllmConfig.__dict__.get(_GRAPH_POOL_PROPERTY)
+        if not isinstance(current, property) or current.fget is None:
+            logger.info(
+                "devmem: this vLLM has no VllmConfig.%s: CUDA-graph memory stays in PyTorch's graph pool",
+                _GRAPH_POOL_PROPERTY,
+            )
+            return
+        if not hasattr(current.fget, "_devmem_original"):
+            setattr(VllmConfig, _GRAPH_POOL_PROPERTY, _graph_pool_for_devmem(current))
 
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: registers the ``devmem`` sleep-mode backend and
-    routes the allocator lookup. Safe to call more than once."""
+    routes the allocator lookup and the CUDA-graph pool choice. Safe to call more than once."""
     from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
 
     if BACKEND_NAME not in SleepModeBackendFactory._registry:
         SleepModeBackendFactory.register_backend(BACKEND_NAME, __name__, "DevmemSleepModeBackend")
     _patch_allocator_lookup()
+    _patch_graph_pool_routing()
 
 
 def _asleep_bytes() -> Optional[int]:
