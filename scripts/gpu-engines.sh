@@ -53,11 +53,11 @@ with t.configure_subprocess(): print(os.environ.get('LD_PRELOAD', ''))")
 if want tms; then tms | tee "$OUT/tms.log"; fi
 if want suite; then
   echo "=== torch_memory_saver's test suite ($(cat .engines/tms_commit.txt 2>/dev/null)) against devmem" | tee "$OUT/tms-suite.log"
-  (cd .engines/tms_test && PYTHONPATH="$shim:$PYTHONPATH:." timeout 540 python3 -m pytest -v -rA -p no:cacheprovider \
-    test_examples.py test_configure_subprocess.py 2>&1) | tee -a "$OUT/tms-suite.log"
+  (cd .engines/tms_test && PYTHONPATH="$shim:$PYTHONPATH:." timeout "${SUITE_TIMEOUT:-540}" python3 -m pytest -v -rA -p no:cacheprovider \
+    test_examples.py test_configure_subprocess.py test_utils.py 2>&1) | tee -a "$OUT/tms-suite.log"
 fi
 if want rl; then
-  timeout 900 python3 examples/rl_colocate.py --mode all --cycles "${RL_CYCLES:-4}" 2>&1 | tee "$OUT/rl-colocate.log"
+  timeout "${RL_TIMEOUT:-900}" python3 examples/rl_colocate.py --mode all --cycles "${RL_CYCLES:-4}" 2>&1 | tee "$OUT/rl-colocate.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "gpu-engines exit status: $status"
