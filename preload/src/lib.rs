@@ -430,23 +430,29 @@ fn devmem_malloc(d: &Devmem, ptr: *mut *mut c_void, size: usize) -> Option<c_int
             return Some(CUDA_ERROR_INVALID_VALUE);
         }
         let st = (d.malloc)(size, device, ptr);
+        // Read before restoring the tag: a later call replaces the thread's message.
+        let message = if st == DEVMEM_SUCCESS {
+            String::new()
+        } else {
+            last_message(d)
+        };
         if saved {
             (d.set_tag)(old.as_ptr().cast());
         }
-        st
+        (st, message)
     };
+    let (st, message) = st;
     match st {
         DEVMEM_SUCCESS => Some(CUDA_SUCCESS),
         DEVMEM_OUT_OF_MEMORY => Some(CUDA_ERROR_MEMORY_ALLOCATION),
         DEVMEM_DRIVER_NOT_FOUND => {
             INACTIVE.store(true, Ordering::Relaxed);
-            say_inactive_once(&format!("devmem found no GPU driver: {}", last_message(d)));
+            say_inactive_once(&format!("devmem found no GPU driver: {message}"));
             None // this call and every later one go to the runtime
         }
         _ => {
             say(&format!(
-                "cudaMalloc of {size} bytes on device {device}: {}",
-                last_message(d)
+                "cudaMalloc of {size} bytes on device {device}: {message}"
             ));
             Some(CUDA_ERROR_UNKNOWN)
         }
@@ -480,16 +486,20 @@ pub unsafe extern "C" fn cudaFree(ptr: *mut c_void) -> c_int {
     if ptr.is_null() || nested() {
         return forward_free(ptr);
     }
-    // Only a library already loaded can own the pointer; never load it for a free.
+    // Only a library already loaded and working can own the pointer; never load it for a free.
     let Some(Ok(d)) = DEVMEM.get() else {
         return forward_free(ptr);
     };
+    if INACTIVE.load(Ordering::Relaxed) {
+        return forward_free(ptr);
+    }
     guarded(
         || {
             // SAFETY: devmem_free checks the pointer against its own table first.
             match unsafe { (d.free)(ptr) } {
                 DEVMEM_SUCCESS => CUDA_SUCCESS,
-                DEVMEM_UNKNOWN_POINTER => forward_free(ptr),
+                // Not devmem's (or devmem has no driver, so it owns nothing): the runtime's.
+                DEVMEM_UNKNOWN_POINTER | DEVMEM_DRIVER_NOT_FOUND => forward_free(ptr),
                 _ => {
                     say(&format!("cudaFree({ptr:p}): {}", last_message(d)));
                     CUDA_ERROR_INVALID_VALUE

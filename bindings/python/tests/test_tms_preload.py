@@ -266,3 +266,14 @@ def test_slime_finds_the_library_where_it_looks():
             os.path.dirname(os.path.dirname(tms_module.__file__)), "torch_memory_saver_hook_mode_preload.abi3.so"
         )
         assert PRELOAD == slime_path and os.path.exists(slime_path)
+
+
+def test_without_a_driver_everything_is_forwarded_and_said_once(standin):
+    proc = ok(run(standin, '''
+        p, q = malloc(MIB), malloc(MIB)
+        assert standin.standin_live() == 2, "allocations failed instead of reaching the runtime"
+        assert cudaFree(p) == 0 and cudaFree(q) == 0
+        print("done")
+    ''', TMS_INIT_ENABLE="1", DEVMEM_CUDA_LIBRARY="/nonexistent/libcuda.so.1"))
+    lines = [line for line in proc.stderr.splitlines() if "devmem preload" in line]
+    assert len(lines) == 1 and "no GPU driver" in lines[0], proc.stderr
