@@ -22,6 +22,7 @@ if [ "${DEVMEM_FUZZ_SECONDS:-30}" -gt 0 ]; then
   cargo fuzz --version >/dev/null 2>&1 || cargo_tools+=(cargo-fuzz)
 fi
 python3 -m pytest --version >/dev/null 2>&1 || pip+=(pytest)
+python3 -c "import pydantic" >/dev/null 2>&1 || pip+=("pydantic>=2")
 if [ ${#apt[@]} -gt 0 ] || [ ${#cargo_tools[@]} -gt 0 ] || [ ${#pip[@]} -gt 0 ]; then
   echo "scripts/test.sh needs tools this machine lacks. .ci/run installs them and runs the tests;" >&2
   echo "or install them yourself:" >&2
