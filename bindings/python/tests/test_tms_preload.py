@@ -140,8 +140,13 @@ def test_regions_are_devmem_and_pause_by_tag_while_the_rest_is_the_runtimes(stan
 
 def test_tms_init_enable_makes_every_allocation_pausable_and_slimes_switch_works(standin):
     ok(run(standin, '''
+        tms._ensure_initialized()  # torch_memory_saver's examples call it
         cdll = tms._impl._binary_wrapper.cdll  # slime's DeepEP patch goes through this
         assert cdll.tms_get_interesting_region() is True
+        assert cdll.tms_get_enable_cpu_backup() is True and cdll.tms_get_current_tag() == b"default"
+        with tms.region(tag="grad", enable_cpu_backup=False):
+            assert cdll.tms_get_current_tag() == b"grad" and not cdll.tms_get_enable_cpu_backup()
+        assert cdll.tms_get_current_tag() == b"default" and cdll.tms_get_enable_cpu_backup()
         p = malloc(2 * MIB)
         assert devmem.allocation_info(p).tag == "default:cpu_backup"
         ctypes.memset(p, 0x33, 2 * MIB)

@@ -110,6 +110,13 @@ class TorchMemorySaver:
             )
         self._hook_mode = mode
 
+    def _ensure_initialized(self) -> None:
+        """torch_memory_saver's private initialiser, which its examples call: decides the hook
+        mode and, in preload mode, checks the preload library (:class:`PreloadError` naming the
+        fix when it cannot work)."""
+        if self.hook_mode == "preload":
+            _preload.control()
+
     @property
     def _impl(self) -> Any:
         """torch_memory_saver's private ``_impl`` as far as others use it: an object whose
