@@ -22,7 +22,7 @@ import pytest
 import devmem
 from conftest import EMULATED, ROOT
 from devmem import allocator as allocator_module
-from test_pool_threads import FakeCuda
+from test_pool_threads import fake  # noqa: F401  (a fixture: test_pool_threads' torch.cuda stand-in)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 from conformance import vllm_tree  # noqa: E402
@@ -67,12 +67,9 @@ def tree(tmp_path_factory):
 
 
 @pytest.fixture
-def cuda(monkeypatch):
-    cuda = FakeCuda()
-    torch = types.SimpleNamespace(cuda=cuda, version=types.SimpleNamespace(hip=None))
-    monkeypatch.setattr(allocator_module, "_torch", lambda: torch)
-    yield cuda
-    cuda.free_all()
+def cuda(fake):
+    """test_pool_threads' stand-in for ``torch.cuda``, installed as devmem's PyTorch."""
+    return fake
 
 
 @pytest.fixture
