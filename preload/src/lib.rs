@@ -16,9 +16,10 @@
 //!   together), else `libdevmem.so.0`. Loading the same file the Python package loads gives one
 //!   instance, so `pause`/`resume` from Python act on these allocations. Without libdevmem or a
 //!   driver, the library forwards everything and says why once on stderr.
-//! * Nothing here holds a lock while calling the runtime or devmem, and a call made while this
-//!   thread is already inside an intercepted call (devmem's own, say) goes straight to the
-//!   runtime, so nothing can recurse or deadlock through this library.
+//! * Nothing here holds a lock of its own while calling the runtime or devmem, but for the
+//!   one-time lookups (`OnceLock`: `dlsym` of the runtime, `dlopen` of libdevmem), and a call
+//!   made while this thread is already inside an intercepted call (devmem's own, say) goes
+//!   straight to the runtime, so nothing recurses through this library.
 //!
 //! The control functions keep torch_memory_saver's names and signatures (slime's DeepEP patch
 //! calls `tms_get_interesting_region`/`tms_set_interesting_region` through ctypes). Those that
@@ -69,6 +70,7 @@ type DevmemFree = unsafe extern "C" fn(*mut c_void) -> c_int;
 type DevmemSetTag = unsafe extern "C" fn(*const c_char) -> c_int;
 type DevmemGetTag = unsafe extern "C" fn(*mut c_char, usize) -> c_int;
 type DevmemMessage = unsafe extern "C" fn(*mut c_char, usize) -> usize;
+type DevmemInfo = unsafe extern "C" fn(*const c_void, *mut c_void) -> c_int;
 
 /// libdevmem's entry points this library calls.
 struct Devmem {
@@ -77,6 +79,7 @@ struct Devmem {
     set_tag: DevmemSetTag,
     get_tag: DevmemGetTag,
     message: DevmemMessage,
+    info: DevmemInfo,
 }
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -97,13 +100,34 @@ thread_local! {
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
+/// torch_memory_saver's reading of a boolean variable: `1`, `true` or `yes` (any case).
 fn env_flag(name: &str) -> bool {
-    std::env::var(name).map(|v| v == "1").unwrap_or(false)
+    std::env::var(name)
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+        .unwrap_or(false)
+}
+
+/// Says once that torch_memory_saver variables devmem cannot honour are set.
+fn warn_unsupported_env() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if env_flag("TMS_INIT_ENABLE_DISK_BACKUP") {
+            say("TMS_INIT_ENABLE_DISK_BACKUP is ignored: devmem has no disk backups (TMS_INIT_ENABLE_CPU_BACKUP=1 keeps a host copy)");
+        }
+        if let Ok(v) = std::env::var("TMS_INIT_CPU_BACKUP_BACKEND") {
+            if !v.trim().is_empty() && v.trim() != "pinned" {
+                say(&format!("TMS_INIT_CPU_BACKUP_BACKEND={v:?} is ignored: devmem's backups live in its pinned host store"));
+            }
+        }
+    });
 }
 
 fn init_enable() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| env_flag("TMS_INIT_ENABLE"))
+    *V.get_or_init(|| {
+        warn_unsupported_env();
+        env_flag("TMS_INIT_ENABLE")
+    })
 }
 
 fn init_cpu_backup() -> bool {
@@ -179,21 +203,24 @@ fn loaded_cudart() -> *mut c_void {
             let bytes = CStr::from_ptr(name).to_bytes();
             let file = bytes.rsplit(|b| *b == b'/').next().unwrap_or(bytes);
             if file.windows(9).any(|w| w == b"libcudart") {
-                let handle = libc::dlopen(name, libc::RTLD_NOLOAD | libc::RTLD_LAZY);
-                if !handle.is_null() {
-                    *(data as *mut *mut c_void) = handle;
-                    return 1;
-                }
+                // Only the name: dlopen inside the callback would take the loader's locks in
+                // the opposite order of another thread's dlopen.
+                *(data as *mut Option<CString>) = Some(CStr::from_ptr(name).to_owned());
+                return 1;
             }
         }
         0
     }
-    let mut handle: *mut c_void = std::ptr::null_mut();
-    // SAFETY: the callback only reads the loader's entries and writes `handle` through `data`.
+    let mut found: Option<CString> = None;
+    // SAFETY: the callback only reads the loader's entries and writes `found` through `data`.
     unsafe {
-        libc::dl_iterate_phdr(Some(visit), (&mut handle as *mut *mut c_void).cast());
+        libc::dl_iterate_phdr(Some(visit), (&mut found as *mut Option<CString>).cast());
     }
-    handle
+    match found {
+        // SAFETY: dlopen of a NUL-terminated path, only to get the handle of a loaded library.
+        Some(name) => unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) },
+        None => std::ptr::null_mut(),
+    }
 }
 
 fn runtime() -> &'static Runtime {
@@ -236,6 +263,18 @@ fn own_dir() -> Option<std::path::PathBuf> {
     path.parent().map(|p| p.to_path_buf())
 }
 
+/// The load address of the object that holds `addr`, or 0.
+fn object_base(addr: *const c_void) -> usize {
+    let mut info = empty_dl_info();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`.
+    let found = unsafe { libc::dladdr(addr, &mut info) };
+    if found == 0 {
+        0
+    } else {
+        info.dli_fbase as usize
+    }
+}
+
 fn empty_dl_info() -> libc::Dl_info {
     libc::Dl_info {
         dli_fname: std::ptr::null(),
@@ -275,6 +314,13 @@ fn candidates() -> Vec<String> {
             );
         }
     }
+    if let Some(dir) = own_dir() {
+        // CMake's install: this library in <libdir>/devmem/, libdevmem in <libdir>.
+        let installed = dir.join("..").join("libdevmem.so.0");
+        if installed.exists() {
+            out.push(installed.to_string_lossy().into_owned());
+        }
+    }
     out.push("libdevmem.so.0".to_owned());
     out
 }
@@ -310,16 +356,18 @@ fn load_devmem() -> Result<Devmem, String> {
                 sym::<DevmemSetTag>(h, c"devmem_set_current_tag"),
                 sym::<DevmemGetTag>(h, c"devmem_get_current_tag"),
                 sym::<DevmemMessage>(h, c"devmem_last_error_message"),
+                sym::<DevmemInfo>(h, c"devmem_get_allocation_info"),
             )
         };
         match found {
-            (Some(malloc), Some(free), Some(set_tag), Some(get_tag), Some(message)) => {
+            (Some(malloc), Some(free), Some(set_tag), Some(get_tag), Some(message), Some(info)) => {
                 return Ok(Devmem {
                     malloc,
                     free,
                     set_tag,
                     get_tag,
                     message,
+                    info,
                 });
             }
             _ => tried.push(format!(
@@ -423,11 +471,13 @@ fn devmem_malloc(d: &Devmem, ptr: *mut *mut c_void, size: usize) -> Option<c_int
         let set = (d.set_tag)(tag.as_ptr().cast());
         if set != DEVMEM_SUCCESS {
             say(&format!(
-                "cudaMalloc: devmem refused tag {:?}: {}",
+                "cudaMalloc: devmem refused tag {:?} ({}); the CUDA runtime takes this allocation",
                 String::from_utf8_lossy(&tag[..tag.len() - 1]),
                 last_message(d)
             ));
-            return Some(CUDA_ERROR_INVALID_VALUE);
+            // e.g. devmem's thread state is gone (a thread-local destructor allocating):
+            // the runtime takes this one.
+            return None;
         }
         let st = (d.malloc)(size, device, ptr);
         // Read before restoring the tag: a later call replaces the thread's message.
@@ -495,7 +545,17 @@ pub unsafe extern "C" fn cudaFree(ptr: *mut c_void) -> c_int {
     }
     guarded(
         || {
-            // SAFETY: devmem_free checks the pointer against its own table first.
+            // Ask first, quietly: freeing a pointer devmem does not own would count it as an
+            // unknown free in devmem's statistics, and most frees are the runtime's.
+            let mut info = [0u64; 128]; // devmem_allocation_info, first field the start address
+                                        // SAFETY: devmem_get_allocation_info writes one devmem_allocation_info (well under
+                                        // 1 KiB) into `info`, which is 8-byte aligned.
+            let owned = unsafe { (d.info)(ptr, info.as_mut_ptr().cast()) } == DEVMEM_SUCCESS
+                && info[0] == ptr as u64;
+            if !owned {
+                return forward_free(ptr);
+            }
+            // SAFETY: devmem_free checks the pointer against its own table again.
             match unsafe { (d.free)(ptr) } {
                 DEVMEM_SUCCESS => CUDA_SUCCESS,
                 // Not devmem's (or devmem has no driver, so it owns nothing): the runtime's.
@@ -587,8 +647,8 @@ pub extern "C" fn tms_get_enable_cpu_backup() -> bool {
 /// `backend` is NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn tms_set_cpu_backup_backend(backend: *const c_char) -> c_int {
-    // SAFETY: the caller passes NULL or a NUL-terminated string.
     let name = (!backend.is_null()).then(|| {
+        // SAFETY: the caller passes NULL or a NUL-terminated string; it is not NULL here.
         unsafe { CStr::from_ptr(backend) }
             .to_string_lossy()
             .into_owned()
@@ -724,4 +784,26 @@ pub extern "C" fn devmem_preload_devmem_malloc() -> *const c_void {
         Ok(Some(d)) => d.malloc as *const c_void,
         _ => std::ptr::null(),
     }
+}
+
+/// Whether this library's `cudaMalloc` is the one the process's global scope resolves (it was
+/// loaded through `LD_PRELOAD`, before any other definition), so allocations of PyTorch and
+/// other libraries reach it. A copy loaded later (ctypes, `RTLD_LOCAL`) is mapped but not used.
+#[no_mangle]
+pub extern "C" fn devmem_preload_interposing() -> bool {
+    // The main program's handle searches the global scope (the program, what it was started
+    // with, LD_PRELOAD first, then RTLD_GLOBAL loads), as a PLT call does. RTLD_DEFAULT would
+    // search this library's own scope too and always find this definition.
+    // SAFETY: dlopen(NULL) returns the main program's handle; dlsym looks a NUL-terminated
+    // name up in it.
+    let global = unsafe {
+        let main = libc::dlopen(std::ptr::null(), libc::RTLD_LAZY);
+        if main.is_null() {
+            return false;
+        }
+        libc::dlsym(main, c"cudaMalloc".as_ptr())
+    };
+    // Compare the objects, not the addresses: this library's own reference to `cudaMalloc`
+    // is itself resolved by the loader, so it would name whichever definition wins.
+    !global.is_null() && object_base(global) == object_base(own_dir as *const c_void)
 }

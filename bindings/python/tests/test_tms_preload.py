@@ -282,3 +282,74 @@ def test_without_a_driver_everything_is_forwarded_and_said_once(standin):
     ''', TMS_INIT_ENABLE="1", DEVMEM_CUDA_LIBRARY="/nonexistent/libcuda.so.1"))
     lines = [line for line in proc.stderr.splitlines() if "devmem preload" in line]
     assert len(lines) == 1 and "no GPU driver" in lines[0], proc.stderr
+
+
+def test_pause_leaves_other_devmem_tags_alone_and_runtime_frees_are_not_devmems(standin):
+    ok(run(standin, '''
+        with devmem.use_tag("native"):
+            native = devmem.malloc(2 * MIB)
+        ctypes.memset(native, 0x42, 2 * MIB)
+        with tms.region(tag="kv"):
+            kv = malloc(MIB)
+        unknown = devmem.stats().unknown_frees
+        for _ in range(5):
+            assert cudaFree(malloc(MIB)) == 0
+        assert devmem.stats().unknown_frees == unknown, "runtime frees were counted as devmem's unknown frees"
+        tms.pause()
+        tms.resume()
+        assert devmem.allocation_info(native).state == devmem.State.MAPPED
+        assert ctypes.string_at(native, 2 * MIB) == b"\\x42" * (2 * MIB), "pause() discarded a tag not its own"
+        assert devmem.allocation_info(kv).state == devmem.State.MAPPED
+        devmem.free(native)
+        assert cudaFree(kv) == 0
+        print("done")
+    ''', TMS_INIT_ENABLE="true"))
+
+
+def test_tms_init_enable_is_read_as_torch_memory_saver_reads_it(standin):
+    ok(run(standin, '''
+        p = malloc(MIB)
+        assert is_devmem(p), "TMS_INIT_ENABLE=yes did not enable"
+        assert cudaFree(p) == 0
+        print("done")
+    ''', TMS_INIT_ENABLE="yes"))
+
+
+def test_a_tag_too_long_for_preload_mode_is_refused(standin):
+    ok(run(standin, '''
+        try:
+            with tms.region(tag="w" * 250):
+                malloc(MIB)
+        except ValueError as err:
+            assert "too long" in str(err)
+        else:
+            sys.exit("a 250-byte tag was accepted (it would have landed in another tag)")
+        assert tms._impl._binary_wrapper.cdll.tms_get_current_tag() == b"default"
+        print("done")
+    '''))
+
+
+def test_a_preload_library_not_in_ld_preload_is_refused(standin):
+    proc = ok(run(standin, f'''
+        ctypes.CDLL({PRELOAD!r})  # mapped, but the runtime's cudaMalloc comes first
+        assert tms.hook_mode == "torch", "an unusable preload library must not make preload the default"
+        try:
+            tms.hook_mode = "preload"
+        except tms_module._preload.PreloadError as err:
+            print("refused:", err)
+        else:
+            sys.exit("a preload library that receives no cudaMalloc was accepted")
+    ''', preload=False))
+    assert "does not receive this process's cudaMalloc" in proc.stdout
+
+
+def test_expandable_segments_with_tms_init_enable_are_refused(standin):
+    proc = ok(run(standin, '''
+        try:
+            tms.hook_mode = "preload"
+        except tms_module._preload.PreloadError as err:
+            print("refused:", err)
+        else:
+            sys.exit("expandable segments with TMS_INIT_ENABLE were accepted")
+    ''', TMS_INIT_ENABLE="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"))
+    assert "expandable segments" in proc.stdout

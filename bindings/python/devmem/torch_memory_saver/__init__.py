@@ -96,7 +96,12 @@ class TorchMemorySaver:
         """``"preload"`` when devmem's preload library is in this process (torch_memory_saver's
         default), else ``"torch"``, until set."""
         if self._hook_mode is None:
-            self._hook_mode = "preload" if _preload.loaded() is not None else "torch"
+            try:
+                found = _preload.loaded()
+            except _preload.PreloadError as err:  # mapped but unusable: torch mode, said why
+                logger.warning("devmem: hook_mode defaults to 'torch': %s", err)
+                found = None
+            self._hook_mode = "preload" if found is not None else "torch"
         return self._hook_mode
 
     @hook_mode.setter
@@ -270,11 +275,11 @@ class TorchMemorySaver:
         with self._lock:
             known = set(self._tags)
         if self.hook_mode == "preload":
-            # The preload library allocates under tags no region named (TMS_INIT_ENABLE=1's
-            # "default", or a tag set through the library's own switches).
-            for name in api.tags():
-                backup = name.endswith(BACKUP_SUFFIX)
-                known.add((name[: -len(BACKUP_SUFFIX)] if backup else name, backup))
+            # TMS_INIT_ENABLE=1 allocates outside any region under "default" (with or without
+            # a backup); other devmem tags in the process are not this module's to pause.
+            for backup in (False, True):
+                if devmem_tag(_TAG_DEFAULT, backup) in api.tags():
+                    known.add((_TAG_DEFAULT, backup))
         pairs = sorted(p for p in known if tag is None or p[0] == tag)
         keep = [devmem_tag(t, True) for t, backup in pairs if backup]
         drop = [devmem_tag(t, False) for t, backup in pairs if not backup]

@@ -6,7 +6,7 @@
 (child processes inherit it).
 ``python -m devmem.torch_memory_saver --preload SCRIPT [ARGS...]``: runs SCRIPT in a new process
 with devmem's preload library in ``LD_PRELOAD`` too (torch_memory_saver's preload mode, the
-default there, and ``TMS_INIT_ENABLE=1``)."""
+default there; set ``TMS_INIT_ENABLE=1`` yourself to make every allocation pausable)."""
 
 import os
 import runpy

@@ -9,11 +9,13 @@ import contextlib
 import ctypes
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
-from .. import _lib
+from .. import _lib, _torch_conf
 
 _lock = threading.Lock()
+#: The suffix of a backed-up tag (``BACKUP_SUFFIX`` of the module; repeated to avoid a cycle).
+_BACKUP_SUFFIX = ":cpu_backup"
 _control: Optional["PreloadControl"] = None
 
 
@@ -32,20 +34,21 @@ def _how_to_fix() -> str:
     )
 
 
-def mapped_preload() -> Optional[str]:
-    """The path of a ``torch_memory_saver_hook_mode_preload`` library mapped into this
-    process (devmem's or torch_memory_saver's), or None."""
+def mapped_preloads() -> List[str]:
+    """The paths of the ``torch_memory_saver_hook_mode_preload`` libraries mapped into this
+    process (devmem's or torch_memory_saver's), in the order the maps list them."""
+    found: List[str] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.split(None, 5)
                 if len(parts) == 6:
                     path = parts[5].strip()
-                    if _lib.PRELOAD_STEM in os.path.basename(path):
-                        return path
+                    if _lib.PRELOAD_STEM in os.path.basename(path) and path not in found:
+                        found.append(path)
     except OSError:
-        return None
-    return None
+        return []
+    return found
 
 
 def _signatures(cdll: ctypes.CDLL) -> None:
@@ -74,6 +77,7 @@ def _signatures(cdll: ctypes.CDLL) -> None:
     cdll.devmem_preload_devmem_malloc.restype = ctypes.c_void_p
     cdll.devmem_preload_activate.restype = ctypes.c_int
     cdll.devmem_preload_state.restype = ctypes.c_int
+    cdll.devmem_preload_interposing.restype = ctypes.c_bool
 
 
 class PreloadControl:
@@ -92,6 +96,12 @@ class PreloadControl:
         c = self.cdll
         old = (c.tms_get_current_tag(), c.tms_get_enable_cpu_backup(), c.tms_get_interesting_region())
         c.tms_set_current_tag(tag.encode())
+        if c.tms_get_current_tag() != (tag.encode() or b"default"):
+            c.tms_set_current_tag(old[0])
+            raise ValueError(
+                f"tag of {len(tag.encode())} bytes is too long for preload mode: with the "
+                f"{len(_BACKUP_SUFFIX)}-byte backup suffix a tag holds at most {_lib.MAX_TAG_LEN - len(_BACKUP_SUFFIX)} bytes"
+            )
         c.tms_set_enable_cpu_backup(enable_cpu_backup)
         c.tms_set_interesting_region(interesting)
         try:
@@ -110,16 +120,32 @@ def loaded() -> Optional[PreloadControl]:
     with _lock:
         if _control is not None:
             return _control
-        path = mapped_preload()
-        if path is None:
+        paths = mapped_preloads()
+        if not paths:
             return None
-        cdll = ctypes.CDLL(path)  # the same handle the loader already has
-        if not hasattr(cdll, "devmem_preload_state"):
+        libraries = [(path, ctypes.CDLL(path)) for path in paths]  # the loader's own handles
+        ours = [(path, cdll) for path, cdll in libraries if hasattr(cdll, "devmem_preload_state")]
+        if not ours:
             raise PreloadError(
-                f"the preload library in this process ({path}) is torch_memory_saver's own, not devmem's: its "
+                f"the preload library in this process ({paths[0]}) is torch_memory_saver's own, not devmem's: its "
                 "allocations would not be devmem's; " + _how_to_fix()
             )
+        path, cdll = ours[0]
         _signatures(cdll)
+        if not cdll.devmem_preload_interposing():
+            raise PreloadError(
+                f"devmem's preload library ({path}) is loaded but does not receive this process's cudaMalloc calls "
+                "(it was not loaded through LD_PRELOAD, or another library's cudaMalloc, such as "
+                "torch_memory_saver's own preload library, comes before it); " + _how_to_fix()
+            )
+        settings = _torch_conf.current_settings()
+        if _torch_conf.expandable_enabled(settings) and cdll.tms_get_interesting_region():
+            raise PreloadError(
+                f"PyTorch's allocator is configured with expandable segments ({settings!r}): with them PyTorch maps "
+                "memory itself instead of calling cudaMalloc, so allocations outside a region would not be "
+                "devmem's although TMS_INIT_ENABLE asks for it; remove expandable_segments:True from "
+                "PYTORCH_CUDA_ALLOC_CONF (torch_memory_saver refuses this too)"
+            )
         if cdll.devmem_preload_activate() != 0:
             raise PreloadError(
                 f"devmem's preload library ({path}) could not load libdevmem (its reason is on stderr); set "
@@ -138,10 +164,16 @@ def loaded() -> Optional[PreloadControl]:
 
 
 def control() -> PreloadControl:
-    """devmem's preload library in this process, or :class:`PreloadError` naming the fix."""
+    """devmem's preload library in this process, working, or :class:`PreloadError` naming the
+    fix."""
     found = loaded()
     if found is None:
         raise PreloadError("hook_mode='preload' needs devmem's preload library in this process; " + _how_to_fix())
+    if found.cdll.devmem_preload_state() != 2:
+        raise PreloadError(
+            f"devmem's preload library ({found.path}) turned itself off (no GPU driver; its reason is on stderr): "
+            "allocations go to the CUDA runtime and cannot be paused"
+        )
     return found
 
 
