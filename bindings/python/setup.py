@@ -7,6 +7,12 @@ build left in ``build/``: a library built from other sources, without a word. Th
 command here records, next to ``build/``, a hash of the Rust sources each library was built
 from; after the build, a library that was not rebuilt now and whose recorded hash differs from
 the current sources' (or that has none) stops the build with a message saying what to do.
+
+It also chooses, in one place, how every bundled library is built: with setuptools-rust's
+defaults (``$CARGO`` or ``cargo``, against this machine's glibc), or, when ``DEVMEM_ZIG_GLIBC``
+names a glibc version (``scripts/wheel.sh`` sets ``2.28``), with ``cargo-zigbuild`` against
+that glibc, so the wheel installs wherever vLLM's and PyTorch's ``manylinux_2_28`` wheels do.
+Every ``[[tool.setuptools-rust.ext-modules]]`` entry is built the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import re
 import shutil
 from typing import Dict, List, Optional, Tuple
 
@@ -32,6 +40,11 @@ LIBRARY_PATTERNS = ("libdevmem", "_emulator", "torch_memory_saver_hook_mode_prel
 PRELOAD_STEM = "torch_memory_saver_hook_mode_preload"
 #: Where the hash each library was built from is recorded, in the build base (``build/``).
 STAMP = "devmem-rust-sources.json"
+#: Names a glibc version ("2.28") to build every bundled library against with cargo-zigbuild.
+ZIG_GLIBC = "DEVMEM_ZIG_GLIBC"
+#: The first setuptools-rust that passes a glibc-suffixed target (``x86_64-unknown-linux-gnu.2.28``)
+#: to cargo-zigbuild yet strips the suffix when it asks rustc about the target.
+ZIG_SETUPTOOLS_RUST = (1, 13)
 
 
 class StaleLibraryError(RuntimeError):
@@ -136,6 +149,61 @@ def name_preload_library(build_lib: str) -> None:
             os.replace(path, wanted)
 
 
+class ZigBuildError(RuntimeError):
+    """``DEVMEM_ZIG_GLIBC`` asks for a build this machine cannot do (the message says why)."""
+
+
+def cargo_for_bundled_libraries(environ: Optional[Dict[str, str]] = None) -> Tuple[Optional[str], Optional[str]]:
+    """The cargo command and ``--target`` every bundled library is built with: ``(None, None)``
+    for setuptools-rust's defaults, or, when ``DEVMEM_ZIG_GLIBC`` is set, the path of
+    ``cargo-zigbuild`` (``$CARGO_ZIGBUILD``, else found on PATH) and
+    ``<arch>-unknown-linux-gnu.<glibc>``. Raises :class:`ZigBuildError` for a version not like
+    ``2.28``, a machine that is not Linux, or a missing cargo-zigbuild."""
+    environ = os.environ if environ is None else environ
+    glibc = environ.get(ZIG_GLIBC, "")
+    if not glibc:
+        return None, None
+    if not re.fullmatch(r"2\.[0-9]+", glibc):
+        raise ZigBuildError(f"{ZIG_GLIBC}={glibc!r} is not a glibc version like 2.28")
+    if platform.system() != "Linux":
+        raise ZigBuildError(f"{ZIG_GLIBC} builds against Linux's glibc; this machine runs {platform.system()}")
+    name = environ.get("CARGO_ZIGBUILD", "cargo-zigbuild")
+    cargo = shutil.which(name, path=environ.get("PATH"))
+    if cargo is None:
+        raise ZigBuildError(
+            f"{ZIG_GLIBC}={glibc} builds the bundled libraries with cargo-zigbuild, and {name} is not on PATH: "
+            "`pip install cargo-zigbuild ziglang` (scripts/wheel.sh does, into build/wheel-tools), or unset "
+            f"{ZIG_GLIBC} to build against this machine's glibc with cargo"
+        )
+    return cargo, f"{platform.machine()}-unknown-linux-gnu.{glibc}"
+
+
+def build_rust_command() -> type:
+    """setuptools-rust's ``build_rust``, building every bundled library with the command and
+    target :func:`cargo_for_bundled_libraries` gives. Under ``DEVMEM_ZIG_GLIBC`` no library is
+    optional: a wheel for an older glibc that lacks one is no use."""
+    import setuptools_rust
+    from setuptools_rust import build_rust
+
+    class BuildRustBundled(build_rust):  # type: ignore[misc,valid-type]
+        def run(self) -> None:
+            cargo, target = cargo_for_bundled_libraries()
+            if cargo is not None:
+                have = tuple(int(n) for n in re.findall(r"[0-9]+", setuptools_rust.__version__)[:2])
+                if have < ZIG_SETUPTOOLS_RUST:
+                    raise ZigBuildError(
+                        f"{ZIG_GLIBC} needs setuptools-rust {'.'.join(map(str, ZIG_SETUPTOOLS_RUST))} or later, "
+                        f"this build has {setuptools_rust.__version__} (build with pip's default build isolation)"
+                    )
+                # build_ext sets self.target from $CARGO_BUILD_TARGET just before this: override it here.
+                self.cargo, self.target = cargo, target
+                for ext in self.extensions:
+                    ext.optional = False
+            super().run()
+
+    return BuildRustBundled
+
+
 class BuildCheckingLibraries(build):
     """``build`` that refuses to ship a stale bundled library (see the module docstring)."""
 
@@ -147,4 +215,4 @@ class BuildCheckingLibraries(build):
 
 
 if __name__ == "__main__":
-    setup(cmdclass={"build": BuildCheckingLibraries})
+    setup(cmdclass={"build": BuildCheckingLibraries, "build_rust": build_rust_command()})

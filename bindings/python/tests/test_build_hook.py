@@ -103,3 +103,93 @@ def test_the_source_hash_covers_both_crates(hook):
     assert hook.ROOT == str(root)
     assert hook.rust_sources_hash(str(root)) is not None
     assert hook.rust_sources_hash(str(PACKAGE / "devmem")) is None  # no Rust sources there
+
+
+# DEVMEM_ZIG_GLIBC (issue 21): scripts/wheel.sh builds every bundled library with cargo-zigbuild
+# against glibc 2.28; a plain `pip install` keeps setuptools-rust's defaults.
+
+
+def fake_cargo_zigbuild(tmp_path):
+    bin_dir = tmp_path / "zig-bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "cargo-zigbuild"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    return bin_dir, tool
+
+
+def test_without_devmem_zig_glibc_the_libraries_are_built_with_plain_cargo(hook, tmp_path):
+    bin_dir, _ = fake_cargo_zigbuild(tmp_path)
+    assert hook.cargo_for_bundled_libraries({"PATH": str(bin_dir)}) == (None, None)
+    assert hook.cargo_for_bundled_libraries({"PATH": str(bin_dir), hook.ZIG_GLIBC: ""}) == (None, None)
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="builds against Linux's glibc")
+def test_devmem_zig_glibc_builds_with_cargo_zigbuild_for_that_glibc(hook, tmp_path):
+    bin_dir, tool = fake_cargo_zigbuild(tmp_path)
+    cargo, target = hook.cargo_for_bundled_libraries({"PATH": str(bin_dir), hook.ZIG_GLIBC: "2.28"})
+    assert cargo == str(tool)
+    assert target == f"{os.uname().machine}-unknown-linux-gnu.2.28"
+    # $CARGO_ZIGBUILD names another one.
+    other = tmp_path / "my-zigbuild"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    environ = {"PATH": "", hook.ZIG_GLIBC: "2.31", "CARGO_ZIGBUILD": str(other)}
+    assert hook.cargo_for_bundled_libraries(environ) == (str(other), f"{os.uname().machine}-unknown-linux-gnu.2.31")
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="builds against Linux's glibc")
+def test_devmem_zig_glibc_without_cargo_zigbuild_says_what_to_install(hook, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    with pytest.raises(hook.ZigBuildError) as info:
+        hook.cargo_for_bundled_libraries({"PATH": str(empty), hook.ZIG_GLIBC: "2.28"})
+    message = str(info.value)
+    assert "cargo-zigbuild is not on PATH" in message and "pip install cargo-zigbuild ziglang" in message
+    assert f"unset {hook.ZIG_GLIBC}" in message
+
+
+@pytest.mark.parametrize("bad", ["2.28.1", "228", "2.x", "3.0", " 2.28"])
+def test_devmem_zig_glibc_refuses_what_is_not_a_glibc_version(hook, tmp_path, bad):
+    bin_dir, _ = fake_cargo_zigbuild(tmp_path)
+    with pytest.raises(hook.ZigBuildError, match="is not a glibc version like 2.28"):
+        hook.cargo_for_bundled_libraries({"PATH": str(bin_dir), hook.ZIG_GLIBC: bad})
+
+
+@pytest.mark.filterwarnings("ignore:`--build-temp` argument does nothing:DeprecationWarning")
+def test_the_build_rust_command_uses_that_command_and_target_for_every_library(hook, tmp_path, monkeypatch):
+    """setup.py's ``build_rust``: under DEVMEM_ZIG_GLIBC every extension, whatever pyproject.toml
+    lists, is built with cargo-zigbuild for that glibc and is no longer optional; without it,
+    setuptools-rust's own choices stand."""
+    setuptools_rust = pytest.importorskip("setuptools_rust", reason="the build's setuptools-rust (pip installs it per build)")
+    from setuptools.dist import Distribution
+
+    bin_dir, tool = fake_cargo_zigbuild(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(setuptools_rust.build_rust, "run", lambda self: seen.append(
+        (self.cargo, self.target, [ext.optional for ext in self.extensions])))
+    extensions = [
+        setuptools_rust.RustExtension(name, path=str(tmp_path / "Cargo.toml"), optional=True)
+        for name in ("devmem.libdevmem", "devmem._emulator", "devmem.another")
+    ]
+
+    def run(environ):
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        dist = Distribution({"name": "devmem", "rust_extensions": extensions,
+                             "cmdclass": {"build_rust": hook.build_rust_command()}})
+        dist.run_command("build_rust")
+        return seen.pop()
+
+    monkeypatch.delenv(hook.ZIG_GLIBC, raising=False)
+    cargo, _, optional = run({})
+    assert cargo != str(tool) and optional == [True, True, True]
+    cargo, target, optional = run({"PATH": str(bin_dir), hook.ZIG_GLIBC: "2.28"})
+    assert (cargo, target) == (str(tool), f"{os.uname().machine}-unknown-linux-gnu.2.28")
+    assert optional == [False, False, False]
+    # A setuptools-rust that would pass the glibc-suffixed target to rustc: refused, saying why.
+    monkeypatch.setattr(setuptools_rust, "__version__", "1.12.0")
+    with pytest.raises(hook.ZigBuildError, match="needs setuptools-rust 1.13 or later, this build has 1.12.0"):
+        run({})
+    assert not seen
