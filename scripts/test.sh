@@ -94,7 +94,8 @@ step "Python package installed with one pip command into build/venv (bundles lib
 rm -rf build/venv
 python3 -m venv build/venv
 build/venv/bin/pip install -q --disable-pip-version-check "./bindings/python[test]"
-ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so build/venv/lib/python3*/site-packages/devmem/_emulator*.so
+ls build/venv/lib/python3*/site-packages/devmem/libdevmem*.so build/venv/lib/python3*/site-packages/devmem/_emulator*.so \
+  build/venv/lib/python3*/site-packages/devmem/torch_memory_saver_hook_mode_preload.abi3.so
 (cd bindings/python/tests && env -u DEVMEM_LIBRARY DEVMEM_TEST_BUNDLED=1 ../../../build/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . .)
 
 step "Python wheel for manylinux_2_28 (cargo-zigbuild, pip wheel, auditwheel), installed into a clean venv with no cargo on PATH"

@@ -118,7 +118,10 @@ def _patch_allocator_lookup() -> None:
     with _lock:
         current = device_allocator.get_mem_allocator_instance
         if current is not get_mem_allocator_instance:
-            _original = current
+            # Only the first time: a later call that finds another plugin's wrapper (which may
+            # call this function) must not make that wrapper "vLLM's original" (a call cycle).
+            if _original is None:
+                _original = current
             device_allocator.get_mem_allocator_instance = get_mem_allocator_instance
         original = _original
     if original is None:  # pragma: no cover - another copy of this module routed it
