@@ -46,7 +46,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 MODES = ("tms-torch", "tms-preload", "cumem")
 PRESETS = {
-    # ~0.5 B parameters: 1.1 GB of bf16 rollout weights, 8.6 GB of trainer state (fp32 + AdamW).
+    # 509 M parameters: 1.0 GB of bf16 rollout weights, 8.1 GB of trainer state (fp32 + AdamW).
     "small": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=8, vocab_size=32000),
     # A few MB: for a quick check of the mechanics.
@@ -220,7 +220,8 @@ def devmem_bytes(tags: tuple, mapped: bool) -> int:
 
 
 def generate(torch: Any, model: Any, prompts: Any, new_tokens: int) -> Any:
-    """Greedy decoding with the model's KV cache."""
+    """Greedy decoding with the model's KV cache: (tokens on the host, the KV cache, which the
+    caller keeps alive as an engine keeps its cache between requests)."""
     with torch.no_grad():
         out = model(input_ids=prompts, use_cache=True)
         past = out.past_key_values
@@ -231,9 +232,9 @@ def generate(torch: Any, model: Any, prompts: Any, new_tokens: int) -> Any:
             past = out.past_key_values
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(token)
-        del past, out
+        del out
     # Allocated in the KV-cache region, which the next sleep discards: keep a host copy.
-    return torch.cat(tokens, dim=1).cpu()
+    return torch.cat(tokens, dim=1).cpu(), past
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
@@ -297,24 +298,35 @@ def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
             with timer("sleep_trainer"):
                 saver.sleep_trainer()
         with timer("generate"), saver.kv_region():
-            tokens = generate(torch, rollout, prompts, args.new_tokens)
+            tokens, kv_cache = generate(torch, rollout, prompts, args.new_tokens)
         # Same weights after a sleep/wake round trip: the same bytes and the same tokens.
         weights = fingerprint(torch, list(rollout.parameters()) + list(rollout.buffers()))
         mapped = devmem_bytes(saver.rollout_tags, True)
-        free_before = torch.cuda.mem_get_info(device)[0]
+        kv_mapped = devmem_bytes(saver.rollout_tags[1:], True)
+        check(kv_mapped > 0, f"the live KV cache is devmem's ({kv_mapped / 2**20:.0f} MiB, tag {saver.rollout_tags[1]!r})")
+        torch.cuda.synchronize()
+        free_before, reserved_before = torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
         with timer("sleep_rollout"):
             saver.sleep_rollout()
         freed = torch.cuda.mem_get_info(device)[0] - free_before
-        freed_report.append({"cycle": cycle, "devmem_mapped_bytes": mapped, "freed_bytes": freed})
+        # What PyTorch gave back itself (sleep empties its cache first) is not devmem's doing.
+        by_devmem = freed - (reserved_before - torch.cuda.memory_reserved(device))
+        slept = devmem_bytes(saver.rollout_tags, False)
+        freed_report.append({"cycle": cycle, "devmem_mapped_bytes": mapped, "devmem_slept_bytes": slept,
+                             "kv_cache_bytes": kv_mapped, "freed_bytes": freed, "freed_by_devmem_bytes": by_devmem})
         check(devmem_bytes(saver.rollout_tags, True) == 0, "rollout sleep left no devmem memory of its tags mapped")
-        check(freed >= mapped, f"rollout sleep gave {freed / 2**20:.0f} MiB back to the driver "
-                               f"(>= the {mapped / 2**20:.0f} MiB devmem held for weights and KV cache)")
+        check(devmem_bytes(saver.rollout_tags[1:], False) > 0, "the live KV cache was put to sleep (discarded)")
+        check(by_devmem >= slept - (2 << 20),
+              f"rollout sleep: devmem gave {by_devmem / 2**20:.0f} MiB back to the driver for the "
+              f"{slept / 2**20:.0f} MiB of weights and KV cache it put to sleep")
         with timer("wake_rollout"):
             saver.wake_rollout()
+        del kv_cache  # its contents were discarded by the sleep; never read again
         check(torch.equal(weights, fingerprint(torch, list(rollout.parameters()) + list(rollout.buffers()))),
               "rollout weights bit-identical after sleep/wake")
         with saver.kv_region():
-            again = generate(torch, rollout, prompts, args.new_tokens)
+            again, kv_cache = generate(torch, rollout, prompts, args.new_tokens)
+        del kv_cache
         check(torch.equal(tokens, again), f"{tokens.numel()} tokens identical before and after sleep/wake")
         history.append(tokens)
         if cycle > 0:
@@ -361,7 +373,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with configure_subprocess():
             env = dict(os.environ, **{CHILD_ENV: "1"})
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+        child_args = argv if argv is not None else sys.argv[1:]
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(child_args), env)
     try:
         run_mode(args.mode, args)
     except Failure as err:
