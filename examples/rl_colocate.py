@@ -316,7 +316,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> Dict[str, Any]:
                              "kv_cache_bytes": kv_mapped, "freed_bytes": freed, "freed_by_devmem_bytes": by_devmem})
         check(devmem_bytes(saver.rollout_tags, True) == 0, "rollout sleep left no devmem memory of its tags mapped")
         check(devmem_bytes(saver.rollout_tags[1:], False) > 0, "the live KV cache was put to sleep (discarded)")
-        check(by_devmem >= slept - (2 << 20),
+        # The driver's own bookkeeping (streams, events made at the first sleep) may take a few MiB.
+        check(by_devmem >= slept - max(16 << 20, slept // 100),
               f"rollout sleep: devmem gave {by_devmem / 2**20:.0f} MiB back to the driver for the "
               f"{slept / 2**20:.0f} MiB of weights and KV cache it put to sleep")
         with timer("wake_rollout"):
