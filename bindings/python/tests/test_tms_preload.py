@@ -76,6 +76,15 @@ def is_devmem(p):
         return True
     except devmem.UnknownPointerError:
         return False
+
+def expect_preload_refused(what):
+    """Asking for preload mode must raise PreloadError (printed for the parent to check)."""
+    try:
+        tms.hook_mode = "preload"
+    except tms_module._preload.PreloadError as err:
+        print("refused:", err)
+    else:
+        sys.exit(what + " was accepted")
 '''
 
 
@@ -333,23 +342,13 @@ def test_a_preload_library_not_in_ld_preload_is_refused(standin):
     proc = ok(run(standin, f'''
         ctypes.CDLL({PRELOAD!r})  # mapped, but the runtime's cudaMalloc comes first
         assert tms.hook_mode == "torch", "an unusable preload library must not make preload the default"
-        try:
-            tms.hook_mode = "preload"
-        except tms_module._preload.PreloadError as err:
-            print("refused:", err)
-        else:
-            sys.exit("a preload library that receives no cudaMalloc was accepted")
+        expect_preload_refused("a preload library that receives no cudaMalloc")
     ''', preload=False))
     assert "does not receive this process's cudaMalloc" in proc.stdout
 
 
 def test_expandable_segments_with_tms_init_enable_are_refused(standin):
     proc = ok(run(standin, '''
-        try:
-            tms.hook_mode = "preload"
-        except tms_module._preload.PreloadError as err:
-            print("refused:", err)
-        else:
-            sys.exit("expandable segments with TMS_INIT_ENABLE were accepted")
+        expect_preload_refused("expandable segments with TMS_INIT_ENABLE")
     ''', TMS_INIT_ENABLE="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"))
     assert "expandable segments" in proc.stdout
