@@ -8,7 +8,9 @@ buffer, CUDA events) at the start and the end of the run; every (scenario, polic
 a fresh child process, so each first sleep is really cold (empty host store, nothing cached).
 Results are ratios against the raw bandwidth of the same run.
 
-Entries (--entries): how sleep and wake are called. ``module`` (devmem.sleep/wake_up),
+Entries (--entries): how sleep and wake are called (``torch_memory_saver_preload``: the TMS
+module in preload mode, the child started under ``configure_subprocess()``'s LD_PRELOAD).
+``module`` (devmem.sleep/wake_up),
 ``CuMemAllocator`` (the class vLLM's worker calls), ``vllm_backend`` (devmem's vLLM sleep-mode
 backend, suspend(1)/resume; needs vLLM's plugin modules on PYTHONPATH, see
 bindings/python/conformance/vllm_tree.py), ``torch_memory_saver`` (pause/resume of
@@ -46,7 +48,7 @@ POLICIES = ("keep", "release", "reserve")
 #: vLLM sleep-mode backend (suspend(1)/resume), the torch_memory_saver module (pause/resume),
 #: and vLLM 0.33's own CuMemAllocator for comparison (its modules on PYTHONPATH, built by
 #: bindings/python/conformance/vllm_tree.py with with_cumem=True).
-ENTRIES = ("module", "CuMemAllocator", "vllm_backend", "torch_memory_saver", "vllm_cumem")
+ENTRIES = ("module", "CuMemAllocator", "vllm_backend", "torch_memory_saver", "torch_memory_saver_preload", "vllm_cumem")
 WARM_CYCLES = 5
 
 
@@ -103,8 +105,13 @@ def entry_ops(entry, torch):
     through the entry point ``entry``."""
     import devmem
 
-    if entry == "torch_memory_saver":
+    if entry in ("torch_memory_saver", "torch_memory_saver_preload"):
         from devmem.torch_memory_saver import torch_memory_saver as tms
+
+        if entry == "torch_memory_saver_preload":
+            # The child runs under LD_PRELOAD (see main): preload is then the default hook mode.
+            if tms.hook_mode != "preload":
+                raise RuntimeError(f"hook mode {tms.hook_mode!r} under LD_PRELOAD, not 'preload'")
 
         return (lambda: tms.region("weights", enable_cpu_backup=True), lambda: tms.region("kv_cache"),
                 tms.pause, tms.resume, lambda: devmem.CuMemAllocator.get_instance().release_pools())
@@ -354,8 +361,16 @@ def main():
     for scenario in args.scenarios.split(","):
         for policy, entry in [(p, e) for e in args.entries.split(",") for p in args.policies.split(",")]:
             cmd = [sys.executable, __file__, "--child", scenario, policy, entry]
+            env = dict(os.environ)
+            if entry == "torch_memory_saver_preload":
+                # As torch_memory_saver's users start a preload-mode process.
+                import devmem.torch_memory_saver as tms_module
+
+                with tms_module.configure_subprocess():
+                    env["LD_PRELOAD"] = os.environ.get("LD_PRELOAD", "")
+                    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
             t0 = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
             if out.returncode != 0 or "CHECK FAILED" in out.stderr:
                 failures.append((scenario, policy, entry, out.stderr[-2000:]))
                 print(f"{scenario}/{policy}/{entry}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)

@@ -6,6 +6,11 @@
                             driving devmem with PyTorch tensors
   multi_device              one process, two devices: tagged pools on each, sleep/wake, bytes
                             and mem_get_info checked per device
+  graphs                    vLLM 0.33's capture_pool (from the wheel) with --sleep-mode-backend
+                            devmem --sleep-mode-offload-cudagraph: a real CUDA graph captured
+                            into devmem's "cudagraph" pool, sleep levels 1 and 2 through the
+                            backend, graph memory freed and restored, replay correct
+                            (VLLM_GRAPHS_TREE: a tree built with with_graphs=True; needs pydantic)
   tp2                       two ranks with NCCL: all_reduce of pool tensors before and after
                             each sleep/wake cycle, per-rank times (JSON lines)
 
@@ -117,6 +122,66 @@ def plugin():
     return 0
 
 
+def graphs():
+    """A real CUDA graph through vLLM's own capture_pool with devmem as the sleep backend."""
+    import importlib
+
+    sys.path.insert(0, os.environ["VLLM_GRAPHS_TREE"])
+    import devmem
+    from devmem import vllm_plugin
+
+    vllm_plugin.register()
+    from vllm.compilation.cudagraph_pool import capture_pool
+    from vllm.config import CompilationConfig, CUDAGraphMode, ModelConfig, VllmConfig
+    from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+
+    config = VllmConfig(
+        model_config=ModelConfig(enable_sleep_mode=True, sleep_mode_backend="devmem", sleep_mode_offload_cudagraph=True),
+        compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE),
+    )
+    importlib.import_module("vllm.config").set_for_test(config)
+    check(config.use_cumem_cudagraph_pool is True, "vLLM's use_cumem_cudagraph_pool is True for devmem")
+    allocator = devmem.CuMemAllocator.get_instance()
+    with allocator.use_memory_pool("weights"):
+        w = torch.randn(2048, 2048, device="cuda")
+    w_host = w.cpu()
+    x = torch.randn(64, 2048, device="cuda")  # the static input, in PyTorch's own pool
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.relu(x @ w)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with capture_pool(None, config) as pool:
+        with torch.cuda.graph(g, pool=pool):
+            y = torch.relu(x @ w) + 1.0
+    g.replay()
+    torch.cuda.synchronize()
+    ref = y.cpu()
+    info = devmem.allocation_info(y.data_ptr())
+    check(info.tag == "cudagraph", f"the graph's output lives in devmem's cudagraph pool ({info.size >> 20} MiB allocation)")
+    backend = SleepModeBackendFactory.create_backend(config.model_config)
+    for level in (1, 2):
+        torch.cuda.synchronize()
+        free0 = torch.cuda.mem_get_info()[0]
+        t0 = time.perf_counter()
+        backend.suspend(level)
+        t1 = time.perf_counter()
+        freed = torch.cuda.mem_get_info()[0] - free0
+        state = devmem.allocation_info(y.data_ptr()).state
+        check(state == devmem.State.OFFLOADED, f"level {level}: graph memory offloaded ({state}), {freed >> 20} MiB freed in {t1 - t0:.3f} s")
+        check(freed >= info.size + w.numel() * 4, f"level {level}: graph memory and weights went back to the driver")
+        backend.resume()
+        if level == 2:
+            w.copy_(w_host)  # level 2 discards weights: the engine reloads them
+        y.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        check(torch.equal(y.cpu(), ref), f"level {level}: the graph replays after wake without re-capture, output identical")
+    return 0
+
+
 def multi_device():
     import devmem
 
@@ -210,4 +275,4 @@ def tp2():
 
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
-    sys.exit({"conformance": conformance, "plugin": plugin, "multi_device": multi_device, "tp2": tp2}[name](*args))
+    sys.exit({"conformance": conformance, "plugin": plugin, "graphs": graphs, "multi_device": multi_device, "tp2": tp2}[name](*args))

@@ -281,6 +281,110 @@ def durable():
         check(not os.path.exists(path), "the reader (last user, not keeping) removed the region")
 
 
+def _llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False)
+
+
+IDENTITY_BYTES = 768 << 20
+PROMPT = [[1, 306, 4658, 278, 6593, 310, 2834, 338]]
+
+
+def _logits_digest(model):
+    with torch.no_grad():
+        out = model(torch.tensor(PROMPT, device="cuda")).logits
+    return float(out.double().abs().sum())
+
+
+def identity_write():
+    """A real model (Llama from its config, bf16, ~300 MB) allocated in devmem's weights pool,
+    its named parameters slept into a kept region; the process exits without waking."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    name = os.environ["DEVMEM_GPU_REGION"]
+    devmem.open_shared_store(name, IDENTITY_BYTES, keep=True)
+    alloc = devmem.CuMemAllocator.get_instance()
+    torch.manual_seed(0)
+    with alloc.use_memory_pool("weights"):
+        model = LlamaForCausalLM(_llama_config()).to(dtype=torch.bfloat16, device="cuda")
+    named = dict(model.named_parameters())
+    devmem.name_tensors(named)
+    record = {"digests": {n: _digest(p.detach()) for n, p in named.items()}, "logits": _logits_digest(model)}
+    with open(os.environ["DEVMEM_GPU_DIGEST"], "w") as f:
+        json.dump(record, f)
+    alloc.sleep(offload_tags=("weights",))
+    check(True, f"{len(named)} named parameters slept into a kept region; exiting without waking")
+    os._exit(0)
+
+
+def identity_read():
+    """A new process allocates the same parameters in the reverse order, behind a pad, with
+    initialisation kernels still queued; a restore as the wrong rank is refused with nothing
+    copied; the right one fills every parameter by name; the model built over them computes
+    the writer's logits."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    name = os.environ["DEVMEM_GPU_REGION"]
+    with open(os.environ["DEVMEM_GPU_DIGEST"]) as f:
+        record = json.load(f)
+    devmem.open_shared_store(name, IDENTITY_BYTES)
+    with torch.device("meta"):
+        shapes = {n: (p.shape, torch.bfloat16) for n, p in LlamaForCausalLM(_llama_config()).named_parameters()}
+    alloc = devmem.CuMemAllocator.get_instance()
+    with alloc.use_memory_pool("weights"):
+        pad = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        params = {n: torch.empty(shape, dtype=dtype, device="cuda") for n, (shape, dtype) in reversed(list(shapes.items()))}
+    for t in params.values():
+        t.normal_()  # queued initialisation kernels, not synchronised: the restore must order after them
+    devmem.name_tensors(params)
+    probe = next(iter(params.values()))
+    torch.cuda.synchronize()
+    before = _digest(probe)
+    try:
+        devmem.restore_from_store("weights", rank=1, world=2)
+    except devmem.DevmemError as err:
+        check(_digest(probe) == before, f"the wrong rank is refused, nothing copied: {type(err).__name__}: {str(err)[:200]}")
+    else:
+        check(False, "a restore as rank 1 of 2 was accepted")
+    for t in params.values():
+        t.normal_()
+    t0 = time.perf_counter()
+    result = devmem.restore_from_store("weights")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    nbytes = sum(t.numel() * t.element_size() for t in params.values())
+    bad = [n for n, t in params.items() if _digest(t) != record["digests"][n]]
+    check(not bad, f"{len(params)} parameters restored by name in reverse allocation order after queued kernels "
+                   f"({nbytes / GIB:.2f} GiB in {seconds:.3f} s, {nbytes / seconds / 1e9:.1f} GB/s; {result})")
+    model = LlamaForCausalLM(_llama_config()).to(dtype=torch.bfloat16, device="cuda")  # PyTorch's own pool
+    for n, p in model.named_parameters():
+        p.data = params[n]  # the model computes over the restored devmem tensors
+    logits = _logits_digest(model)
+    check(abs(logits - record["logits"]) <= 1e-6 * abs(record["logits"]),
+          f"the model over the restored parameters computes the writer's logits ({logits:.6e})")
+    del pad, params, model
+    alloc.release_pools()
+    devmem.close_shared_store()
+
+
+def identity():
+    """Restore by identity on the real driver with a real model (see identity_write/read)."""
+    import subprocess
+
+    name = f"gpu-identity-{os.getpid()}"
+    env = dict(os.environ, DEVMEM_GPU_REGION=name, DEVMEM_GPU_DIGEST=f"/tmp/{name}.json")
+    for which in ("identity_write", "identity_read"):
+        out = subprocess.run([sys.executable, __file__, which], env=env, capture_output=True, text=True, timeout=300)
+        print(out.stdout)
+        check(out.returncode == 0 and f"{which}: PASS" in out.stdout, f"{which}: {out.stderr[-3000:]}")
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     print(f"{name}: torch {torch.__version__} on {torch.cuda.get_device_name()}")

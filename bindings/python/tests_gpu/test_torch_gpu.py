@@ -21,6 +21,7 @@ PACKAGE = os.path.dirname(HERE)
         ("bad_input", {}),
         ("shared_store", {}),
         ("durable", {}),
+        ("identity", {}),
     ],
 )
 def test_scenario(name, extra_env):
