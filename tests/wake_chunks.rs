@@ -378,3 +378,37 @@ fn vllm_create_and_map_and_unmap_and_release_handle_chunks() {
     free_all(&[p]);
     assert_no_device_leaks();
 }
+
+/// A restore copy that fails after another copy into the same allocation was queued: the undo
+/// waits for that copy before unmapping (chunked: the copies queued into earlier chunks; one
+/// piece: the backup's first host piece, the allocation spanning two 32 MiB host chunks).
+fn copy_failure_after_a_queued_copy(chunk_mb: &str, size: usize) {
+    setup(&[
+        ("DEVMEM_WAKE_CHUNK_MB", chunk_mb),
+        ("DEVMEM_CHUNK_SIZE", "0"),
+        ("DEVMEM_EMU_STRICT", "0"),
+    ]);
+    let p = alloc(size, "weights");
+    fill(p, size, 5);
+    ok(sleep(&["weights"]));
+    emu().inject("cuMemcpyHtoDAsync_v2", 2, 999);
+    expect_err(wake(None), S::Driver, "cuMemcpyHtoDAsync");
+    assert_eq!(emu().violations(), Vec::<String>::new());
+    assert_eq!(state(p), devmem_state::Offloaded);
+    assert_eq!(emu().counters().mappings, 0);
+    emu().clear_faults();
+    ok(wake(None));
+    assert_eq!(mismatches(p, size, 5), 0);
+    free_all(&[p]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn a_failed_copy_into_a_later_chunk_waits_for_the_earlier_chunks_copies() {
+    copy_failure_after_a_queued_copy("4", 14 * MIB);
+}
+
+#[test]
+fn a_failed_copy_into_one_piece_waits_for_its_first_copy() {
+    copy_failure_after_a_queued_copy("0", 48 * MIB);
+}
