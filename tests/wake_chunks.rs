@@ -329,12 +329,12 @@ fn wake_out_of_memory_part_way_through_a_chunked_allocation_rolls_back() {
 /// vLLM's pair over a range the caller reserved (CUDA's form): `create_and_map` of a large
 /// range creates chunks, `unmap_and_release` drops every one of them.
 #[test]
-fn vllm_create_and_map_and_unmap_and_release_handle_chunks() {
+fn cuda_only_vllm_create_and_map_and_unmap_and_release_handle_chunks() {
     chunked_setup(&[]);
-    if level_zero() || hip() {
-        eprintln!("skipped: the caller reserves through the CUDA face here");
-        return;
-    }
+    assert!(
+        !level_zero() && !hip(),
+        "CUDA-only test run on another backend (the caller reserves through the CUDA face)"
+    );
     let p = alloc(2 * MIB, "x"); // gives this thread the primary context
                                  // SAFETY: the emulator library, for the driver's reservation calls.
     let lib = unsafe { libloading::Library::new(emulator_path()) }.expect("emulator");
