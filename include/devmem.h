@@ -242,9 +242,9 @@ typedef struct devmem_allocation_info {
   int32_t device;
   // Current state.
   devmem_state state;
-  // The physical memory handle while mapped, else 0. When the backend chunks physical
-  // memory (HIP by default) this is devmem's id for the chunks;
-  // `devmem_get_allocation_chunks` lists the driver handles.
+  // The physical memory handle while mapped, else 0. When devmem's chunk layer is on (CUDA
+  // and HIP by default, `DEVMEM_WAKE_CHUNK_MB` / `DEVMEM_CHUNK_SIZE`) this is devmem's id
+  // for the chunks; `devmem_get_allocation_chunks` lists the driver handles.
   uint64_t handle;
   // The tag, NUL-terminated.
   char tag[DEVMEM_TAG_BUFFER_LEN];
@@ -422,7 +422,8 @@ devmem_status devmem_get_allocation_info(const void *ptr, struct devmem_allocati
 
 // Lists the physical memory mapped for the allocation containing `ptr`: the driver handle and
 // size of each chunk, in address order (one chunk unless the backend chunks physical memory:
-// HIP by default, `DEVMEM_CHUNK_SIZE`). Writes the number of chunks to `*count` (0 while the
+// HIP by default, `DEVMEM_CHUNK_SIZE`; allocations of 1 GiB or more on CUDA and HIP,
+// `DEVMEM_WAKE_CHUNK_MB`). Writes the number of chunks to `*count` (0 while the
 // allocation is asleep) and, when `capacity` is at least that, the chunks to `handles[i]` and
 // `sizes[i]`; with less room returns `DEVMEM_STATUS_BUFFER_TOO_SMALL` having written only
 // `*count`. `handles` and `sizes` may be NULL when `capacity` is 0.

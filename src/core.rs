@@ -157,9 +157,9 @@ pub struct devmem_allocation_info {
     pub device: i32,
     /// Current state.
     pub state: devmem_state,
-    /// The physical memory handle while mapped, else 0. When the backend chunks physical
-    /// memory (HIP by default) this is devmem's id for the chunks;
-    /// `devmem_get_allocation_chunks` lists the driver handles.
+    /// The physical memory handle while mapped, else 0. When devmem's chunk layer is on (CUDA
+    /// and HIP by default, `DEVMEM_WAKE_CHUNK_MB` / `DEVMEM_CHUNK_SIZE`) this is devmem's id
+    /// for the chunks; `devmem_get_allocation_chunks` lists the driver handles.
     pub handle: u64,
     /// The tag, NUL-terminated.
     pub tag: [c_char; DEVMEM_TAG_BUFFER_LEN],

@@ -545,7 +545,8 @@ pub extern "C" fn devmem_get_allocation_info(
 
 /// Lists the physical memory mapped for the allocation containing `ptr`: the driver handle and
 /// size of each chunk, in address order (one chunk unless the backend chunks physical memory:
-/// HIP by default, `DEVMEM_CHUNK_SIZE`). Writes the number of chunks to `*count` (0 while the
+/// HIP by default, `DEVMEM_CHUNK_SIZE`; allocations of 1 GiB or more on CUDA and HIP,
+/// `DEVMEM_WAKE_CHUNK_MB`). Writes the number of chunks to `*count` (0 while the
 /// allocation is asleep) and, when `capacity` is at least that, the chunks to `handles[i]` and
 /// `sizes[i]`; with less room returns `DEVMEM_STATUS_BUFFER_TOO_SMALL` having written only
 /// `*count`. `handles` and `sizes` may be NULL when `capacity` is 0.

@@ -139,6 +139,7 @@ fn backend_settings_that_are_not_utf8_fail_the_load_naming_the_variable() {
         "DEVMEM_CHUNK_SIZE",
         "DEVMEM_RERESERVE",
         "DEVMEM_ZERO_ON_WAKE",
+        "DEVMEM_WAKE_CHUNK_MB",
     ] {
         let before = std::env::var_os(name);
         // SAFETY (of set_var/remove_var): single-threaded test process.

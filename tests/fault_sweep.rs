@@ -357,3 +357,25 @@ fn sweep_wake() {
     setup(&[]);
     assert!(sweep(Op::Wake) > 0);
 }
+
+/// Chunked wakes (issue 23): 2 MiB chunks, so the 4 and 6 MiB allocations are two and three
+/// chunks, each filled as it is mapped; every fault part way through must roll back.
+const CHUNKED: &[(&str, &str)] = &[("DEVMEM_WAKE_CHUNK_MB", "2"), ("DEVMEM_CHUNK_SIZE", "0")];
+
+#[test]
+fn sweep_wake_chunked() {
+    setup(CHUNKED);
+    assert!(sweep(Op::Wake) > 0);
+}
+
+#[test]
+fn sweep_sleep_chunked() {
+    setup(CHUNKED);
+    assert!(sweep(Op::Sleep) > 0);
+}
+
+#[test]
+fn sweep_malloc_chunked() {
+    setup(CHUNKED);
+    assert!(sweep(Op::Malloc) > 0);
+}

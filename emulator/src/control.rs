@@ -50,6 +50,53 @@ pub unsafe extern "C" fn cuemu_counters(out: *mut CuemuCounters) -> R {
     unsafe { put(out, counters) }
 }
 
+/// One entry of the event log (`cuemu_event_log`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CuemuEvent {
+    /// [`EVENT_MAP`], [`EVENT_UNMAP`], [`EVENT_COPY_QUEUED`] or [`EVENT_COPY_DONE`].
+    pub kind: u32,
+    /// The mapping's start, or the copy's device destination.
+    pub addr: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// A mapping was made (`cuMemMap`, `hipMemMap`, `zeVirtualMemMap`).
+pub const EVENT_MAP: u32 = 1;
+/// A copy to device memory was queued.
+pub const EVENT_COPY_QUEUED: u32 = 2;
+/// A copy to device memory ran (at a synchronisation point).
+pub const EVENT_COPY_DONE: u32 = 3;
+/// A mapping was removed.
+pub const EVENT_UNMAP: u32 = 4;
+
+/// Copies up to `cap` entries of the event log (maps, unmaps, device-bound copies queued and
+/// run, in the order they happened) into `out`; returns how many entries the log holds. The
+/// log keeps the first 65536 events.
+#[no_mangle]
+pub unsafe extern "C" fn cuemu_event_log(out: *mut CuemuEvent, cap: usize) -> u64 {
+    let guard = lock();
+    let Some(emu) = guard.as_ref() else {
+        return 0;
+    };
+    let n = emu.event_log.len().min(cap);
+    if !out.is_null() && n > 0 {
+        // SAFETY: the caller passes room for `cap` entries at `out`.
+        unsafe { std::ptr::copy_nonoverlapping(emu.event_log.as_ptr(), out, n) };
+    }
+    emu.event_log.len() as u64
+}
+
+/// Empties the event log.
+#[no_mangle]
+pub extern "C" fn cuemu_clear_event_log() -> R {
+    call("cuemu_clear_event_log", |emu| {
+        emu.event_log.clear();
+        SUCCESS
+    })
+}
+
 /// Makes the `nth` next call (1 = the next one) of `name` fail with `code`.
 #[no_mangle]
 pub unsafe extern "C" fn cuemu_inject(name: *const c_char, nth: u64, code: c_uint) -> R {

@@ -19,6 +19,8 @@
 //! * Asynchrony (`queue`): queued copies run only at synchronisation points; unmapping or
 //!   freeing memory that queued work still uses is a recorded violation (`cuemu_counters`,
 //!   `cuemu_violation`), and `cuemu_launch_fill` queues application work to wait for.
+//!   `cuemu_event_log` lists maps, unmaps and device-bound copies queued and run, in order, so
+//!   a test can check what overlapped what.
 //! * Kernels: `cuModuleLoadData` accepts only devmem's checksum PTX, and `cuLaunchKernel` of
 //!   its `devmem_checksum` queues the checksum (devmem's own host function, `src/checksum.rs`)
 //!   as stream work, so it runs at the next synchronisation like the real kernel.
@@ -53,7 +55,9 @@ mod state;
 mod ze;
 
 pub(crate) use config::*;
-pub use control::CuemuCounters;
+pub use control::{
+    CuemuCounters, CuemuEvent, EVENT_COPY_DONE, EVENT_COPY_QUEUED, EVENT_MAP, EVENT_UNMAP,
+};
 pub(crate) use cuda::*;
 pub(crate) use queue::*;
 pub(crate) use state::*;

@@ -89,6 +89,11 @@ impl Emu {
                 }
             }
         }
+        if let Work::Copy { dst, len, .. } = work {
+            if self.is_device_range(dst, len) {
+                self.log_event(EVENT_COPY_QUEUED, dst, len);
+            }
+        }
         self.next_seq += 1;
         self.pending.push(Pending {
             stream,
@@ -154,9 +159,13 @@ impl Emu {
         match q.work {
             // SAFETY: device ranges were checked to be accessible mappings just above; host
             // ranges belong to the caller, and freeing them with work pending drops the work.
-            Work::Copy { dst, src, len } => unsafe {
-                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len)
-            },
+            Work::Copy { dst, src, len } => {
+                // SAFETY: as above.
+                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+                if self.is_device_range(dst, len) {
+                    self.log_event(EVENT_COPY_DONE, dst, len);
+                }
+            }
             // SAFETY: as above.
             Work::Fill { dst, len, byte } => unsafe {
                 std::ptr::write_bytes(dst as *mut u8, byte, len)

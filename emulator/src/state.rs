@@ -66,7 +66,13 @@ pub(crate) struct Emu {
     pub(crate) lists: HashMap<usize, i32>,
     /// Every synchronisation violation so far, described.
     pub(crate) violations: Vec<String>,
+    /// Maps, unmaps and device-bound copies queued and completed, in the order they happened
+    /// (`cuemu_event_log`), up to [`EVENT_LOG_MAX`] entries.
+    pub(crate) event_log: Vec<CuemuEvent>,
 }
+
+/// Entries the event log keeps; later events are counted but not kept.
+pub(crate) const EVENT_LOG_MAX: usize = 1 << 16;
 
 pub(crate) static EMU: Mutex<Option<Emu>> = Mutex::new(None);
 
@@ -127,6 +133,7 @@ pub(crate) fn call(name: &str, f: impl FnOnce(&mut Emu) -> R) -> R {
             recorded: HashMap::new(),
             lists: HashMap::new(),
             violations: Vec::new(),
+            event_log: Vec::new(),
         }
     });
     *emu.calls.entry(name.to_string()).or_insert(0) += 1;
@@ -421,6 +428,7 @@ impl Emu {
                 accessible: false,
             },
         );
+        self.log_event(EVENT_MAP, ptr, size);
         SUCCESS
     }
 
@@ -477,7 +485,19 @@ impl Emu {
             return INVALID_VALUE;
         }
         self.mappings.remove(&ptr);
+        self.log_event(EVENT_UNMAP, ptr, size);
         SUCCESS
+    }
+
+    /// Appends to the event log (`cuemu_event_log`).
+    pub(crate) fn log_event(&mut self, kind: u32, addr: u64, len: usize) {
+        if self.event_log.len() < EVENT_LOG_MAX {
+            self.event_log.push(CuemuEvent {
+                kind,
+                addr,
+                len: len as u64,
+            });
+        }
     }
 
     /// Allocates `size` bytes of page-locked-looking host memory.

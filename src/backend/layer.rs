@@ -1,15 +1,19 @@
-//! What devmem layers over any backend when a driver needs it (HIP by default; any backend on
-//! request): physical memory in chunks, and giving device memory back to the driver by
-//! freeing and re-reserving an allocation's address range.
+//! What devmem layers over any backend when a driver needs it: physical memory in chunks
+//! (large allocations on CUDA and HIP by default, every allocation on HIP), and giving device
+//! memory back to the driver by freeing and re-reserving an allocation's address range (HIP).
 //!
-//! * **Chunks** (`DEVMEM_CHUNK_SIZE`): an allocation's physical memory is several driver
-//!   handles of at most the chunk size (rounded up to the granularity), mapped one after the
-//!   other. The handle devmem's registry holds is this layer's id for the set; the layer keeps
-//!   the set's driver handles (one table, keyed by that id), so the registry above still sees
-//!   one physical object per allocation, and [`Backend::chunks`] lists the pieces (vLLM's
-//!   ROCm handle form, `[(handle, size), ...]`). Chunk boundaries follow from the allocation's
-//!   size alone, so unmapping needs no table; a piece whose unmap failed is remembered, so a
-//!   retry unmaps only what is still mapped.
+//! * **Chunks** (`DEVMEM_CHUNK_SIZE` for every allocation, `DEVMEM_WAKE_CHUNK_MB` for those of
+//!   at least two chunks): an allocation's physical memory is several driver handles of at
+//!   most the chunk size (rounded up to the granularity), mapped one after the other. The
+//!   handle devmem's registry holds is this layer's id for the set; the layer keeps the set's
+//!   driver handles (one table, keyed by that id), so the registry above still sees one
+//!   physical object per allocation, and [`Backend::chunks`] lists the pieces (vLLM's ROCm
+//!   handle form, `[(handle, size), ...]`). Chunk boundaries follow from the allocation's size
+//!   alone, so unmapping needs no table; a piece whose unmap failed is remembered, so a retry
+//!   unmaps only what is still mapped. A wake creates and maps a set piece by piece
+//!   ([`Backend::create_map_and_fill`]), handing each piece to the restore pipeline as soon as
+//!   it is mapped, so the piece's bytes copy while the next piece is created and mapped; a
+//!   failure waits for those copies before it unmaps anything.
 //! * **Reservation cycling** (`DEVMEM_RERESERVE`): ROCm returns released device memory only
 //!   once the address reservation it was mapped in is freed (vLLM PRs 37533, 43022). After a
 //!   set is released, the layer frees the range it was last mapped at and reserves the same
@@ -61,6 +65,8 @@ pub struct Layered {
     inner: Arc<dyn Backend>,
     /// Bytes per chunk (0: one piece per allocation).
     chunk: usize,
+    /// Allocations smaller than this stay one piece.
+    min_chunked: usize,
     /// Free and re-reserve a range after its memory is released.
     cycle: bool,
     state: Mutex<State>,
@@ -90,11 +96,13 @@ fn piece(i: usize, count: usize, n: usize, at: u64) -> String {
 }
 
 impl Layered {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Backend>, chunk: usize, cycle: bool) -> Self {
+    /// Wraps `inner`: allocations of at least `min_chunked` bytes get chunks of `chunk` bytes
+    /// (0: none do); `cycle` re-reserves ranges after a release.
+    pub fn new(inner: Arc<dyn Backend>, chunk: usize, min_chunked: usize, cycle: bool) -> Self {
         Self {
             inner,
             chunk,
+            min_chunked,
             cycle,
             state: Mutex::new(State {
                 next_id: 1,
@@ -123,7 +131,7 @@ impl Layered {
 
     /// The piece sizes of `size` bytes on `device`.
     fn split(&self, device: i32, size: usize) -> Result<Vec<usize>> {
-        if self.chunk == 0 || size == 0 {
+        if self.chunk == 0 || size == 0 || size < self.min_chunked {
             return Ok(vec![size]);
         }
         let chunk = self
@@ -253,6 +261,11 @@ impl Layered {
                 }
             }
         }
+        Ok(self.insert_set(pieces))
+    }
+
+    /// Keeps `pieces` as a new set; returns its id.
+    fn insert_set(&self, pieces: Vec<(u64, usize)>) -> u64 {
         let mut state = self.state.lock();
         let id = state.next_id;
         state.next_id += 1;
@@ -264,7 +277,109 @@ impl Layered {
                 was_at: None,
             },
         );
-        Ok(id)
+        id
+    }
+
+    /// Creates, maps with access and fills (`fill`) each of `sizes` in turn from `va`.
+    fn create_map_and_fill_pieces(
+        &self,
+        device: i32,
+        va: u64,
+        sizes: &[usize],
+        fill: &mut dyn FnMut(u64, usize) -> Result<()>,
+    ) -> std::result::Result<u64, Stranded> {
+        let at = starts(va, sizes.iter().copied());
+        let mut pieces: Vec<(u64, usize)> = sizes.iter().map(|&n| (0, n)).collect();
+        let mut mapped = vec![false; sizes.len()];
+        let mut failure = None;
+        for (i, &n) in sizes.iter().enumerate() {
+            let name = || piece(i, sizes.len(), n, at[i]);
+            let handle = match self.inner.create(device, n) {
+                Ok(handle) => handle,
+                Err(err) => {
+                    failure = Some(err.context(name()));
+                    break;
+                }
+            };
+            pieces[i].0 = handle;
+            if let Err(err) = self.inner.map(device, at[i], n, handle) {
+                failure = Some(err.context(name()));
+                break;
+            }
+            mapped[i] = true;
+            if let Err(err) = self.inner.set_access(device, at[i], n) {
+                failure = Some(err.context(name()));
+                break;
+            }
+            if let Err(err) = fill(at[i], n) {
+                failure = Some(err);
+                break;
+            }
+        }
+        let Some(error) = failure else {
+            let id = self.insert_set(pieces);
+            self.mapped(id, va);
+            return Ok(id);
+        };
+        Err(self.undo_fill(device, va, pieces, mapped, error))
+    }
+
+    /// Undoes a failed [`create_map_and_fill_pieces`](Self::create_map_and_fill_pieces):
+    /// waits for the copies queued into the mapped pieces, then unmaps and releases each piece
+    /// (last first). What could not be undone is kept as a set and reported.
+    fn undo_fill(
+        &self,
+        device: i32,
+        va: u64,
+        mut pieces: Vec<(u64, usize)>,
+        mut mapped: Vec<bool>,
+        error: Error,
+    ) -> Stranded {
+        let was_mapped = mapped.iter().any(|m| *m);
+        if was_mapped {
+            // Unmapping memory that a queued copy still writes is undefined on the driver.
+            if let Err(err) = self.inner.wait_copies(device) {
+                log::error!("devmem: waiting for the copies into a partly mapped wake: {err}");
+            }
+        }
+        let at = starts(va, pieces.iter().map(|p| p.1));
+        for i in (0..pieces.len()).rev() {
+            let (handle, n) = pieces[i];
+            if mapped[i] {
+                match self.inner.unmap(device, at[i], n) {
+                    Ok(()) => mapped[i] = false,
+                    Err(undo) => {
+                        log::error!("devmem: undoing a partial wake at {:#x}: {undo}", at[i]);
+                        continue;
+                    }
+                }
+            }
+            if handle != 0 {
+                match self.inner.release(device, handle) {
+                    Ok(()) => pieces[i].0 = 0,
+                    Err(undo) => log::error!(
+                        "devmem: releasing chunk {handle:#x} after a failed wake: {undo}"
+                    ),
+                }
+            }
+        }
+        let still_mapped = mapped.iter().any(|m| *m);
+        if !still_mapped && pieces.iter().all(|p| p.0 == 0) {
+            if self.cycle && was_mapped {
+                self.cycle_range(device, va, pieces.iter().map(|p| p.1).sum());
+            }
+            return Stranded::nothing(error);
+        }
+        let id = self.insert_set(pieces);
+        if still_mapped {
+            self.state.lock().partial.insert(va, mapped);
+            self.mapped(id, va);
+        }
+        Stranded {
+            error,
+            handle: Some(id),
+            mapped: still_mapped,
+        }
     }
 
     /// The set's pieces, after creating anew those a failed release gave back already.
@@ -535,6 +650,12 @@ impl Backend for Layered {
                 ", physical memory in chunks of {} bytes",
                 self.chunk
             ));
+            if self.min_chunked > 0 {
+                text.push_str(&format!(
+                    " for allocations of {} bytes or more",
+                    self.min_chunked
+                ));
+            }
         }
         if self.cycle {
             text.push_str(", address ranges re-reserved after a release");
@@ -558,6 +679,21 @@ impl Backend for Layered {
         handle: u64,
     ) -> std::result::Result<(), Stranded> {
         self.map_with_access_inner(device, va, size, handle, true)
+    }
+
+    fn create_map_and_fill(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+        fill: &mut dyn FnMut(u64, usize) -> Result<()>,
+    ) -> std::result::Result<u64, Stranded> {
+        let sizes = self.split(device, size).map_err(Stranded::nothing)?;
+        if sizes.len() < 2 {
+            return super::fill_whole(self, device, va, size, fill);
+        }
+        self.recover(device, va).map_err(Stranded::nothing)?;
+        self.create_map_and_fill_pieces(device, va, &sizes, fill)
     }
 }
 

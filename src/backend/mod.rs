@@ -236,6 +236,57 @@ pub trait Backend: Send + Sync {
         }
         Ok(handle)
     }
+
+    /// Creates physical memory for `[va, va+size)`, maps it with access, and calls
+    /// `fill(start, len)` for each part as soon as that part is mapped (one part unless the
+    /// memory is chunked, [`layer`]), so the caller queues copies into a part while the next
+    /// is created and mapped. On a failure (of a step or of `fill`) it waits for the copies
+    /// queued on `device` before unmapping anything, then undoes every step; what could not be
+    /// undone is reported in [`Stranded`].
+    fn create_map_and_fill(
+        &self,
+        device: i32,
+        va: u64,
+        size: usize,
+        fill: &mut dyn FnMut(u64, usize) -> Result<()>,
+    ) -> std::result::Result<u64, Stranded> {
+        fill_whole(self, device, va, size, fill)
+    }
+}
+
+/// [`Backend::create_map_and_fill`] in one part.
+pub(crate) fn fill_whole<B: Backend + ?Sized>(
+    backend: &B,
+    device: i32,
+    va: u64,
+    size: usize,
+    fill: &mut dyn FnMut(u64, usize) -> Result<()>,
+) -> std::result::Result<u64, Stranded> {
+    let handle = backend.create_and_map(device, va, size)?;
+    let Err(error) = fill(va, size) else {
+        return Ok(handle);
+    };
+    // Unmapping memory that a queued copy still writes is undefined on the driver.
+    if let Err(err) = backend.wait_copies(device) {
+        log::error!("devmem: waiting for the copies into {va:#x} after a failure: {err}");
+    }
+    if let Err(undo) = backend.unmap(device, va, size) {
+        log::error!("devmem: unmapping {va:#x} after a failure: {undo}");
+        return Err(Stranded {
+            error,
+            handle: Some(handle),
+            mapped: true,
+        });
+    }
+    if let Err(undo) = backend.release(device, handle) {
+        log::error!("devmem: releasing {handle:#x} after a failure: {undo}");
+        return Err(Stranded {
+            error,
+            handle: Some(handle),
+            mapped: false,
+        });
+    }
+    Err(Stranded::nothing(error))
 }
 
 /// Idle driver events (as addresses) per device, reused by copy markers: CUDA's and HIP's.
@@ -314,6 +365,7 @@ static SETTINGS: Mutex<Settings> = Mutex::new(Settings {
     chunk_size: 0,
     rereserve: false,
     zero_on_wake: false,
+    wake_chunk: 0,
 });
 
 /// Environment variable choosing the backend: `cuda`, `hip`, `level_zero` or `auto`.
@@ -426,10 +478,11 @@ fn load_auto() -> Result<Arc<dyn Backend>> {
 fn load(kind: devmem_backend) -> Result<(Arc<dyn Backend>, Settings)> {
     let backend = load_driver(kind)?;
     let settings = Settings::from_env(backend.kind())?;
-    if settings.chunk_size == 0 && !settings.rereserve {
+    let (chunk, min_chunked) = settings.chunking();
+    if chunk == 0 && !settings.rereserve {
         return Ok((backend, settings));
     }
-    let layered = layer::Layered::new(backend, settings.chunk_size, settings.rereserve);
+    let layered = layer::Layered::new(backend, chunk, min_chunked, settings.rereserve);
     Ok((Arc::new(layered), settings))
 }
 

@@ -7,7 +7,9 @@
 //! * on a failure, every marker not yet waited for is waited for (and so returned to the
 //!   backend's pool) and every device's copies are finished before a backup goes back;
 //! * restore waits for its copies (and, with `DEVMEM_ZERO_ON_WAKE`, the zero fills of
-//!   discarded allocations) before it reports success.
+//!   discarded allocations) before it reports success;
+//! * a restore that fails part way through a chunked allocation waits for the copies already
+//!   queued into its mapped chunks before unmapping them (`Backend::create_map_and_fill`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -436,8 +438,9 @@ pub struct RestoreFailure {
 
 /// Maps every target and copies its saved pieces back; returns each target's handle.
 ///
-/// Offloaded targets first, each one's copies queued as soon as it is mapped, so the copy
-/// engine runs while later targets are created and mapped; then one wait per device. On any
+/// Offloaded targets first, each one's copies queued as soon as it is mapped (a chunked one's
+/// chunk by chunk, [`Backend::create_map_and_fill`]), so the copy engine runs while later
+/// targets and chunks are created and mapped; then one wait per device. On any
 /// failure the copies are finished and every mapping this call made is undone; a step of the
 /// undo that fails is reported in [`RestoreFailure::left`] so the caller records it.
 pub fn restore(
@@ -452,12 +455,20 @@ pub fn restore(
     let mut kept: Vec<Option<u64>> = vec![None; targets.len()];
     let mut failure = None;
     for (i, t) in targets.iter().enumerate() {
+        // A new mapping is filled part by part as it is mapped (chunked memory: chunk k's
+        // bytes copy while chunk k+1 is created and mapped).
+        let mut filled = false;
         let mapped = match (t.handle, t.mapped) {
             (Some(handle), true) => Ok(handle),
             (Some(handle), false) => backend
                 .map_with_access(t.device, t.va, t.size, handle)
                 .map(|()| handle),
-            (None, _) => backend.create_and_map(t.device, t.va, t.size),
+            (None, _) => {
+                filled = true;
+                backend.create_map_and_fill(t.device, t.va, t.size, &mut |start, len| {
+                    queue_restore(&**backend, t, start, len, zero_discarded)
+                })
+            }
         };
         match mapped {
             Ok(handle) => handles[i] = Some(handle),
@@ -475,22 +486,10 @@ pub fn restore(
                 break;
             }
         }
-        let queued = if t.pieces.is_empty() && zero_discarded {
-            // DEVMEM_ZERO_ON_WAKE: a discarded allocation comes back as zeros, not as whatever
-            // the driver's fresh memory held (stale VRAM on older amdgpu kernels).
-            backend
-                .zero_async(t.device, t.va, t.size)
-                .map_err(|e| e.context(format!("wake: zeroing {:#x} ({} bytes)", t.va, t.size)))
-        } else {
-            t.pieces.iter().try_for_each(|(dst, src, n)| {
-                backend
-                    .copy_to_device_async(t.device, *dst, *src as *const u8, *n)
-                    .map_err(|e| {
-                        e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size))
-                    })
-            })
-        };
-        if let Err(err) = queued {
+        if filled {
+            continue;
+        }
+        if let Err(err) = queue_restore(&**backend, t, t.va, t.size, zero_discarded) {
             failure = Some(err);
             break;
         }
@@ -520,6 +519,39 @@ pub fn restore(
         .rev()
         .collect();
     Err(RestoreFailure { error, left })
+}
+
+/// Queues what restores `[start, start+len)` of `t` (mapped with access): the parts of its
+/// saved pieces that fall in the range, or, for a discard with `DEVMEM_ZERO_ON_WAKE`, zeros.
+fn queue_restore(
+    backend: &dyn Backend,
+    t: &RestoreTarget,
+    start: u64,
+    len: usize,
+    zero_discarded: bool,
+) -> Result<()> {
+    let end = start + len as u64;
+    if t.pieces.is_empty() {
+        if !zero_discarded {
+            return Ok(());
+        }
+        // DEVMEM_ZERO_ON_WAKE: a discarded allocation comes back as zeros, not as whatever the
+        // driver's fresh memory held (stale VRAM on older amdgpu kernels).
+        return backend
+            .zero_async(t.device, start, len)
+            .map_err(|e| e.context(format!("wake: zeroing {:#x} ({} bytes)", t.va, t.size)));
+    }
+    t.pieces.iter().try_for_each(|&(dst, src, n)| {
+        let from = dst.max(start);
+        let to = (dst + n as u64).min(end);
+        if from >= to {
+            return Ok(());
+        }
+        let host = src + (from - dst) as usize;
+        backend
+            .copy_to_device_async(t.device, from, host as *const u8, (to - from) as usize)
+            .map_err(|e| e.context(format!("wake: restoring {:#x} ({} bytes)", t.va, t.size)))
+    })
 }
 
 /// Undoes one target's mapping after a failed restore.

@@ -96,7 +96,8 @@ class AllocationData:
     """One entry of :attr:`CuMemAllocator.pointer_to_data`, shaped like vLLM's.
 
     ``handle`` is ``(device, size, ptr, physical handle)``; the physical handle is 0 while
-    asleep. On the HIP backend it is vLLM's ROCm form, ``(device, size, ptr, [(chunk handle,
+    asleep, and devmem's id for the allocation's chunks where its chunk layer is on (CUDA and
+    HIP by default: :func:`devmem.allocation_chunks` lists the driver handles). On the HIP backend it is vLLM's ROCm form, ``(device, size, ptr, [(chunk handle,
     chunk size), ...])`` (an empty list while asleep). ``cpu_backup_tensor`` is always None: devmem keeps backups in its own pinned host
     store (read them with :func:`devmem.torch_memory_saver.torch_memory_saver.get_cpu_backup`);
     ``is_offloaded`` says whether one exists.

@@ -424,7 +424,8 @@ def allocation_info(ptr: int) -> Allocation:
 def allocation_chunks(ptr: int) -> List[Tuple[int, int]]:
     """The physical memory mapped for the allocation containing ``ptr``: ``(driver handle,
     size)`` of each chunk, in address order — vLLM's ROCm handle form. One chunk unless the
-    backend chunks physical memory (HIP by default, ``DEVMEM_CHUNK_SIZE``); empty while the
+    backend chunks physical memory (HIP by default, ``DEVMEM_CHUNK_SIZE``; allocations of
+    1 GiB or more on CUDA and HIP, ``DEVMEM_WAKE_CHUNK_MB``); empty while the
     allocation is asleep."""
     count = ctypes.c_size_t(0)
     while True:
