@@ -36,9 +36,6 @@
 // Longest path `devmem_shared_store_info.path` holds, with its NUL.
 #define DEVMEM_PATH_BUFFER_LEN 4096
 
-// New allocations (bytes) between two signals to the thread.
-#define STEP (16 << 20)
-
 // Result of every fallible devmem function.
 //
 // `DEVMEM_STATUS_SUCCESS` is 0; every other value is an error whose details are in

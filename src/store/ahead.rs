@@ -39,12 +39,12 @@ use super::{bound, devmem_host_policy, source, with_pool, READY};
 use crate::threads;
 
 /// New allocations (bytes) between two signals to the thread.
-pub const STEP: u64 = 16 << 20;
+const STEP: u64 = 16 << 20;
 /// How long the thread waits after a signal for the burst of allocations to end.
 const SETTLE: Duration = Duration::from_millis(20);
 
 /// Environment variable that turns growing ahead off (`0`) or on (`1`, the default).
-pub const ENV: &str = "DEVMEM_HOST_GROW_AHEAD";
+const ENV: &str = "DEVMEM_HOST_GROW_AHEAD";
 
 /// Bytes of live allocations devmem holds, in any state.
 static LIVE: AtomicU64 = AtomicU64::new(0);
