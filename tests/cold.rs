@@ -271,3 +271,167 @@ fn residual_bad_input_is_refused() {
         "out is NULL",
     );
 }
+
+// --- Durable reads (DEVMEM_DURABLE_READ) ----------------------------------------------------
+
+const AREA: u64 = 96 * MIB as u64;
+const SIZES: [usize; 3] = [40 * MIB, 34 * MIB, 2 * MIB];
+
+fn open_region(name: &str, keep: bool) -> devmem_status {
+    let cname = std::ffi::CString::new(name).expect("name");
+    let options = ffi::devmem_shared_store_options {
+        name: cname.as_ptr(),
+        dir: std::ptr::null(),
+        bytes_per_rank: AREA,
+        rank: 0,
+        world: 1,
+        flags: if keep { ffi::DEVMEM_SHARED_KEEP } else { 0 },
+        timeout_ms: 2000,
+    };
+    ffi::devmem_shared_store_open(&options)
+}
+
+fn restore(list: &[&str]) -> devmem_status {
+    let (_owned, ptrs) = tags(list);
+    ffi::devmem_restore_from_store_by_order(ptrs.as_ptr(), ptrs.len())
+}
+
+fn region_name() -> String {
+    std::env::var("DEVMEM_TEST_REGION").expect("DEVMEM_TEST_REGION")
+}
+
+/// Sleeps three allocations into a kept region and exits without closing it.
+#[test]
+#[ignore = "run by the durable_read_ tests"]
+fn durable_read_writer() {
+    setup(&[]);
+    ok(open_region(&region_name(), true));
+    let ptrs: Vec<u64> = SIZES.iter().map(|s| alloc(*s, "weights")).collect();
+    for (i, (p, s)) in ptrs.iter().zip(SIZES).enumerate() {
+        fill(*p, s, 40 + i as u64);
+    }
+    ok(sleep(&["weights"]));
+}
+
+/// Restores them in a new process under the mode in `DEVMEM_DURABLE_READ`, checking the
+/// bytes and the registrations the mode implies; with `DEVMEM_TEST_FAIL_PIN`, the second
+/// registration fails and the restore must fail cleanly, the region kept for the next reader.
+#[test]
+#[ignore = "run by the durable_read_ tests"]
+fn durable_read_reader() {
+    setup(&[]);
+    let mode = std::env::var("DEVMEM_DURABLE_READ").unwrap_or_default();
+    let fail = std::env::var("DEVMEM_TEST_FAIL_PIN").is_ok();
+    if fail {
+        emu().inject("cuMemHostRegister_v2", 2, 999);
+    }
+    let before = emu().calls("cuMemHostRegister_v2");
+    ok(open_region(&region_name(), !fail));
+    let ptrs: Vec<u64> = SIZES.iter().map(|s| alloc(*s, "weights")).collect();
+    if fail {
+        expect_err(
+            restore(&["weights"]),
+            devmem_status::Driver,
+            "cuMemHostRegister",
+        );
+        // Nothing half-restored is reported as restored; the region stays for the next reader.
+        free_all(&ptrs);
+        return;
+    }
+    ok(restore(&["weights"]));
+    for (i, (p, s)) in ptrs.iter().zip(SIZES).enumerate() {
+        assert_eq!(
+            mismatches(*p, s, 40 + i as u64),
+            0,
+            "allocation #{i} ({mode})"
+        );
+    }
+    if !level_zero() {
+        let registered = emu().calls("cuMemHostRegister_v2") - before;
+        // The area is at least AREA (rounded up, plus the manifest's room).
+        let (low, high) = match mode.as_str() {
+            "pin" => (1, 1),
+            "pin-fine" => (AREA.div_ceil(32 * MIB as u64), 8),
+            "pageable" => (0, 0),
+            other => panic!("unexpected mode {other:?}"),
+        };
+        assert!(
+            (low..=high).contains(&registered),
+            "{registered} registrations under {mode}"
+        );
+    }
+    // A sleep and wake through the region work in the same mode.
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(ptrs[0], SIZES[0], 40), 0);
+    free_all(&ptrs);
+    ok(ffi::devmem_shared_store_close());
+    assert_no_violations();
+}
+
+fn durable_read_round(label: &str, mode: &str) {
+    setup(&[]);
+    let name = format!("test-{}-{label}", std::process::id());
+    let e = [("DEVMEM_TEST_REGION", name.as_str())];
+    run_child_test(&[], "durable_read_writer", &e, Duration::from_secs(120));
+    let e = [
+        ("DEVMEM_TEST_REGION", name.as_str()),
+        ("DEVMEM_DURABLE_READ", mode),
+    ];
+    run_child_test(&[], "durable_read_reader", &e, Duration::from_secs(120));
+}
+
+#[test]
+fn durable_read_pin_restores_every_byte() {
+    durable_read_round("dr-pin", "pin");
+}
+
+#[test]
+fn durable_read_pin_fine_registers_32_mib_pieces() {
+    durable_read_round("dr-fine", "pin-fine");
+}
+
+#[test]
+fn durable_read_pageable_pins_nothing() {
+    durable_read_round("dr-pageable", "pageable");
+}
+
+/// A registration failing half-way through a fine-grained restore fails the restore with the
+/// driver's error and leaves the stored bytes intact: a pageable reader restores them after.
+#[test]
+fn durable_read_failure_midway_leaves_the_region_intact() {
+    if level_zero() {
+        return; // Level Zero pins nothing
+    }
+    setup(&[]);
+    let name = format!("test-{}-dr-fail", std::process::id());
+    let e = [("DEVMEM_TEST_REGION", name.as_str())];
+    run_child_test(&[], "durable_read_writer", &e, Duration::from_secs(120));
+    let failing = [
+        ("DEVMEM_TEST_REGION", name.as_str()),
+        ("DEVMEM_DURABLE_READ", "pin-fine"),
+        ("DEVMEM_TEST_FAIL_PIN", "1"),
+    ];
+    run_child_test(
+        &[],
+        "durable_read_reader",
+        &failing,
+        Duration::from_secs(120),
+    );
+    let e = [
+        ("DEVMEM_TEST_REGION", name.as_str()),
+        ("DEVMEM_DURABLE_READ", "pageable"),
+    ];
+    run_child_test(&[], "durable_read_reader", &e, Duration::from_secs(120));
+}
+
+#[test]
+fn durable_read_bad_value_is_a_clear_error() {
+    setup(&[("DEVMEM_DURABLE_READ", "bounce")]);
+    let name = format!("test-{}-dr-bad", std::process::id());
+    expect_err(
+        open_region(&name, false),
+        devmem_status::InvalidArgument,
+        "DEVMEM_DURABLE_READ=\"bounce\" is not valid: one of auto, pin, pin-fine, pageable",
+    );
+}

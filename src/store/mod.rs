@@ -30,6 +30,7 @@ pub mod anonymous;
 pub mod blocks;
 pub mod bound;
 pub mod driver_host;
+pub mod durable_read;
 pub mod manifest;
 pub mod pipeline;
 pub mod shared;
