@@ -435,3 +435,27 @@ fn durable_read_bad_value_is_a_clear_error() {
         "DEVMEM_DURABLE_READ=\"bounce\" is not valid: one of auto, pin, pin-fine, pageable",
     );
 }
+
+#[test]
+fn grow_ahead_leaves_the_pool_alone_when_a_shared_store_is_named() {
+    let name = format!("test-{}-ahead-shared", std::process::id());
+    setup(&[
+        ("DEVMEM_HOST_GROW_AHEAD", "1"),
+        ("DEVMEM_HOST_CHUNK_MB", "8"),
+        ("DEVMEM_SHARED_STORE", name.as_str()),
+        ("DEVMEM_SHARED_BYTES", "64M"),
+    ]);
+    let p = alloc(32 * MIB, "weights");
+    fill(p, 32 * MIB, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stats(None).host_store_bytes,
+        0,
+        "backups will go to the region"
+    );
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, 32 * MIB, 4), 0);
+    free_all(&[p]);
+    ok(ffi::devmem_shared_store_close());
+}

@@ -20,7 +20,7 @@
 //!   a sleep that comes early starts the normal grower for everything not ready yet.
 //! * **Not under the `Release` policy** (which gives host memory back after each wake; growing
 //!   it again ahead of the next allocation would undo that), and not while a shared store is
-//!   open (backups then go to the shared region).
+//!   open or `DEVMEM_SHARED_STORE` names one (backups then go to the shared region).
 //! * **Cost.** The host memory a sleep would take is held from the time the allocations appear
 //!   instead of from the first sleep, and the CPU time of faulting it in (about 0.03 s per GiB
 //!   with huge pages) is spent in the background. `release_host_store` gives unused memory back
@@ -183,10 +183,17 @@ fn run() {
     }
 }
 
+/// Whether `DEVMEM_SHARED_STORE` names a region the first sleep will open (backups then go
+/// there, not to the pool).
+fn shared_store_pending() -> bool {
+    crate::env::path("DEVMEM_SHARED_STORE").is_some()
+        && !super::ENV_STORE_CLOSED.load(Ordering::SeqCst)
+}
+
 /// Prepares one chunk when the store holds less than the live allocations and the bound
 /// allows it; `false` when there is nothing (more) to do.
 fn grow_one() -> bool {
-    if !enabled() || super::shared_open_now().is_some() {
+    if !enabled() || super::shared_open_now().is_some() || shared_store_pending() {
         return false;
     }
     let Ok(backend) = crate::backend::get() else {
@@ -222,13 +229,20 @@ fn grow_one() -> bool {
     let Some((source, len)) = claimed else {
         return false;
     };
-    set_idle(true);
+    // Only faulting in anonymous memory runs idle: a source whose map is a driver call (Level
+    // Zero's host allocation) keeps the normal policy, like every pin.
+    let idle = source.name() == "anonymous";
+    if idle {
+        set_idle(true);
+    }
     let mapped = source.map(len);
     let slow = SLOW_MS.load(Ordering::Relaxed);
     if slow > 0 {
         std::thread::sleep(Duration::from_millis(slow));
     }
-    set_idle(false);
+    if idle {
+        set_idle(false);
+    }
     let prepared = mapped.and_then(|ptr| match source.pin(ptr, len) {
         Ok(()) => Ok(ptr),
         Err(err) => {
