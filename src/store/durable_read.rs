@@ -23,11 +23,11 @@
 use crate::error::{bail, Result};
 
 /// The environment variable choosing how durable regions are read.
-pub const ENV: &str = "DEVMEM_DURABLE_READ";
+pub(crate) const ENV: &str = "DEVMEM_DURABLE_READ";
 /// Piece pinned as one registration under `pin`.
-pub const PIECE: usize = 256 << 20;
+pub(crate) const PIECE: usize = 256 << 20;
 /// Piece pinned as one registration under `pin-fine`.
-pub const FINE_PIECE: usize = 32 << 20;
+pub(crate) const FINE_PIECE: usize = 32 << 20;
 /// `statfs` magic of hugetlbfs.
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
