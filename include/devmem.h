@@ -254,6 +254,23 @@ typedef struct devmem_allocation_info {
 typedef void (*devmem_allocation_callback)(const struct devmem_allocation_info *info,
                                            void *user_data);
 
+// Device memory still used on one device, by cause, as far as devmem can tell.
+typedef struct devmem_residual {
+  // Bytes of devmem's allocations on the device still backed by mapped physical memory
+  // (0 after a sleep of every tag).
+  uint64_t devmem_mapped_bytes;
+  // Other device memory devmem holds on the device: physical memory of allocations that is
+  // not mapped, and what failed steps left to release later (0 normally).
+  uint64_t devmem_other_bytes;
+  // Memory the driver reports used on the device: total minus free.
+  uint64_t driver_used_bytes;
+  // `driver_used_bytes` minus devmem's bytes (never below 0): the driver's context, other
+  // allocators (PyTorch's cache, NCCL's buffers, cuBLAS workspaces) and other processes.
+  uint64_t other_used_bytes;
+  // The device's total memory, as the driver reports it.
+  uint64_t total_bytes;
+} devmem_residual;
+
 // Where and how large the shared host store is (`devmem_shared_store_open`).
 typedef struct devmem_shared_store_options {
   // The instance's name: 1 to 128 bytes of printable ASCII, no `/`, no `..`. Every process
@@ -464,6 +481,23 @@ devmem_status devmem_get_host_policy(devmem_host_policy *out);
 // sleep runs as fast as later ones. The memory is prepared in the background; with `wait`
 // non-zero the call returns once it is ready (or failed).
 devmem_status devmem_reserve_host_store(size_t bytes, int wait);
+
+// Turns growing the host store ahead of need on (`enabled` = 1, the default) or off (0).
+// While on, the store grows in the background, at idle CPU priority and within the bound on
+// host memory, toward the bytes of all live allocations, so the first sleep finds its pinned
+// host memory ready; turning it off stops further growth (memory already grown stays until
+// `devmem_release_host_store`). The environment variable `DEVMEM_HOST_GROW_AHEAD=0|1` sets the
+// initial value. Any other `enabled` is `DEVMEM_STATUS_INVALID_ARGUMENT`.
+devmem_status devmem_set_host_grow_ahead(int enabled);
+
+// Writes 1 to `*out` when the host store grows ahead of need, else 0.
+devmem_status devmem_get_host_grow_ahead(int *out);
+
+// Writes to `*out` what device memory `device` still uses, by cause: devmem's mapped bytes
+// (0 after a sleep of every tag), devmem's other device memory (0 normally), the driver's
+// used bytes (total minus free) and the rest (used minus devmem's: the context, other
+// allocators, other processes). Call it after a sleep to see what was left behind.
+devmem_status devmem_get_residual(int device, struct devmem_residual *out);
 
 // Caps the pinned host memory the host store may hold at `bytes` (0 removes the cap, and
 // `DEVMEM_HOST_LIMIT` with it). A sleep or reservation that would need more fails with

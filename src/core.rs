@@ -493,6 +493,7 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
         reg.account(&tag, rounded, None, Some(devmem_state::Mapped));
         (info, reg.callbacks)
     });
+    store::ahead::allocated(device, rounded);
     log::debug!("devmem: allocated {rounded} bytes at {va:#x} on device {device}, tag {tag}");
     notify(callbacks.on_alloc, &info, callbacks.user_data);
     Ok(va)
@@ -597,6 +598,7 @@ pub fn free(ptr: u64) -> Result<()> {
         )
     });
     drop(allocation); // its backup, if any, goes back to the store
+    store::ahead::freed(size);
     log::debug!("devmem: freed {size} bytes at {ptr:#x}");
     Ok(())
 }
@@ -703,6 +705,9 @@ pub fn trim(ptr: u64) -> Result<usize> {
         reg.retired.insert(ptr, Retired { size, device });
         Some(allocation)
     });
+    if removed.is_some() {
+        store::ahead::freed(size);
+    }
     drop(removed); // outside the registry lock: its backup goes back to the store
     let freed = if state == devmem_state::Mapped {
         size
@@ -1962,4 +1967,80 @@ pub fn mem_get_info(device: i32) -> Result<(usize, usize)> {
 /// The allocation granularity of `device`.
 pub fn granularity(device: i32) -> Result<usize> {
     backend::get()?.granularity(device)
+}
+
+/// Turns growing the host store ahead of need on or off (`DEVMEM_HOST_GROW_AHEAD`).
+pub fn set_host_grow_ahead(on: bool) {
+    store::ahead::set_enabled(on);
+}
+
+/// Whether the host store grows ahead of need.
+pub fn host_grow_ahead() -> bool {
+    store::ahead::enabled()
+}
+
+/// Test hook: every chunk grown ahead of need takes `ms` milliseconds longer to fault in.
+#[doc(hidden)]
+pub fn slow_grow_ahead_for_tests(ms: u64) {
+    store::ahead::set_slow_fault_in(ms);
+}
+
+/// Device memory still used on one device, by cause, as far as devmem can tell.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct devmem_residual {
+    /// Bytes of devmem's allocations on the device still backed by mapped physical memory
+    /// (0 after a sleep of every tag).
+    pub devmem_mapped_bytes: u64,
+    /// Other device memory devmem holds on the device: physical memory of allocations that is
+    /// not mapped, and what failed steps left to release later (0 normally).
+    pub devmem_other_bytes: u64,
+    /// Memory the driver reports used on the device: total minus free.
+    pub driver_used_bytes: u64,
+    /// `driver_used_bytes` minus devmem's bytes (never below 0): the driver's context, other
+    /// allocators (PyTorch's cache, NCCL's buffers, cuBLAS workspaces) and other processes.
+    pub other_used_bytes: u64,
+    /// The device's total memory, as the driver reports it.
+    pub total_bytes: u64,
+}
+
+/// What device memory `device` still uses, by cause.
+pub fn residual(device: i32) -> Result<devmem_residual> {
+    let backend = backend::get()?;
+    let count = backend.device_count();
+    if device < 0 || device >= count {
+        bail!(
+            InvalidArgument,
+            "device {device} does not exist (the driver reports {count} device(s))"
+        );
+    }
+    let (free, total) = backend
+        .mem_get_info(device)
+        .map_err(|e| e.context(format!("reading the memory of device {device}")))?;
+    let (mapped, other) = with_registry(|reg| {
+        let mut mapped = 0u64;
+        let mut other = 0u64;
+        for a in reg.allocations.values().filter(|a| a.device == device) {
+            if a.is_mapped() {
+                mapped += a.size as u64;
+            } else if a.handle.is_some() {
+                other += a.size as u64;
+            }
+        }
+        for s in reg.strays.iter().filter(|s| s.device == device) {
+            if s.handle.is_some() {
+                other += s.size as u64;
+            }
+        }
+        (mapped, other)
+    });
+    let used = total.saturating_sub(free) as u64;
+    Ok(devmem_residual {
+        devmem_mapped_bytes: mapped,
+        devmem_other_bytes: other,
+        driver_used_bytes: used,
+        other_used_bytes: used.saturating_sub(mapped + other),
+        total_bytes: total as u64,
+    })
 }

@@ -13,7 +13,8 @@ use std::ptr;
 
 use crate::core::{
     self, devmem_allocation_callback, devmem_allocation_info, devmem_backend, devmem_host_policy,
-    devmem_read_only, devmem_stats, devmem_transfer, DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
+    devmem_read_only, devmem_residual, devmem_stats, devmem_transfer,
+    DEVMEM_MAX_TAG_LEN as MAX_TAG_LEN,
 };
 use crate::error::{
     bail, clear_last_error, devmem_status, last_error, set_last_error, Error, Result,
@@ -676,6 +677,49 @@ pub extern "C" fn devmem_get_host_policy(out: *mut devmem_host_policy) -> devmem
 #[no_mangle]
 pub extern "C" fn devmem_reserve_host_store(bytes: usize, wait: c_int) -> devmem_status {
     guard(|| core::reserve_host_store(bytes, wait != 0))
+}
+
+/// Turns growing the host store ahead of need on (`enabled` = 1, the default) or off (0).
+/// While on, the store grows in the background, at idle CPU priority and within the bound on
+/// host memory, toward the bytes of all live allocations, so the first sleep finds its pinned
+/// host memory ready; turning it off stops further growth (memory already grown stays until
+/// `devmem_release_host_store`). The environment variable `DEVMEM_HOST_GROW_AHEAD=0|1` sets the
+/// initial value. Any other `enabled` is `DEVMEM_STATUS_INVALID_ARGUMENT`.
+#[no_mangle]
+pub extern "C" fn devmem_set_host_grow_ahead(enabled: c_int) -> devmem_status {
+    guard(|| match enabled {
+        0 | 1 => {
+            core::set_host_grow_ahead(enabled == 1);
+            Ok(())
+        }
+        _ => bail!(
+            InvalidArgument,
+            "enabled is {enabled}: pass 1 to grow the host store ahead of need, 0 not to"
+        ),
+    })
+}
+
+/// Writes 1 to `*out` when the host store grows ahead of need, else 0.
+#[no_mangle]
+pub extern "C" fn devmem_get_host_grow_ahead(out: *mut c_int) -> devmem_status {
+    // SAFETY: the caller passes NULL or a valid out-pointer.
+    guard(|| unsafe { write_out(out, "out", c_int::from(core::host_grow_ahead())) })
+}
+
+/// Writes to `*out` what device memory `device` still uses, by cause: devmem's mapped bytes
+/// (0 after a sleep of every tag), devmem's other device memory (0 normally), the driver's
+/// used bytes (total minus free) and the rest (used minus devmem's: the context, other
+/// allocators, other processes). Call it after a sleep to see what was left behind.
+#[no_mangle]
+pub extern "C" fn devmem_get_residual(device: c_int, out: *mut devmem_residual) -> devmem_status {
+    guard(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out is NULL");
+        }
+        let residual = core::residual(device)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(out, "out", residual) }
+    })
 }
 
 /// Caps the pinned host memory the host store may hold at `bytes` (0 removes the cap, and

@@ -29,7 +29,7 @@ pub mod threads;
 pub use crate::backend::devmem_backend;
 pub use crate::core::{
     devmem_allocation_callback, devmem_allocation_info, devmem_counter, devmem_read_only,
-    devmem_state, devmem_stats, devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN,
+    devmem_residual, devmem_state, devmem_stats, devmem_transfer, DEFAULT_TAG, DEVMEM_MAX_TAG_LEN,
     DEVMEM_TAG_BUFFER_LEN,
 };
 pub use crate::error::{devmem_status, Error, Result};

@@ -13,6 +13,8 @@
 //!   usable as soon as it is ready, so a cold sleep copies into the first chunks while later
 //!   ones are still being faulted in.
 //! * Before any page is faulted in, growth is checked against the [`bound`] on host memory.
+//! * [`ahead`] grows the store in the background as allocations appear, so the first sleep
+//!   finds its memory ready (`DEVMEM_HOST_GROW_AHEAD=0` turns it off).
 //! * Every thread creation may fail: the grower thread is itself a worker, so refused workers
 //!   only slow growth; a refused grower fails the request with `HOST_OUT_OF_MEMORY`; every way
 //!   out of the grower (including a panic) clears its state and wakes its waiters.
@@ -23,10 +25,12 @@
 //! This module never changes an allocation's state: `core` decides what a finished or failed
 //! save or restore means.
 
+pub mod ahead;
 pub mod anonymous;
 pub mod blocks;
 pub mod bound;
 pub mod driver_host;
+pub mod durable_read;
 pub mod manifest;
 pub mod pipeline;
 pub mod shared;
@@ -164,6 +168,8 @@ struct Pool {
     requested: usize,
     /// Blocks of chunks being prepared right now.
     in_flight: usize,
+    /// Blocks of the chunk [`ahead`] is preparing (not counted as upcoming for a sleep).
+    ahead_in_flight: usize,
     growing: bool,
     grow_error: Option<Error>,
     policy: devmem_host_policy,
@@ -199,6 +205,7 @@ impl Pool {
             source: None,
             requested: 0,
             in_flight: 0,
+            ahead_in_flight: 0,
             growing: false,
             grow_error: None,
             policy,
@@ -350,7 +357,7 @@ fn request(backend: &Arc<dyn Backend>, device: i32, free_needed: usize) -> Resul
                     )
                 })?;
             // Chunks being prepared are not faulted in yet: they count against the room too.
-            let preparing = ((p.requested + p.in_flight) * BLOCK) as u64;
+            let preparing = ((p.requested + p.in_flight + p.ahead_in_flight) * BLOCK) as u64;
             let held = (p.blocks.held_blocks() * BLOCK) as u64;
             bound::check(missing as u64 + preparing, held, &bound::Room::read())?;
             p.requested += missing / BLOCK;

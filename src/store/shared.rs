@@ -1266,10 +1266,22 @@ impl Region {
         // transparent huge pages (`shmem_enabled` advise or always) pinning is far cheaper,
         // elsewhere the advice fails or does nothing.
         unsafe { libc::madvise(area as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
-        let pins = backend.host_memory() == HostMemory::Register;
+        let asked = super::durable_read::Mode::from_env()?;
+        let (huge, why_huge) = super::durable_read::huge_pages(self.fd.as_raw_fd());
+        let (mode, why) = super::durable_read::resolve(asked, huge, &why_huge);
+        let piece = mode.piece();
+        let pins = backend.host_memory() == HostMemory::Register && piece.is_some();
+        if backend.host_memory() == HostMemory::Register {
+            log::info!(
+                "devmem: shared store {}: durable reads {} ({why})",
+                self.path.display(),
+                mode.name()
+            );
+        }
         let pinning = Arc::new(Pinning::new(
             area,
             len,
+            piece.unwrap_or(super::durable_read::PIECE),
             pins.then(|| (Arc::clone(backend), device)),
         ));
         self.pinning = Arc::clone(&pinning);
@@ -1299,7 +1311,8 @@ impl Region {
         let mut out = Vec::new();
         let mut at = ptr;
         while at < ptr + len {
-            let piece_end = area + ((at - area) / PIN_PIECE + 1) * PIN_PIECE;
+            let piece = self.pinning.piece();
+            let piece_end = area + ((at - area) / piece + 1) * piece;
             let n = piece_end.min(ptr + len) - at;
             out.push((at - ptr, at, n));
             at += n;
@@ -1783,8 +1796,9 @@ fn pread_exact(fd: &OwnedFd, bytes: &mut [u8], offset: u64) -> Result<()> {
     })
 }
 
-/// Pieces the area is pinned in (each its own registration with the driver).
-const PIN_PIECE: usize = 256 << 20;
+/// Pieces the area is pinned in by default (each its own registration with the driver);
+/// `DEVMEM_DURABLE_READ` chooses ([`super::durable_read`]).
+const PIN_PIECE: usize = super::durable_read::PIECE;
 /// Threads populating pieces ahead of the one registering them.
 const POPULATE_THREADS: usize = 4;
 
@@ -1796,6 +1810,8 @@ const POPULATE_THREADS: usize = 4;
 pub struct Pinning {
     area: usize,
     len: usize,
+    /// Bytes per registration (0: [`PIN_PIECE`]).
+    piece: usize,
     driver: Option<(Arc<dyn Backend>, i32)>,
     state: parking_lot::Mutex<PinState>,
     changed: parking_lot::Condvar,
@@ -1813,12 +1829,14 @@ struct PinState {
 }
 
 impl Pinning {
-    fn new(area: usize, len: usize, driver: Option<(Arc<dyn Backend>, i32)>) -> Self {
-        let pieces = len.div_ceil(PIN_PIECE);
+    fn new(area: usize, len: usize, piece: usize, driver: Option<(Arc<dyn Backend>, i32)>) -> Self {
+        let piece = piece.max(BLOCK);
+        let pieces = len.div_ceil(piece);
         let done = driver.is_none();
         Self {
             area,
             len,
+            piece,
             driver,
             state: parking_lot::Mutex::new(PinState {
                 pinned: if done { pieces } else { 0 },
@@ -1831,9 +1849,18 @@ impl Pinning {
         }
     }
 
-    fn piece(&self, i: usize) -> (usize, usize) {
-        let start = i * PIN_PIECE;
-        (self.area + start, PIN_PIECE.min(self.len - start))
+    /// Bytes per registration.
+    fn piece(&self) -> usize {
+        if self.piece == 0 {
+            PIN_PIECE
+        } else {
+            self.piece
+        }
+    }
+
+    fn piece_at(&self, i: usize) -> (usize, usize) {
+        let start = i * self.piece();
+        (self.area + start, self.piece().min(self.len - start))
     }
 
     /// Claims the next piece to populate, if any.
@@ -1848,7 +1875,7 @@ impl Pinning {
     }
 
     fn populate(&self, i: usize) {
-        let (ptr, len) = self.piece(i);
+        let (ptr, len) = self.piece_at(i);
         // SAFETY: advice on a piece of this rank's shared mapping, which stays mapped until the
         // pinning has stopped. MADV_POPULATE_WRITE faults pages in without changing them.
         let rc = unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
@@ -1869,7 +1896,7 @@ impl Pinning {
         let Some((backend, device)) = &self.driver else {
             return;
         };
-        let pieces = self.len.div_ceil(PIN_PIECE);
+        let pieces = self.len.div_ceil(self.piece());
         let started = Instant::now();
         std::thread::scope(|scope| {
             for _ in 1..POPULATE_THREADS.min(pieces) {
@@ -1897,7 +1924,7 @@ impl Pinning {
                     break;
                 }
                 drop(st);
-                let (ptr, len) = self.piece(i);
+                let (ptr, len) = self.piece_at(i);
                 let pinned = backend
                     .host_register(*device, ptr as *mut u8, len)
                     .map_err(|e| e.context("shared store: pinning this rank's area"));
@@ -1917,7 +1944,7 @@ impl Pinning {
         });
         log::info!(
             "devmem: shared store: pinned {} bytes in {:.3} s",
-            self.state.lock().pinned * PIN_PIECE,
+            (self.state.lock().pinned * self.piece()).min(self.len),
             started.elapsed().as_secs_f64()
         );
         self.changed.notify_all();
@@ -1925,7 +1952,7 @@ impl Pinning {
 
     /// Waits until the first `end` bytes of the area are pinned; the pinning's error if any.
     fn wait(&self, end: usize) -> Result<()> {
-        let need = end.div_ceil(PIN_PIECE);
+        let need = end.div_ceil(self.piece());
         let mut st = self.state.lock();
         loop {
             if st.pinned >= need {
@@ -1955,7 +1982,7 @@ impl Pinning {
         };
         let pinned = self.state.lock().pinned;
         for i in 0..pinned {
-            let (ptr, _) = self.piece(i);
+            let (ptr, _) = self.piece_at(i);
             if let Err(err) = backend.host_unregister(*device, ptr as *mut u8) {
                 log::error!("devmem: shared store: unpinning: {err}");
             }

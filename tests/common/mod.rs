@@ -145,6 +145,9 @@ pub fn setup(extra: &[(&str, &str)]) {
     // Small host-store chunks keep the tests' host memory low; tests may override.
     std::env::set_var("DEVMEM_HOST_CHUNK_MB", "32");
     std::env::set_var("DEVMEM_HOST_THREADS", "2");
+    // The tests count the host store's bytes and registrations exactly: growing it ahead of
+    // need in the background would race with those counts. Tests of growing ahead turn it on.
+    std::env::set_var("DEVMEM_HOST_GROW_AHEAD", "0");
     // Any synchronisation violation stops the test process (tests that provoke one on
     // purpose pass DEVMEM_EMU_STRICT=0 and count them).
     std::env::set_var("DEVMEM_EMU_STRICT", "1");

@@ -289,6 +289,18 @@ class Transfer(Structure):
     ]
 
 
+class Residual(Structure):
+    """``devmem_residual``."""
+
+    _fields_ = [
+        ("devmem_mapped_bytes", c_uint64),
+        ("devmem_other_bytes", c_uint64),
+        ("driver_used_bytes", c_uint64),
+        ("other_used_bytes", c_uint64),
+        ("total_bytes", c_uint64),
+    ]
+
+
 class SharedStoreOptions(Structure):
     """``devmem_shared_store_options``."""
 
@@ -372,6 +384,9 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_set_host_policy": (c_int32, [c_int]),
     "devmem_get_host_policy": (c_int32, [POINTER(c_int32)]),
     "devmem_reserve_host_store": (c_int32, [c_size_t, c_int]),
+    "devmem_set_host_grow_ahead": (c_int32, [c_int]),
+    "devmem_get_host_grow_ahead": (c_int32, [POINTER(c_int)]),
+    "devmem_get_residual": (c_int32, [c_int, POINTER(Residual)]),
     "devmem_set_host_limit": (c_int32, [c_uint64]),
     "devmem_get_host_limit": (c_int32, [POINTER(c_uint64)]),
     "devmem_shared_store_open": (c_int32, [POINTER(SharedStoreOptions)]),

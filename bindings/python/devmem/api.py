@@ -488,6 +488,116 @@ def reserve_host_store(nbytes: int, wait: bool = False) -> None:
     call("devmem_reserve_host_store", nbytes, 1 if wait else 0)
 
 
+def set_host_grow_ahead(enabled: bool) -> None:
+    """Turns growing the host store ahead of need on (the default) or off. While on, the store
+    grows in the background (idle CPU priority, within the host-memory bound) toward the bytes
+    of all live allocations, so the first sleep is as fast as later ones. Off stops further
+    growth; memory already grown stays until ``release_host_store()``. The environment
+    variable ``DEVMEM_HOST_GROW_AHEAD=0|1`` sets the initial value."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, not {type(enabled).__name__}")
+    call("devmem_set_host_grow_ahead", 1 if enabled else 0)
+
+
+def host_grow_ahead() -> bool:
+    """Whether the host store grows ahead of need."""
+    out = ctypes.c_int()
+    call("devmem_get_host_grow_ahead", ctypes.byref(out))
+    return bool(out.value)
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Device memory still used on one device, by cause (``devmem.residual()``).
+
+    ``devmem_mapped``: devmem's allocations still backed by physical memory (0 after a sleep
+    of every tag). ``devmem_other``: other device memory devmem holds (0 normally).
+    ``driver_used``: total minus free, as the driver reports. ``torch_outside_devmem``:
+    segments PyTorch's caching allocator holds outside devmem's allocations (None when torch
+    or its CUDA state is not loaded). ``rest``: what is left: the CUDA context (typically
+    0.3-0.6 GiB per process and device), NCCL's buffers, cuBLAS/cuDNN workspaces, other
+    allocators and other processes on the device."""
+
+    device: int
+    devmem_mapped: int
+    devmem_other: int
+    driver_used: int
+    torch_outside_devmem: Optional[int]
+    rest: int
+    total: int
+
+
+def _torch_outside_devmem(device: int) -> Optional[int]:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        ranges = sorted((a.ptr, a.ptr + a.size) for a in allocations() if a.device == device)
+        starts = [r[0] for r in ranges]
+        import bisect
+
+        outside = 0
+        for seg in torch.cuda.memory_snapshot():
+            if seg.get("device") != device:
+                continue
+            addr, size = int(seg["address"]), int(seg["total_size"])
+            i = bisect.bisect_right(starts, addr) - 1
+            if i >= 0 and ranges[i][0] <= addr < ranges[i][1]:
+                continue  # a segment devmem backs: counted as devmem's
+            outside += size
+        return outside
+    except Exception as err:  # noqa: BLE001 - a report must not fail the sleep it follows
+        logging.getLogger("devmem").debug("devmem: could not read PyTorch's segments: %s", err)
+        return None
+
+
+def residual(device: int = 0) -> Residual:
+    """What device memory ``device`` still uses, by cause; call it after a sleep to see what
+    was left behind (see ``Residual``)."""
+    out = _lib.Residual()
+    call("devmem_get_residual", _c_device(device), ctypes.byref(out))
+    torch_bytes = _torch_outside_devmem(device)
+    rest = int(out.other_used_bytes) - (torch_bytes or 0)
+    return Residual(
+        device=device,
+        devmem_mapped=int(out.devmem_mapped_bytes),
+        devmem_other=int(out.devmem_other_bytes),
+        driver_used=int(out.driver_used_bytes),
+        torch_outside_devmem=torch_bytes,
+        rest=max(rest, 0),
+        total=int(out.total_bytes),
+    )
+
+
+def log_residual(device: Optional[int] = None, what: str = "sleep") -> Optional[Residual]:
+    """Logs ``residual(device)`` at info level (the vLLM backend and the torch_memory_saver
+    module call it after each sleep; ``device`` None: PyTorch's current device, else 0); never
+    raises, and reads nothing when info is not logged."""
+    log = logging.getLogger("devmem")
+    if not log.isEnabledFor(logging.INFO):
+        return None
+    try:
+        if device is None:
+            torch = sys.modules.get("torch")
+            on_cuda = torch is not None and torch.cuda.is_initialized()
+            device = int(torch.cuda.current_device()) if on_cuda else 0
+        r = residual(device)
+    except Exception as err:  # noqa: BLE001 - only a report
+        logging.getLogger("devmem").debug("devmem: residual after %s unavailable: %s", what, err)
+        return None
+    gib = 1 << 30
+    torch_part = "n/a" if r.torch_outside_devmem is None else f"{r.torch_outside_devmem / gib:.2f}"
+    logging.getLogger("devmem").info(
+        "devmem: after %s, device %d still uses %.2f GiB: devmem %.2f mapped + %.2f other, "
+        "PyTorch cache outside devmem %s, rest (context, NCCL, other) %.2f",
+        what, device, r.driver_used / gib, r.devmem_mapped / gib, r.devmem_other / gib,
+        torch_part, r.rest / gib,
+    )
+    return r
+
+
 def set_host_limit(nbytes: int) -> None:
     """Caps the pinned host memory the host store may hold at ``nbytes`` (0 removes the cap,
     and ``DEVMEM_HOST_LIMIT`` with it). A sleep that would need more raises

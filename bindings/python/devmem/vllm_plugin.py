@@ -281,6 +281,9 @@ class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
         with self._transition(None, "SUSPENDED"):
             # A model without graphs (enforce_eager) has no "cudagraph" allocations: no warning.
             allocator.sleep(offload_tags=tuple(offload_tags), strict=None)
+        from . import api
+
+        api.log_residual(what=f"level-{level} sleep")
 
     def resume(self, tags: Optional[List[str]] = None) -> None:
         allocator = self._allocator()

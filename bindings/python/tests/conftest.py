@@ -22,6 +22,9 @@ if os.environ.get("DEVMEM_TEST_REAL_DRIVER") != "1":
     else:
         os.environ.setdefault("DEVMEM_CUDA_LIBRARY", str(RELEASE / "libdevmem_cuda_emu.so"))
     os.environ.setdefault("DEVMEM_EMU_CAPACITY", "2G")
+    # The tests count the host store's bytes exactly; growing it ahead of need in the background
+    # would race with those counts (tests of growing ahead turn it on themselves).
+    os.environ.setdefault("DEVMEM_HOST_GROW_AHEAD", "0")
     # DEVMEM_TEST_BACKEND=level_zero: the same tests on the emulator's Level Zero face.
     if os.environ.get("DEVMEM_TEST_BACKEND") == "level_zero":
         os.environ.setdefault("DEVMEM_BACKEND", "level_zero")

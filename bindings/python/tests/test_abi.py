@@ -30,6 +30,7 @@ TYPES = {
     "devmem_backend *": ctypes.POINTER(ctypes.c_int32),
     "void *const *": ctypes.POINTER(ctypes.c_void_p),
     "struct devmem_stats *": ctypes.POINTER(_lib.Stats),
+    "struct devmem_residual *": ctypes.POINTER(_lib.Residual),
     "struct devmem_transfer *": ctypes.POINTER(_lib.Transfer),
     "struct devmem_allocation_info *": ctypes.POINTER(_lib.AllocationInfo),
     "const struct devmem_shared_store_options *": ctypes.POINTER(_lib.SharedStoreOptions),
@@ -97,7 +98,7 @@ def struct_fields(struct):
 @pytest.mark.parametrize(
     "struct,cls",
     [("devmem_counter", _lib.Counter), ("devmem_stats", _lib.Stats), ("devmem_transfer", _lib.Transfer),
-     ("devmem_shared_store_info", _lib.SharedStoreInfo),
+     ("devmem_shared_store_info", _lib.SharedStoreInfo), ("devmem_residual", _lib.Residual),
      ("devmem_allocation_info", _lib.AllocationInfo), ("devmem_shared_store_options", _lib.SharedStoreOptions)],
 )
 def test_struct_fields_match_header(struct, cls):

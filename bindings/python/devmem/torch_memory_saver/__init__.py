@@ -297,6 +297,7 @@ class TorchMemorySaver:
         with _alongside(allocator._collect) as entering:
             # Regions whose tensors are all freed have no allocation left: not a typo.
             api.sleep_tags(keep, drop, strict=None, _entering=entering)
+        api.log_residual(what=f"pause({tag!r})")
 
     def resume(self, tag: Optional[str] = None) -> None:
         """Maps the memory of ``tag``'s regions (every region when None) again at the same
