@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 1 << 40;
 const FD_RESERVE: u64 = 256;
 /// Most simultaneous connections.
 const MAX_CONNS: usize = 128;
+/// Most entry bytes (JSON as received) one open transaction may buffer.
+const MAX_TXN_BYTES: usize = 64 << 20;
 
 /// How a keeper is configured.
 #[derive(Debug, Clone)]
@@ -119,6 +121,7 @@ struct Txn {
     want_fds: u64,
     entries: Vec<Entry>,
     fds: Vec<OwnedFd>,
+    entry_bytes: usize,
     failed: Option<KeeperError>,
 }
 
@@ -214,6 +217,14 @@ impl Server {
                     "bind({})",
                     cfg.socket.display()
                 )));
+            }
+            // Test hook: widens the bind-to-listen window so a test can show that two
+            // starting keepers never both serve (the lock file is what prevents it).
+            if let Some(ms) = std::env::var("DEVMEM_KEEPER_TEST_LISTEN_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                std::thread::sleep(Duration::from_millis(ms.min(10_000)));
             }
             if libc::listen(listener.as_raw_fd(), 64) != 0 {
                 return Err(KeeperError::last_os("listen"));
@@ -432,7 +443,7 @@ impl Server {
                 entries,
                 fds: nfds,
             } => self.keep_begin(id, key, entries, nfds),
-            Request::KeepEntry { entry } => self.keep_entry(id, entry),
+            Request::KeepEntry { entry } => self.keep_entry(id, entry, bytes.len()),
             Request::KeepFds => self.keep_fds(id, fds),
             Request::KeepCommit => self.keep_commit(id),
             Request::Attach { key, mode } => self.attach(id, key, mode),
@@ -514,8 +525,10 @@ impl Server {
                     "a keep is already open on this connection".into(),
                 ));
             }
-            if entries == 0 {
-                return Err(KeeperError::Invalid("keep of no entries".into()));
+            if entries == 0 || entries > nfds {
+                return Err(KeeperError::Invalid(format!(
+                    "keep of {entries} entries with {nfds} fds (each entry has at least one piece)"
+                )));
             }
             if let Some(m) = self.other_lease(&key, id, true) {
                 return Err(KeeperError::Busy(m));
@@ -539,6 +552,7 @@ impl Server {
                         want_fds: nfds,
                         entries: Vec::new(),
                         fds: Vec::new(),
+                        entry_bytes: 0,
                         failed: None,
                     });
                 }
@@ -549,7 +563,7 @@ impl Server {
         self.reply(id, &r, &[]);
     }
 
-    fn keep_entry(&mut self, id: u64, entry: Entry) {
+    fn keep_entry(&mut self, id: u64, entry: Entry, wire_bytes: usize) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -561,8 +575,14 @@ impl Server {
         if t.failed.is_some() {
             return;
         }
+        t.entry_bytes += wire_bytes;
         if let Err(e) = entry.validate() {
             t.failed = Some(e);
+        } else if t.entry_bytes > MAX_TXN_BYTES {
+            t.failed = Some(KeeperError::Full(format!(
+                "a keep's entries pass {MAX_TXN_BYTES} bytes of description"
+            )));
+            t.entries.clear();
         } else if t.entries.len() as u64 >= t.want_entries {
             t.failed = Some(KeeperError::Invalid("more entries than announced".into()));
         } else {

@@ -25,6 +25,18 @@ impl Drop for Keeper {
     }
 }
 
+/// Child processes killed and reaped on drop, so a failing test leaves no keeper behind.
+struct Kids(Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for k in &mut self.0 {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+}
+
 fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("keeper-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -57,9 +69,13 @@ fn start_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> Keeper {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().unwrap();
-    wait_up(&socket);
-    Keeper { child, dir, socket }
+    let k = Keeper {
+        child: cmd.spawn().unwrap(),
+        dir,
+        socket,
+    };
+    wait_up(&k.socket);
+    k
 }
 
 fn start(name: &str) -> Keeper {
@@ -418,28 +434,30 @@ fn stale_socket_file_is_replaced() {
 fn racing_keepers_end_with_one() {
     let dir = tempdir("race");
     let socket = dir.join("k").join("keeper.sock");
-    let mut kids: Vec<Child> = (0..4)
-        .map(|_| {
-            Command::new(BIN)
-                .arg("serve")
-                .arg("--socket")
-                .arg(&socket)
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut kids = Kids(
+        (0..4)
+            .map(|_| {
+                Command::new(BIN)
+                    .arg("serve")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
     wait_up(&socket);
     std::thread::sleep(Duration::from_millis(500));
     let mut running = Vec::new();
-    for (i, kid) in kids.iter_mut().enumerate() {
+    for (i, kid) in kids.0.iter_mut().enumerate() {
         match kid.try_wait().unwrap() {
             None => running.push(i),
             Some(st) => assert!(st.success(), "a losing keeper failed: {st}"),
         }
     }
     assert_eq!(running.len(), 1, "keepers left running: {running:?}");
-    let winner = kids.remove(running[0]);
+    let winner = kids.0.remove(running[0]);
     let k = Keeper {
         child: winner,
         dir,
@@ -921,4 +939,42 @@ fn socket_path_follows_the_environment() {
         devmem_keeper::paths::socket_path().unwrap(),
         PathBuf::from(format!("/dev/shm/devmem-{uid}/keeper.sock"))
     );
+}
+
+#[test]
+fn racing_keepers_with_a_slow_listen_end_with_one() {
+    // Each keeper sleeps between bind and listen: without the lock file, a second keeper
+    // would find the first's socket refusing connections, take it for stale, unlink it and
+    // serve too.
+    let dir = tempdir("raceslow");
+    let socket = dir.join("k").join("keeper.sock");
+    let mut kids = Kids(
+        (0..3)
+            .map(|i| {
+                std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 }));
+                Command::new(BIN)
+                    .arg("serve")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .env("DEVMEM_KEEPER_TEST_LISTEN_DELAY_MS", "400")
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    wait_up(&socket);
+    std::thread::sleep(Duration::from_millis(1000));
+    let running: Vec<usize> = (0..kids.0.len())
+        .filter(|&i| kids.0[i].try_wait().unwrap().is_none())
+        .collect();
+    assert_eq!(running.len(), 1, "keepers left running: {running:?}");
+    let winner = kids.0.remove(running[0]);
+    drop(kids);
+    let k = Keeper {
+        child: winner,
+        dir,
+        socket,
+    };
+    assert_eq!(k.client().status().unwrap().pid, k.child.id());
 }
