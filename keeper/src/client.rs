@@ -149,7 +149,11 @@ impl Client {
             )));
         }
         set_timeouts(sock.as_fd(), env_timeout())?;
-        Ok(Client { sock })
+        let client = Client { sock };
+        match client.recv()? {
+            (Reply::Hello { .. }, f) if f.is_empty() => Ok(client),
+            (r, _) => Err(unexpected(&r)),
+        }
     }
 
     /// Connects, starting `binary serve --daemon` first when no keeper answers (waits up to

@@ -143,13 +143,21 @@ fn serve(a: Args) -> ExitCode {
     }
 }
 
+/// Whether a keeper answers at `socket` (a refusal is an answer: one runs there).
+fn answers(socket: &std::path::Path) -> bool {
+    matches!(
+        Client::connect_at(socket),
+        Ok(_) | Err(KeeperError::Refused(_))
+    )
+}
+
 /// Starts the keeper detached (new session, stdio away from the caller, stderr to
 /// `keeper.log` in the socket directory) and waits until it answers.
 fn daemonize(cfg: &Config) -> ExitCode {
     if let Err(e) = devmem_keeper::paths::ensure_dir(&cfg.socket) {
         return fail(&e);
     }
-    if Client::connect_at(&cfg.socket).is_ok() {
+    if answers(&cfg.socket) {
         return ExitCode::SUCCESS;
     }
     let log_path = server::socket_dir(&cfg.socket).join("keeper.log");
@@ -196,14 +204,14 @@ fn daemonize(cfg: &Config) -> ExitCode {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if Client::connect_at(&cfg.socket).is_ok() {
+        if answers(&cfg.socket) {
             return ExitCode::SUCCESS;
         }
         if let Ok(Some(st)) = child.try_wait() {
-            // Exit 0: it lost a start race; the winner answers soon.
-            if st.success() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+            // Exit 0: it lost a start race to a keeper that holds the lock (running or
+            // starting); callers such as connect_or_spawn wait for that one to answer.
+            if st.success() {
+                return ExitCode::SUCCESS;
             }
             eprintln!(
                 "devmem-keeper: the keeper exited ({st}); see {}",

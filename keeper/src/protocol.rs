@@ -49,6 +49,11 @@ pub enum Request {
 /// Keeper to client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
+    /// First message on every accepted connection (the keeper's pid); a refused connection
+    /// gets `Err` instead, before the client has sent anything, so the refusal is never lost.
+    Hello {
+        pid: u32,
+    },
     Ok,
     Err {
         error: KeeperError,

@@ -194,7 +194,7 @@ impl Server {
         }
         if std::fs::symlink_metadata(&cfg.socket).is_ok() {
             match crate::Client::connect_at(&cfg.socket) {
-                Ok(_) => return Ok(Bound::AlreadyRunning),
+                Ok(_) | Err(KeeperError::Refused(_)) => return Ok(Bound::AlreadyRunning),
                 Err(_) => {
                     log(&format!("replacing stale socket {}", cfg.socket.display()));
                     std::fs::remove_file(&cfg.socket).map_err(|e| {
@@ -377,6 +377,13 @@ impl Server {
                 pid,
                 txn: None,
             },
+        );
+        self.reply(
+            id,
+            &Reply::Hello {
+                pid: std::process::id(),
+            },
+            &[],
         );
     }
 
