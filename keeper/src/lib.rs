@@ -35,7 +35,7 @@ pub struct Entry {
     pub names: Vec<(String, u64, u64)>,
     /// Device ordinal the memory lives on.
     pub device: i32,
-    /// Opaque label of the device/driver (e.g. "cuda:0 <uuid>"), checked by the client,
+    /// Opaque label of the device/driver (e.g. `"cuda:0 <uuid>"`), checked by the client,
     /// never interpreted by the keeper.
     pub device_label: String,
     /// Opaque client metadata (e.g. checksums), at most 64 KiB; keeper stores and returns it.
