@@ -115,6 +115,8 @@ readelf -S build/prefix/lib/.debug/libdevmem.so.0.1.0.debug | grep -q '\.debug_i
 readelf -p .gnu_debuglink "$lib" | grep -q 'libdevmem.so.0.1.0.debug' \
   || { echo "FAIL: $lib has no .gnu_debuglink" >&2; exit 1; }
 echo "installed $(du -k "$lib" | cut -f1) KiB stripped, debug info in build/prefix/lib/.debug/"
+build/prefix/bin/devmem-keeper --help >/dev/null \
+  || { echo "FAIL: build/prefix/bin/devmem-keeper is missing or does not run" >&2; exit 1; }
 valgrind_opt=OFF
 if command -v valgrind >/dev/null 2>&1; then valgrind_opt=ON; fi
 step "C tests against the installed package and the emulator (valgrind: $valgrind_opt)"

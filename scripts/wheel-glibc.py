@@ -5,7 +5,8 @@ one needs a newer glibc than the wheel is meant for: the check behind the wheel'
     python scripts/wheel-glibc.py MAX WHEEL     e.g. 2.28 build/wheelhouse/devmem-*.whl
 
 Needs pyelftools (auditwheel's dependency, so scripts/wheel.sh's tools venv has it). Exit 1 when
-a library needs more than glibc MAX, 2 when the wheel has no native library at all.
+a library (or the devmem-keeper executable) needs more than glibc MAX, 2 when the wheel has no
+native library at all or lacks devmem/devmem-keeper.
 """
 
 import io
@@ -35,8 +36,9 @@ def main(limit: str, wheel: str) -> int:
     too_new = []
     libraries = 0
     with zipfile.ZipFile(wheel) as archive:
-        for name in sorted(archive.namelist()):
-            if not re.search(r"\.so(\.[0-9]+)*$", name):
+        archive_names = archive.namelist()
+        for name in sorted(archive_names):
+            if not re.search(r"\.so(\.[0-9]+)*$", name) and not name.endswith("/devmem-keeper"):
                 continue
             libraries += 1
             data = archive.read(name)
@@ -46,6 +48,9 @@ def main(limit: str, wheel: str) -> int:
             if versions and versions[-1] > most:
                 needs = ", ".join("GLIBC_%d.%d" % v for v in versions if v > most)
                 too_new.append(f"{name} needs {needs}")
+    if not any(n.endswith("devmem/devmem-keeper") for n in archive_names):
+        print(f"FAIL: {wheel} has no devmem/devmem-keeper executable", file=sys.stderr)
+        return 2
     if libraries == 0:
         print(f"FAIL: {wheel} has no native library", file=sys.stderr)
         return 2

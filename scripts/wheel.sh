@@ -47,5 +47,8 @@ text = open(sys.argv[1]).read().split("\n### Python\n", 1)[1]
 print(text.split("```python\n", 1)[1].split("```", 1)[0])
 PY
   $python /tmp/devmem-readme-example.py
+  # The bundled keeper runs (issue 22).
+  $python -m devmem.keeper --help >/dev/null
+  $python -c "import devmem._lib as l, os; p = l.keeper_binary_path(); assert p and \"site-packages\" in p and os.access(p, os.X_OK), p"
 ' _ "$wheel"
 echo "wheel OK: $wheel"

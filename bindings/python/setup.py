@@ -32,10 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: The repository root (pyproject.toml's ``path = "../../Cargo.toml"``).
 ROOT = os.path.dirname(os.path.dirname(HERE))
 #: What the bundled libraries are built from, relative to ROOT: files, and folders walked.
-SOURCE_FILES = ("Cargo.toml", "Cargo.lock", "build.rs", "emulator/Cargo.toml", "emulator/build.rs", "preload/Cargo.toml")
-SOURCE_DIRS = ("src", "emulator/src", "preload/src")
+SOURCE_FILES = ("Cargo.toml", "Cargo.lock", "build.rs", "emulator/Cargo.toml", "emulator/build.rs", "preload/Cargo.toml",
+                "keeper/Cargo.toml")
+SOURCE_DIRS = ("src", "emulator/src", "preload/src", "keeper/src")
 #: The libraries setuptools-rust puts into the package (pyproject.toml's targets).
 LIBRARY_PATTERNS = ("libdevmem", "_emulator", "torch_memory_saver_hook_mode_preload")
+#: The keeper executable setuptools-rust puts into the package (binding "Exec").
+KEEPER_BINARY = "devmem-keeper"
 #: The preload library ships under the one name torch_memory_saver's users and slime look for.
 PRELOAD_STEM = "torch_memory_saver_hook_mode_preload"
 #: Where the hash each library was built from is recorded, in the build base (``build/``).
@@ -76,7 +79,7 @@ def bundled_libraries(build_lib: str) -> List[str]:
         return []
     return sorted(
         os.path.join(package, name) for name in os.listdir(package)
-        if name.startswith(LIBRARY_PATTERNS) and ".so" in name
+        if (name.startswith(LIBRARY_PATTERNS) and ".so" in name) or name == KEEPER_BINARY
     )
 
 

@@ -476,6 +476,35 @@ def preload_library_path() -> Optional[str]:
     return found[0] if found else None
 
 
+#: File name of the keeper executable (issue 22; see docs/keeper.md).
+KEEPER_NAME = "devmem-keeper"
+#: Environment override for the keeper executable's path.
+KEEPER_ENV = "DEVMEM_KEEPER_BINARY"
+
+
+def keeper_binary_path() -> Optional[str]:
+    """The ``devmem-keeper`` executable: ``$DEVMEM_KEEPER_BINARY``, else the copy bundled in
+    this package (``devmem/devmem-keeper``), else cargo's build beside the ``libdevmem.so`` in
+    use (``$DEVMEM_LIBRARY``'s folder) or in the source tree's ``target/release`` and
+    ``target/debug``; None when there is none. Only executable files count, except the
+    environment override, which is returned as given (a wrong path then fails loudly)."""
+    env = os.environ.get(KEEPER_ENV)
+    if env:
+        return env
+    found = [os.path.join(_HERE, KEEPER_NAME)]
+    library = os.environ.get(LIBRARY_ENV)
+    if library:
+        found.append(os.path.join(os.path.dirname(os.path.abspath(library)), KEEPER_NAME))
+    if _path:
+        found.append(os.path.join(os.path.dirname(os.path.abspath(_path)), KEEPER_NAME))
+    root = _source_tree()
+    if root is not None:
+        found.append(os.path.join(root, "target", "release", KEEPER_NAME))
+        found.append(os.path.join(root, "target", "debug", KEEPER_NAME))
+    found = [f for f in found if os.path.isfile(f) and os.access(f, os.X_OK)]
+    return found[0] if found else None
+
+
 def emulator_face() -> Optional[str]:
     """The face ``DEVMEM_EMULATOR`` selects, or None for the real driver. Raises
     :class:`InvalidArgumentError` for a value that is not one of the accepted ones."""
