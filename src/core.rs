@@ -1963,3 +1963,170 @@ pub fn mem_get_info(device: i32) -> Result<(usize, usize)> {
 pub fn granularity(device: i32) -> Result<usize> {
     backend::get()?.granularity(device)
 }
+
+/// Exports the physical memory mapped for the allocation at `ptr` as POSIX file descriptors,
+/// one per piece ([`Backend::chunks`]), in address order, with each piece's size: what the
+/// keeper holds so a later process can map the same memory without copying. The allocation
+/// stays mapped and usable here. Only a mapped allocation can be exported: a sleeping one has
+/// no device memory to hand over.
+pub fn export_allocation(ptr: u64) -> Result<Vec<(usize, std::os::fd::OwnedFd)>> {
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let found = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.state, a.handle, a.device, a.size, a.mapped_asleep))
+    });
+    let Some((state, handle, device, size, mapped_asleep)) = found else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} is not the start of a live devmem allocation"
+        );
+    };
+    let handle = match (state, handle) {
+        (devmem_state::Mapped, Some(handle)) if !mapped_asleep => handle,
+        _ => bail!(
+            InvalidState,
+            "the allocation at {ptr:#x} is {state:?}: only mapped device memory can be kept \
+             (wake it first)"
+        ),
+    };
+    backend
+        .chunks(handle, size)
+        .into_iter()
+        .map(|(piece, n)| {
+            backend
+                .export_fd(device, piece)
+                .map(|fd| (n, fd))
+                .map_err(|e| e.context(format!("exporting the allocation at {ptr:#x}")))
+        })
+        .collect()
+}
+
+/// Maps memory another process exported ([`export_allocation`]) at the allocation `ptr`, in
+/// place of its own: no byte is copied. `pieces` are the exported descriptors with their sizes,
+/// in address order; they must add up to the allocation's size. The allocation may be mapped
+/// (its fresh memory is given back once the imported memory is mapped) or discarded (asleep
+/// with nothing saved); an offloaded one is refused (its backup would be stale).
+///
+/// Order, so that a failure leaves the allocation as it was: import every piece, unmap the
+/// allocation's own memory (keeping its handle), map and grant access to the imported memory,
+/// and only then release the own handle. On failure the imported handles are released and
+/// the own memory is mapped again (its bytes intact).
+pub fn adopt_allocation(
+    ptr: u64,
+    pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
+    read_only: bool,
+) -> Result<()> {
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let found = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.state, a.handle, a.device, a.size, a.mapped_asleep))
+    });
+    let Some((state, own, device, size, mapped_asleep)) = found else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} is not the start of a live devmem allocation"
+        );
+    };
+    let own = match (state, own, mapped_asleep) {
+        (devmem_state::Mapped, Some(handle), false) => Some(handle),
+        (devmem_state::Discarded, None, false) => None,
+        _ => bail!(
+            InvalidState,
+            "the allocation at {ptr:#x} is {state:?}: only a mapped allocation or one discarded \
+             without a held handle can take kept memory"
+        ),
+    };
+    let total = pieces
+        .iter()
+        .try_fold(0usize, |sum, (n, _)| sum.checked_add(*n));
+    if total != Some(size) {
+        bail!(
+            InvalidArgument,
+            "the kept memory ({} piece(s), {total:?} bytes) does not match the allocation at \
+             {ptr:#x} ({size} bytes)",
+            pieces.len()
+        );
+    }
+    if pieces.len() != 1 {
+        bail!(
+            Unsupported,
+            "kept memory in {} pieces: mapping chunked memory from the keeper is not supported \
+             yet",
+            pieces.len()
+        );
+    }
+    let imported = backend
+        .import_fd(device, pieces[0].1)
+        .map_err(|e| e.context(format!("attaching kept memory at {ptr:#x}")))?;
+    let drop_imported = |why: &str| {
+        if let Err(err) = backend.release(device, imported) {
+            log::error!("devmem: releasing imported memory after {why}: {err}");
+            keep_stray(Stray {
+                device,
+                va: ptr,
+                size,
+                handle: Some(imported),
+                mapped: false,
+                reserved: false,
+            });
+        }
+    };
+    if own.is_some() {
+        let unmapped = backend
+            .synchronize(device)
+            .and_then(|()| backend.unmap(device, ptr, size));
+        if let Err(err) = unmapped {
+            drop_imported("a failed unmap");
+            return Err(err.context(format!("attaching kept memory at {ptr:#x}")));
+        }
+    }
+    let mapped = backend.map(device, ptr, size, imported).and_then(|()| {
+        let access = if read_only {
+            backend.set_access_read_only(device, ptr, size)
+        } else {
+            backend.set_access(device, ptr, size)
+        };
+        access.inspect_err(|_| {
+            if let Err(undo) = backend.unmap(device, ptr, size) {
+                log::error!("devmem: unmapping imported memory at {ptr:#x}: {undo}");
+            }
+        })
+    });
+    if let Err(err) = mapped {
+        drop_imported("a failed map");
+        if let Some(handle) = own {
+            if let Err(undo) = backend.map_with_access(device, ptr, size, handle) {
+                // The own memory is no longer mapped: the allocation is discarded, its handle
+                // still held (wake maps it again, free releases it).
+                log::error!(
+                    "devmem: mapping {ptr:#x}'s own memory again: {}",
+                    undo.error
+                );
+                with_registry(|reg| {
+                    reg.transition(ptr, devmem_state::Discarded, Some(handle), None)
+                });
+            }
+        }
+        return Err(err.context(format!("attaching kept memory at {ptr:#x}")));
+    }
+    if let Some(handle) = own {
+        if let Err(err) = backend.release(device, handle) {
+            log::error!("devmem: releasing {ptr:#x}'s own memory after attaching: {err}");
+            keep_stray(Stray {
+                device,
+                va: ptr,
+                size,
+                handle: Some(handle),
+                mapped: false,
+                reserved: false,
+            });
+        }
+    }
+    with_registry(|reg| reg.transition(ptr, devmem_state::Mapped, Some(imported), None));
+    log::debug!("devmem: attached {size} bytes of kept memory at {ptr:#x}, read-only {read_only}");
+    Ok(())
+}

@@ -436,6 +436,24 @@ impl Backend for Layered {
             .try_for_each(|(&n, at)| self.inner.set_access(device, at, n))
     }
 
+    fn set_access_read_only(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        let sizes = self.split(device, size)?;
+        let at = starts(va, sizes.iter().copied());
+        sizes
+            .iter()
+            .zip(at)
+            .try_for_each(|(&n, at)| self.inner.set_access_read_only(device, at, n))
+    }
+
+    /// Pieces ([`chunks`](Backend::chunks)) are the inner driver's handles: exported by it.
+    fn export_fd(&self, device: i32, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        self.inner.export_fd(device, handle)
+    }
+
+    fn import_fd(&self, device: i32, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        self.inner.import_fd(device, fd)
+    }
+
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()> {
         let sizes = self.split(device, size)?;
         let mut mapped = self

@@ -1,0 +1,239 @@
+//! Keeping device memory without copying: an allocation's physical memory exported as POSIX
+//! file descriptors (what the keeper holds) and mapped by another allocation, in this process
+//! or another, in place of its own (`core::export_allocation` / `core::adopt_allocation`).
+//! Run against every emulator face; Level Zero refuses with UNSUPPORTED.
+
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use common::*;
+use devmem::{devmem_state, devmem_status};
+
+const SIZE: usize = 4 * MIB;
+
+/// The descriptor a parent passed to a child test (`DEVMEM_TEST_FD`), still open in the child.
+fn inherited_fd() -> BorrowedFd<'static> {
+    let fd: i32 = std::env::var("DEVMEM_TEST_FD")
+        .expect("DEVMEM_TEST_FD")
+        .parse()
+        .expect("fd number");
+    // SAFETY: the parent left this descriptor open (not close-on-exec) for the whole child.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// Runs the ignored test `name` in a child process that inherits `fd`; returns its status.
+fn spawn_with_fd(name: &str, fd: &OwnedFd) -> std::process::ExitStatus {
+    let raw = fd.as_raw_fd();
+    // SAFETY: clearing close-on-exec on a descriptor this test owns, so the child inherits it.
+    assert_eq!(unsafe { libc::fcntl(raw, libc::F_SETFD, 0) }, 0);
+    let mut cmd = child_test_command(&[], name, &[("DEVMEM_TEST_FD", &raw.to_string())]);
+    wait_for_child(
+        cmd.spawn().expect("child process"),
+        Duration::from_secs(60),
+        name,
+    )
+}
+
+fn export(ptr: u64) -> Vec<(usize, OwnedFd)> {
+    devmem::core::export_allocation(ptr).expect("export")
+}
+
+fn borrowed(pieces: &[(usize, OwnedFd)]) -> Vec<(usize, BorrowedFd<'_>)> {
+    pieces.iter().map(|(n, fd)| (*n, fd.as_fd())).collect()
+}
+
+#[test]
+fn level_zero_refuses_to_export() {
+    if !level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    let err = devmem::core::export_allocation(a).expect_err("Level Zero cannot export");
+    assert_eq!(err.status, devmem_status::Unsupported, "{err}");
+    assert!(err.message.contains("zeMemGetIpcHandle"), "{err}");
+    free_all(&[a]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn adopt_maps_the_same_memory_without_copying() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    fill(a, SIZE, 1);
+    let pieces = export(a);
+    let b = alloc(SIZE, "weights");
+    fill(b, SIZE, 2);
+    let copies = emu().calls(&tr("cuMemcpyHtoDAsync_v2"));
+    devmem::core::adopt_allocation(b, &borrowed(&pieces), false).expect("adopt");
+    assert_eq!(mismatches(b, SIZE, 1), 0, "b shows a's bytes");
+    assert_eq!(emu().calls(&tr("cuMemcpyHtoDAsync_v2")), copies, "no copy");
+    fill(a, SIZE, 3);
+    assert_eq!(mismatches(b, SIZE, 3), 0, "one memory, two addresses");
+    assert_eq!(state(b), devmem_state::Mapped);
+    drop(pieces);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn exported_memory_outlives_its_creator_in_another_process() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    fill(a, SIZE, 7);
+    let mut pieces = export(a);
+    assert_eq!(pieces.len(), 1, "the emulator's memory is one piece");
+    free_all(&[a]);
+    assert_no_device_leaks(); // this process holds nothing but the descriptor
+    let (_, fd) = pieces.remove(0);
+    let status = spawn_with_fd("child_adopts_and_checks", &fd);
+    assert!(status.success(), "child: {status}");
+}
+
+#[test]
+#[ignore = "run by exported_memory_outlives_its_creator_in_another_process"]
+fn child_adopts_and_checks() {
+    setup(&[]);
+    let b = alloc(SIZE, "weights");
+    let copies = emu().calls(&tr("cuMemcpyHtoDAsync_v2"));
+    devmem::core::adopt_allocation(b, &[(SIZE, inherited_fd())], false).expect("adopt");
+    assert_eq!(mismatches(b, SIZE, 7), 0);
+    assert_eq!(emu().calls(&tr("cuMemcpyHtoDAsync_v2")), copies);
+    free_all(&[b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn read_only_adoption_faults_the_writer_only() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    fill(a, SIZE, 9);
+    let mut pieces = export(a);
+    let (_, fd) = pieces.remove(0);
+    let status = spawn_with_fd("child_writes_read_only", &fd);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "child: {status}");
+    assert_eq!(mismatches(a, SIZE, 9), 0, "the writer changed nothing");
+    free_all(&[a]);
+    assert_no_device_leaks();
+}
+
+#[test]
+#[ignore = "run by read_only_adoption_faults_the_writer_only"]
+fn child_writes_read_only() {
+    setup(&[]);
+    let b = alloc(SIZE, "weights");
+    devmem::core::adopt_allocation(b, &[(SIZE, inherited_fd())], true).expect("adopt");
+    assert_eq!(mismatches(b, SIZE, 9), 0, "readable");
+    // SAFETY: deliberately writing through a read-only mapping: the process must fault here.
+    unsafe { std::ptr::write_volatile(b as *mut u8, 0) };
+    eprintln!("the write went through");
+    std::process::exit(3);
+}
+
+#[test]
+fn wrong_size_is_refused_before_anything_changes() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    let pieces = export(a);
+    let b = alloc(2 * SIZE, "weights");
+    fill(b, 2 * SIZE, 4);
+    let imports = emu().calls(&tr("cuMemImportFromShareableHandle"));
+    let err = devmem::core::adopt_allocation(b, &borrowed(&pieces), false).expect_err("size");
+    assert_eq!(err.status, devmem_status::InvalidArgument, "{err}");
+    assert_eq!(emu().calls(&tr("cuMemImportFromShareableHandle")), imports);
+    assert_eq!(mismatches(b, 2 * SIZE, 4), 0);
+    drop(pieces);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn a_file_that_is_not_exported_memory_is_refused() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let b = alloc(SIZE, "weights");
+    fill(b, SIZE, 5);
+    let file = std::fs::File::open("/dev/zero").expect("/dev/zero");
+    let err =
+        devmem::core::adopt_allocation(b, &[(SIZE, file.as_fd())], false).expect_err("not memfd");
+    assert!(err.message.contains("ImportFromShareableHandle"), "{err}");
+    assert_eq!(mismatches(b, SIZE, 5), 0);
+    assert_eq!(state(b), devmem_state::Mapped);
+    free_all(&[b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn a_failed_map_puts_the_own_memory_back() {
+    if level_zero() {
+        return;
+    }
+    setup(&[("DEVMEM_EMU_STRICT", "1")]);
+    let a = alloc(SIZE, "weights");
+    fill(a, SIZE, 1);
+    let pieces = export(a);
+    let b = alloc(SIZE, "weights");
+    fill(b, SIZE, 6);
+    emu().inject("cuMemMap", 1, 999);
+    let err = devmem::core::adopt_allocation(b, &borrowed(&pieces), false).expect_err("map");
+    emu().clear_faults();
+    assert!(err.message.contains(&tr("cuMemMap")), "{err}");
+    assert_eq!(state(b), devmem_state::Mapped);
+    assert_eq!(mismatches(b, SIZE, 6), 0, "b's own bytes are back");
+    drop(pieces);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn a_sleeping_allocation_cannot_be_exported() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    ok(sleep(&["weights"]));
+    let err = devmem::core::export_allocation(a).expect_err("asleep");
+    assert_eq!(err.status, devmem_status::InvalidState, "{err}");
+    ok(wake(None));
+    free_all(&[a]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn a_discarded_allocation_takes_kept_memory() {
+    if level_zero() {
+        return;
+    }
+    setup(&[]);
+    let a = alloc(SIZE, "weights");
+    fill(a, SIZE, 8);
+    let pieces = export(a);
+    let b = alloc(SIZE, "cache");
+    ok(sleep(&[])); // discards both tags
+    assert_eq!(state(b), devmem_state::Discarded);
+    devmem::core::adopt_allocation(b, &borrowed(&pieces), false).expect("adopt");
+    assert_eq!(state(b), devmem_state::Mapped);
+    assert_eq!(mismatches(b, SIZE, 8), 0);
+    ok(wake(None));
+    drop(pieces);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
