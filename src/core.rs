@@ -2051,16 +2051,8 @@ pub fn adopt_allocation(
             pieces.len()
         );
     }
-    if pieces.len() != 1 {
-        bail!(
-            Unsupported,
-            "kept memory in {} pieces: mapping chunked memory from the keeper is not supported \
-             yet",
-            pieces.len()
-        );
-    }
     let imported = backend
-        .import_fd(device, pieces[0].1)
+        .import_pieces(device, pieces)
         .map_err(|e| e.context(format!("attaching kept memory at {ptr:#x}")))?;
     let drop_imported = |why: &str| {
         if let Err(err) = backend.release(device, imported) {

@@ -237,3 +237,30 @@ fn a_discarded_allocation_takes_kept_memory() {
     free_all(&[a, b]);
     assert_no_device_leaks();
 }
+
+#[test]
+fn chunked_memory_is_kept_piece_by_piece() {
+    if level_zero() {
+        return;
+    }
+    setup(&[("DEVMEM_CHUNK_SIZE", "2M")]);
+    let a = alloc(4 * SIZE, "weights");
+    fill(a, 4 * SIZE, 11);
+    let pieces = export(a);
+    assert_eq!(pieces.len(), 8, "one descriptor per 2 MiB piece");
+    let b = alloc(4 * SIZE, "weights");
+    fill(b, 4 * SIZE, 12);
+    let handles = emu().counters().handles;
+    // The third import fails: the two before it are released, b keeps its own memory.
+    emu().inject("cuMemImportFromShareableHandle", 3, 999);
+    let err = devmem::core::adopt_allocation(b, &borrowed(&pieces), false).expect_err("import");
+    emu().clear_faults();
+    assert!(err.message.contains("piece 3 of 8"), "{err}");
+    assert_eq!(emu().counters().handles, handles, "no imported handle left");
+    assert_eq!(mismatches(b, 4 * SIZE, 12), 0);
+    devmem::core::adopt_allocation(b, &borrowed(&pieces), false).expect("adopt");
+    assert_eq!(mismatches(b, 4 * SIZE, 11), 0);
+    drop(pieces);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}

@@ -454,6 +454,45 @@ impl Backend for Layered {
         self.inner.import_fd(device, fd)
     }
 
+    /// Imports each piece with the inner driver and holds them as one set, like
+    /// [`create`](Backend::create)'s.
+    fn import_pieces(
+        &self,
+        device: i32,
+        pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<u64> {
+        let mut imported = Vec::with_capacity(pieces.len());
+        for (i, &(n, fd)) in pieces.iter().enumerate() {
+            match self.inner.import_fd(device, fd) {
+                Ok(handle) => imported.push((handle, n)),
+                Err(err) => {
+                    for &(handle, _) in imported.iter().rev() {
+                        if let Err(undo) = self.inner.release(device, handle) {
+                            log::error!("devmem: releasing imported chunk {handle:#x}: {undo}");
+                        }
+                    }
+                    return Err(err.context(format!(
+                        "piece {} of {} ({n} bytes)",
+                        i + 1,
+                        pieces.len()
+                    )));
+                }
+            }
+        }
+        let mut state = self.state.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.sets.insert(
+            id,
+            Set {
+                pieces: imported,
+                mapped_at: None,
+                was_at: None,
+            },
+        );
+        Ok(id)
+    }
+
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()> {
         let sizes = self.split(device, size)?;
         let mut mapped = self

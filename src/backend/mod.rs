@@ -138,6 +138,27 @@ pub trait Backend: Send + Sync {
             ),
         ))
     }
+    /// Imports the pieces of one allocation's exported memory (descriptor and size each, in
+    /// address order) as one physical handle of this backend, as [`create`](Self::create)
+    /// would return: mapped, released and listed by [`chunks`](Self::chunks) like created
+    /// memory. Imports nothing on failure.
+    fn import_pieces(
+        &self,
+        device: i32,
+        pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<u64> {
+        match pieces {
+            [(_, fd)] => self.import_fd(device, *fd),
+            _ => Err(crate::error::Error::new(
+                crate::error::devmem_status::Unsupported,
+                format!(
+                    "the {} backend maps memory in one piece; kept memory has {}",
+                    self.name(),
+                    pieces.len()
+                ),
+            )),
+        }
+    }
     /// Unmaps a range; the reservation stays.
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()>;
     /// Waits until no work queued on `device` is still running. CUDA: every stream of the
