@@ -1,0 +1,1 @@
+//! The keeper server (see server body below).
