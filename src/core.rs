@@ -2122,3 +2122,196 @@ pub fn adopt_allocation(
     log::debug!("devmem: attached {size} bytes of kept memory at {ptr:#x}, read-only {read_only}");
     Ok(())
 }
+
+/// The label devmem files kept memory's device under: the backend's name and the ordinal.
+fn device_label(backend: &dyn Backend, device: i32) -> String {
+    format!("{}:{device}", backend.name())
+}
+
+/// This process's named allocations of `tag`, for keeping and attaching.
+fn kept_locals(reg: &Registry, tag: &str) -> Vec<(store::kept::Local, devmem_state)> {
+    reg.allocations
+        .values()
+        .filter(|a| &*a.tag == tag && !a.names.is_empty())
+        .map(|a| {
+            (
+                store::kept::Local {
+                    va: a.va,
+                    size: a.size as u64,
+                    device: a.device,
+                    names: a
+                        .names
+                        .iter()
+                        .map(|(n, o, l)| (n.to_string(), *o, *l))
+                        .collect(),
+                },
+                a.state,
+            )
+        })
+        .collect()
+}
+
+/// Hands the physical memory of every named allocation of `tags` to the keeper, filed under
+/// (`identity`, tag): no copy; the allocations stay mapped and usable here. Each tag is kept
+/// as one transaction. Every named allocation of the tags must be mapped (a sleeping one has
+/// no device memory to keep); allocations without names are not kept. A tag with no named
+/// allocation is refused.
+pub fn keep(
+    tags: &[String],
+    identity: &store::kept::Identity,
+    options: &store::kept::Options,
+) -> Result<()> {
+    let set = tag_set(tags)?;
+    identity.validate()?;
+    let backend = backend::get()?;
+    for tag in set {
+        let key = identity.key(tag)?;
+        let locals = with_registry(|reg| kept_locals(reg, tag));
+        if locals.is_empty() {
+            bail!(
+                InvalidTag,
+                "tag {tag:?} has no named allocation to keep (name the ranges first)"
+            );
+        }
+        if let Some((l, state)) = locals.iter().find(|(_, s)| *s != devmem_state::Mapped) {
+            bail!(
+                InvalidState,
+                "the allocation at {:#x} (tag {tag:?}) is {state:?}: wake it before keeping",
+                l.va
+            );
+        }
+        let mut entries = Vec::with_capacity(locals.len());
+        for (l, _) in &locals {
+            let pieces = export_allocation(l.va)?;
+            let entry = devmem_keeper::Entry {
+                size: l.size,
+                pieces: pieces.iter().map(|(n, _)| *n as u64).collect(),
+                names: l.names.clone(),
+                device: l.device,
+                device_label: device_label(&*backend, l.device),
+                meta: String::new(),
+            };
+            entries.push((entry, pieces));
+        }
+        let borrowed: Vec<_> = entries
+            .iter()
+            .map(|(e, pieces)| {
+                (
+                    e.clone(),
+                    pieces
+                        .iter()
+                        .map(|(_, fd)| std::os::fd::AsFd::as_fd(fd))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        store::kept::with_client(options, &format!("keeping tag {tag:?}"), |c| {
+            c.keep(&key, &borrowed)
+        })?;
+        log::info!(
+            "devmem: kept {} allocation(s) of tag {tag:?} as {key:?}",
+            entries.len()
+        );
+    }
+    Ok(())
+}
+
+/// Maps the memory the keeper holds for (`identity`, tag) of every tag at this process's own
+/// allocations, matched by identity (names, sizes, device; never by order), read-only when
+/// `read_only`. No byte is copied. The keeper's whole tag is checked before anything is
+/// mapped: a mismatch is refused with `REGION` listing what is missing, extra or mismatched,
+/// and the lease is given back. Each matched allocation must be mapped (its own memory is
+/// given back) or discarded.
+///
+/// The lease (exclusive unless `read_only`) stays with this process's keeper connection until
+/// it exits. If mapping one allocation fails, that allocation is left as it was and the
+/// allocations of the tag mapped before it keep the kept memory.
+pub fn attach(
+    tags: &[String],
+    identity: &store::kept::Identity,
+    options: &store::kept::Options,
+    read_only: bool,
+) -> Result<devmem_transfer> {
+    let start = Instant::now();
+    let set = tag_set(tags)?;
+    identity.validate()?;
+    let backend = backend::get()?;
+    let mode = if read_only {
+        devmem_keeper::Mode::ReadOnly
+    } else {
+        devmem_keeper::Mode::ReadWrite
+    };
+    let mut transfer = devmem_transfer::default();
+    for tag in set {
+        let key = identity.key(tag)?;
+        let doing = format!("attaching tag {tag:?}");
+        let kept = store::kept::with_client(options, &doing, |c| c.attach(&key, mode))?;
+        let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        let entries: Vec<devmem_keeper::Entry> = kept.iter().map(|(e, _)| e.clone()).collect();
+        let checked =
+            store::kept::match_entries(tag, &entries, &locals, |d| device_label(&*backend, d))
+                .and_then(|pairs| {
+                    for (i, _) in &pairs {
+                        let (entry, fds) = &kept[*i];
+                        if entry.pieces.len() != fds.len() {
+                            bail!(
+                                Region,
+                                "the keeper sent {} descriptor(s) for {} piece(s) of tag {tag:?}",
+                                fds.len(),
+                                entry.pieces.len()
+                            );
+                        }
+                    }
+                    Ok(pairs)
+                });
+        let pairs = match checked {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                if let Err(undo) = store::kept::with_client(options, &doing, |c| c.detach(&key)) {
+                    log::warn!("devmem: giving back the lease of {key:?}: {undo}");
+                }
+                return Err(err);
+            }
+        };
+        for (i, j) in pairs {
+            let (entry, fds) = &kept[i];
+            let mut pieces = Vec::with_capacity(fds.len());
+            for (n, fd) in entry.pieces.iter().zip(fds) {
+                let Ok(n) = usize::try_from(*n) else {
+                    bail!(
+                        Region,
+                        "a kept piece of {n} bytes does not fit this process"
+                    );
+                };
+                pieces.push((n, std::os::fd::AsFd::as_fd(fd)));
+            }
+            adopt_allocation(locals[j].va, &pieces, read_only)
+                .map_err(|e| e.context(doing.clone()))?;
+            transfer.allocations += 1;
+            transfer.bytes_mapped += locals[j].size;
+        }
+    }
+    Ok(record_transfer(transfer, start))
+}
+
+/// Has the keeper drop what it holds for (`identity`, tag) of every tag; returns the bytes it
+/// gave back. Allocations of this process that mapped the memory keep it until they free it.
+pub fn release_kept(
+    tags: &[String],
+    identity: &store::kept::Identity,
+    options: &store::kept::Options,
+) -> Result<u64> {
+    let set = tag_set(tags)?;
+    identity.validate()?;
+    let mut bytes = 0u64;
+    for tag in set {
+        let key = identity.key(tag)?;
+        bytes += store::kept::with_client(options, &format!("releasing tag {tag:?}"), |c| {
+            c.release(&key)
+        })?;
+    }
+    Ok(bytes)
+}

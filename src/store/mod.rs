@@ -27,6 +27,7 @@ pub mod anonymous;
 pub mod blocks;
 pub mod bound;
 pub mod driver_host;
+pub mod kept;
 pub mod manifest;
 pub mod pipeline;
 pub mod shared;
