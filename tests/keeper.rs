@@ -264,3 +264,207 @@ fn chunked_memory_is_kept_piece_by_piece() {
     free_all(&[a, b]);
     assert_no_device_leaks();
 }
+
+// --- Through the keeper process (`devmem-keeper serve`), by identity. ---
+
+/// A keeper serving on a private socket, stopped when dropped.
+struct Keeper {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_keeper(label: &str) -> Keeper {
+    let bin = emulator_path().with_file_name("devmem-keeper");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build --workspace",
+        bin.display()
+    );
+    let dir = std::env::temp_dir().join(format!("devmem-kt-{}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("k").join("keeper.sock");
+    let child = std::process::Command::new(bin)
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("keeper");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while devmem_keeper::Client::connect_at(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keeper never answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Keeper { child, dir, socket }
+}
+
+/// Calls `f` with keep options for `instance`/`rank`/`world` at the socket in
+/// `DEVMEM_TEST_SOCKET`.
+fn with_options<T>(
+    instance: &str,
+    rank: u32,
+    world: u32,
+    read_only: bool,
+    f: impl FnOnce(&devmem::ffi::devmem_keep_options) -> T,
+) -> T {
+    let instance = std::ffi::CString::new(instance).expect("instance");
+    let socket = std::ffi::CString::new(std::env::var("DEVMEM_TEST_SOCKET").unwrap_or_default())
+        .expect("socket");
+    let options = devmem::ffi::devmem_keep_options {
+        instance: instance.as_ptr(),
+        rank,
+        world,
+        socket: socket.as_ptr(),
+        keeper_binary: std::ptr::null(),
+        read_only,
+    };
+    f(&options)
+}
+
+/// Two named tensors in one allocation of tag "weights" and one in another, filled.
+fn named_weights(sizes: [usize; 2]) -> [u64; 2] {
+    let a = alloc(sizes[0], "weights");
+    let b = alloc(sizes[1], "weights");
+    let name = |p: u64, len: usize, n: &str| {
+        let n = std::ffi::CString::new(n).expect("name");
+        ok(devmem::ffi::devmem_name_range(p, len, n.as_ptr()));
+    };
+    name(a, MIB, "layer0.q");
+    name(a + MIB as u64, MIB, "layer0.k");
+    name(b, MIB, "layer1.q");
+    [a, b]
+}
+
+fn keep_tags(instance: &str, rank: u32, world: u32) -> devmem_status {
+    let (_owned, ptrs) = tags(&["weights"]);
+    with_options(instance, rank, world, false, |o| {
+        devmem::ffi::devmem_keep(ptrs.as_ptr(), ptrs.len(), o)
+    })
+}
+
+fn attach_tags(instance: &str, rank: u32, world: u32, read_only: bool) -> devmem_status {
+    let (_owned, ptrs) = tags(&["weights"]);
+    with_options(instance, rank, world, read_only, |o| {
+        devmem::ffi::devmem_attach(ptrs.as_ptr(), ptrs.len(), o)
+    })
+}
+
+#[test]
+fn keep_then_attach_in_a_new_process_without_copying() {
+    if level_zero() {
+        return;
+    }
+    let keeper = start_keeper("reattach");
+    let socket = keeper.socket.to_string_lossy().into_owned();
+    let env = [("DEVMEM_TEST_SOCKET", socket.as_str())];
+    run_child_test(&[], "child_keeps", &env, Duration::from_secs(60));
+    run_child_test(&[], "child_attach_refusals", &env, Duration::from_secs(60));
+    run_child_test(&[], "child_attaches", &env, Duration::from_secs(60));
+}
+
+#[test]
+#[ignore = "run by keep_then_attach_in_a_new_process_without_copying"]
+fn child_keeps() {
+    setup(&[]);
+    let [a, b] = named_weights([SIZE, 2 * SIZE]);
+    fill(a, SIZE, 21);
+    fill(b, 2 * SIZE, 22);
+    ok(keep_tags("inst", 0, 1));
+    assert_eq!(mismatches(a, SIZE, 21), 0, "still usable here");
+    // The process exits with its allocations live: the keeper's descriptors hold the memory.
+}
+
+#[test]
+#[ignore = "run by keep_then_attach_in_a_new_process_without_copying"]
+fn child_attach_refusals() {
+    setup(&[]);
+    // Swapped sizes: refused before anything is mapped, bytes untouched.
+    let [a, b] = named_weights([2 * SIZE, SIZE]);
+    fill(a, 2 * SIZE, 5);
+    let imports = emu().calls(&tr("cuMemImportFromShareableHandle"));
+    expect_err(
+        attach_tags("inst", 0, 1, false),
+        devmem_status::Region,
+        "mismatched",
+    );
+    assert_eq!(emu().calls(&tr("cuMemImportFromShareableHandle")), imports);
+    assert_eq!(mismatches(a, 2 * SIZE, 5), 0);
+    // Wrong rank, wrong world, wrong instance: the keeper holds nothing under those keys.
+    expect_err(
+        attach_tags("inst", 1, 2, false),
+        devmem_status::InvalidState,
+        "",
+    );
+    expect_err(
+        attach_tags("inst", 0, 2, false),
+        devmem_status::InvalidState,
+        "",
+    );
+    expect_err(
+        attach_tags("other", 0, 1, false),
+        devmem_status::InvalidState,
+        "",
+    );
+    // Bad options.
+    expect_err(
+        attach_tags("inst", 1, 1, false),
+        devmem_status::InvalidArgument,
+        "rank",
+    );
+    expect_err(
+        attach_tags("", 0, 1, false),
+        devmem_status::InvalidArgument,
+        "instance",
+    );
+    let (_owned, ptrs) = tags(&["weights"]);
+    expect_err(
+        devmem::ffi::devmem_attach(ptrs.as_ptr(), 1, std::ptr::null()),
+        devmem_status::NullPointer,
+        "options",
+    );
+    free_all(&[a, b]);
+    // A missing name: refused too.
+    let [a, b] = named_weights([SIZE, 2 * SIZE]);
+    ok(devmem::ffi::devmem_clear_names(
+        std::ptr::null(),
+        std::ptr::null_mut(),
+    ));
+    let n = std::ffi::CString::new("layer0.q").expect("name");
+    ok(devmem::ffi::devmem_name_range(a, MIB, n.as_ptr()));
+    expect_err(attach_tags("inst", 0, 1, false), devmem_status::Region, "");
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+#[ignore = "run by keep_then_attach_in_a_new_process_without_copying"]
+fn child_attaches() {
+    setup(&[]);
+    let [a, b] = named_weights([SIZE, 2 * SIZE]);
+    let copies = emu().calls(&tr("cuMemcpyHtoDAsync_v2"));
+    ok(attach_tags("inst", 0, 1, false));
+    assert_eq!(mismatches(a, SIZE, 21), 0);
+    assert_eq!(mismatches(b, 2 * SIZE, 22), 0);
+    assert_eq!(emu().calls(&tr("cuMemcpyHtoDAsync_v2")), copies, "no copy");
+    let mut t = devmem::devmem_transfer::default();
+    ok(devmem::ffi::devmem_get_last_transfer(&mut t));
+    assert_eq!((t.allocations, t.bytes_restored), (2, 0));
+    // Offload a kept tag and wake it: the host copy brings the bytes back.
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(a, SIZE, 21), 0);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
