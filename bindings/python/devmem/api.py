@@ -731,6 +731,86 @@ def restore_from_store(
     return last_transfer()
 
 
+def _keep_options(
+    instance: str,
+    rank: int,
+    world: int,
+    socket: Optional[str],
+    keeper_binary: Optional[str],
+    read_only: bool,
+) -> "_lib.KeepOptions":
+    if not isinstance(instance, str) or not instance:
+        raise ValueError("instance must be a non-empty string")
+    if not (isinstance(rank, int) and isinstance(world, int)) or not 0 <= rank < world:
+        raise ValueError(f"rank {rank!r} must be an int below world {world!r}")
+    return _lib.KeepOptions(
+        instance.encode(),
+        rank,
+        world,
+        os.fsencode(socket) if socket else None,
+        os.fsencode(keeper_binary) if keeper_binary else None,
+        bool(read_only),
+    )
+
+
+def keep(
+    tags: TagsArg,
+    *,
+    instance: str,
+    rank: int = 0,
+    world: int = 1,
+    socket: Optional[str] = None,
+    keeper_binary: Optional[str] = None,
+) -> None:
+    """Hands the GPU memory of the named allocations of ``tags`` to the keeper process
+    (``devmem-keeper``) without copying, filed under (instance, rank, world, tag): a later
+    process attaches it with :func:`attach`. The allocations stay usable here. ``socket``:
+    the keeper's socket (default: its default path); ``keeper_binary``: start this keeper when
+    none runs."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    options = _keep_options(instance, rank, world, socket, keeper_binary, False)
+    call("devmem_keep", array, n, ctypes.byref(options))
+
+
+def attach(
+    tags: TagsArg,
+    *,
+    instance: str,
+    rank: int = 0,
+    world: int = 1,
+    read_only: bool = False,
+    socket: Optional[str] = None,
+    keeper_binary: Optional[str] = None,
+) -> TransferResult:
+    """Maps the memory the keeper holds for ``tags`` at this process's own allocations (same
+    names, sizes and device; refused with :class:`RegionError` before anything is mapped
+    otherwise), without copying. ``read_only`` maps it read-only and shares it with other
+    read-only processes; otherwise the attach is exclusive."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    options = _keep_options(instance, rank, world, socket, keeper_binary, read_only)
+    call("devmem_attach", array, n, ctypes.byref(options))
+    return last_transfer()
+
+
+def release_kept(
+    tags: TagsArg,
+    *,
+    instance: str,
+    rank: int = 0,
+    world: int = 1,
+    socket: Optional[str] = None,
+) -> int:
+    """Has the keeper drop what it holds for ``tags``; returns the bytes it gave back."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    options = _keep_options(instance, rank, world, socket, None, False)
+    released = ctypes.c_uint64(0)
+    call("devmem_release_kept", array, n, ctypes.byref(options), ctypes.byref(released))
+    return int(released.value)
+
+
 def use_emulator(face: str = "cuda", capacity: Optional[str] = None, devices: Optional[int] = None) -> str:
     """Runs devmem on the driver emulator bundled with the package instead of a GPU, so code
     using devmem can be tried and tested on any Linux machine. ``face`` is ``"cuda"`` (the
