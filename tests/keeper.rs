@@ -468,3 +468,62 @@ fn child_attaches() {
     free_all(&[a, b]);
     assert_no_device_leaks();
 }
+
+#[test]
+fn two_processes_racing_to_attach_read_write_one_wins() {
+    if level_zero() {
+        return;
+    }
+    let keeper = start_keeper("race");
+    let socket = keeper.socket.to_string_lossy().into_owned();
+    let env = [("DEVMEM_TEST_SOCKET", socket.as_str())];
+    run_child_test(&[], "child_keeps", &env, Duration::from_secs(60));
+    let logs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| std::env::temp_dir().join(format!("devmem-race-{}-{i}.log", std::process::id())))
+        .collect();
+    let children: Vec<_> = logs
+        .iter()
+        .map(|log| {
+            let mut cmd = child_test_command(&[], "child_attaches_and_holds", &env);
+            let f = std::fs::File::create(log).expect("log");
+            cmd.stdout(f.try_clone().expect("log")).stderr(f);
+            cmd.spawn().expect("child")
+        })
+        .collect();
+    for child in children {
+        let status = wait_for_child(child, Duration::from_secs(60), "child_attaches_and_holds");
+        assert!(status.success(), "{status}");
+    }
+    let text: Vec<String> = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    for l in &logs {
+        let _ = std::fs::remove_file(l);
+    }
+    let won = text.iter().filter(|t| t.contains("RACE: attached")).count();
+    let lost = text.iter().filter(|t| t.contains("RACE: busy")).count();
+    assert_eq!((won, lost), (1, 1), "{text:#?}");
+}
+
+#[test]
+#[ignore = "run by two_processes_racing_to_attach_read_write_one_wins"]
+fn child_attaches_and_holds() {
+    setup(&[]);
+    let [a, b] = named_weights([SIZE, 2 * SIZE]);
+    fill(a, SIZE, 1);
+    let status = attach_tags("inst", 0, 1, false);
+    if status == devmem_status::Success {
+        println!("RACE: attached");
+        assert_eq!(mismatches(a, SIZE, 21), 0);
+        // Hold the lease while the other process tries.
+        std::thread::sleep(Duration::from_secs(4));
+    } else {
+        assert_eq!(status, devmem_status::InvalidState, "{}", message());
+        assert!(message().contains("busy"), "{}", message());
+        assert_eq!(mismatches(a, SIZE, 1), 0, "the loser's bytes are untouched");
+        println!("RACE: busy");
+    }
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
