@@ -196,6 +196,14 @@ impl Backend for HipBackend {
                 prop.requested_handle_type = MEM_HANDLE_TYPE_POSIX_FD;
                 match self.api.create(size, &prop) {
                     Ok(handle) => return Ok(handle),
+                    // Only a refusal of the handle type (hipErrorNotSupported or
+                    // hipErrorInvalidValue) gets a second try without it.
+                    Err(err)
+                        if err.status != crate::error::devmem_status::Unsupported
+                            && !err.message.contains("hipErrorInvalidValue") =>
+                    {
+                        return Err(err.context(format!("device {device}, {size} bytes")));
+                    }
                     Err(err) => {
                         // A runtime without shareable handles: create without, from now on
                         // (the keeper then cannot export this memory).
