@@ -283,6 +283,10 @@ impl Drop for Keeper {
 }
 
 fn start_keeper(label: &str) -> Keeper {
+    start_keeper_with(label, &[])
+}
+
+fn start_keeper_with(label: &str, args: &[&str]) -> Keeper {
     let bin = emulator_path().with_file_name("devmem-keeper");
     assert!(
         bin.exists(),
@@ -296,6 +300,7 @@ fn start_keeper(label: &str) -> Keeper {
     let child = std::process::Command::new(bin)
         .args(["serve", "--socket"])
         .arg(&socket)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .spawn()
         .expect("keeper");
@@ -526,4 +531,59 @@ fn child_attaches_and_holds() {
     }
     free_all(&[a, b]);
     assert_no_device_leaks();
+}
+
+#[test]
+fn a_full_keeper_is_a_clear_error_and_changes_nothing() {
+    if level_zero() {
+        return;
+    }
+    let keeper = start_keeper_with("full", &["--max-bytes", "4194304"]);
+    // SAFETY (of set_var): this test process is single-threaded here.
+    std::env::set_var("DEVMEM_TEST_SOCKET", &keeper.socket);
+    setup(&[]);
+    let [a, b] = named_weights([SIZE, 2 * SIZE]);
+    fill(a, SIZE, 3);
+    expect_err(keep_tags("inst", 0, 1), devmem_status::OutOfMemory, "full");
+    assert_eq!(state(a), devmem_state::Mapped);
+    assert_eq!(mismatches(a, SIZE, 3), 0);
+    // Nothing was kept under the key.
+    expect_err(
+        attach_tags("inst", 0, 1, false),
+        devmem_status::InvalidState,
+        "",
+    );
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn no_keeper_is_unsupported_and_a_stale_socket_too() {
+    if level_zero() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("devmem-kt-{}-stale", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("k")).expect("dir");
+    // SAFETY: this test's own directory.
+    unsafe {
+        let c = std::ffi::CString::new(dir.join("k").as_os_str().as_encoded_bytes()).expect("p");
+        libc::chmod(c.as_ptr(), 0o700);
+    }
+    let socket = dir.join("k").join("keeper.sock");
+    // A socket file nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    // SAFETY (of set_var): this test process is single-threaded here.
+    std::env::set_var("DEVMEM_TEST_SOCKET", &socket);
+    setup(&[]);
+    let [a, b] = named_weights([SIZE, 2 * SIZE]);
+    expect_err(
+        keep_tags("inst", 0, 1),
+        devmem_status::Unsupported,
+        "keeper",
+    );
+    assert_eq!(state(a), devmem_state::Mapped);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+    let _ = std::fs::remove_dir_all(&dir);
 }
