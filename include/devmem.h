@@ -228,6 +228,12 @@ typedef struct devmem_stats {
   uint64_t host_store_bytes;
   // Calls that tried to free a pointer devmem did not know (totals only; 0 per tag).
   uint64_t unknown_frees;
+  // Bytes of live allocations whose device memory the keeper also holds (kept with
+  // `devmem_keep` or attached with `devmem_attach`), whatever their state: they count in
+  // `mapped_bytes`, `offloaded_bytes` or `discarded_bytes` as well. A kept allocation that
+  // sleeps gives back only this process's reference; the keeper's copy of the device memory
+  // stays until `devmem_release_kept`.
+  uint64_t bytes_kept;
 } devmem_stats;
 
 // One allocation as the lookup and iteration functions report it.

@@ -92,6 +92,12 @@ pub struct devmem_stats {
     pub host_store_bytes: u64,
     /// Calls that tried to free a pointer devmem did not know (totals only; 0 per tag).
     pub unknown_frees: u64,
+    /// Bytes of live allocations whose device memory the keeper also holds (kept with
+    /// `devmem_keep` or attached with `devmem_attach`), whatever their state: they count in
+    /// `mapped_bytes`, `offloaded_bytes` or `discarded_bytes` as well. A kept allocation that
+    /// sleeps gives back only this process's reference; the keeper's copy of the device memory
+    /// stays until `devmem_release_kept`.
+    pub bytes_kept: u64,
 }
 
 /// What one sleep, offload, discard or wake did.
@@ -188,6 +194,8 @@ struct Allocation {
     backup: Option<Backup>,
     /// Named byte ranges (name, offset, bytes): what a durable restore matches on.
     names: Vec<(Arc<str>, u64, u64)>,
+    /// The keeper holds this allocation's device memory too (kept or attached).
+    kept: bool,
 }
 
 impl Allocation {
@@ -485,6 +493,7 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
             mapped_asleep: false,
             backup: None,
             names: Vec::new(),
+            kept: false,
         };
         let info = allocation.info();
         if reg.allocations.insert(va, allocation).is_some() {
@@ -1804,6 +1813,13 @@ pub fn stats(tag: Option<&str>) -> Result<devmem_stats> {
             (store::held_bytes() + store::shared_open_now().map_or(0, |r| r.rank_bytes())) as u64;
         out.unknown_frees = UNKNOWN_FREES.load(std::sync::atomic::Ordering::Relaxed);
     }
+    out.bytes_kept = with_registry(|reg| {
+        reg.allocations
+            .values()
+            .filter(|a| a.kept && tag.is_none_or(|t| &*a.tag == t))
+            .map(|a| a.size as u64)
+            .sum()
+    });
     Ok(out)
 }
 
@@ -2118,7 +2134,12 @@ pub fn adopt_allocation(
             });
         }
     }
-    with_registry(|reg| reg.transition(ptr, devmem_state::Mapped, Some(imported), None));
+    with_registry(|reg| {
+        reg.transition(ptr, devmem_state::Mapped, Some(imported), None);
+        if let Some(a) = reg.allocations.get_mut(&ptr) {
+            a.kept = true;
+        }
+    });
     log::debug!("devmem: attached {size} bytes of kept memory at {ptr:#x}, read-only {read_only}");
     Ok(())
 }
@@ -2208,6 +2229,13 @@ pub fn keep(
         store::kept::with_client(options, &format!("keeping tag {tag:?}"), |c| {
             c.keep(&key, &borrowed)
         })?;
+        with_registry(|reg| {
+            for (l, _) in &locals {
+                if let Some(a) = reg.allocations.get_mut(&l.va) {
+                    a.kept = true;
+                }
+            }
+        });
         log::info!(
             "devmem: kept {} allocation(s) of tag {tag:?} as {key:?}",
             entries.len()
@@ -2312,6 +2340,11 @@ pub fn release_kept(
         bytes += store::kept::with_client(options, &format!("releasing tag {tag:?}"), |c| {
             c.release(&key)
         })?;
+        with_registry(|reg| {
+            for a in reg.allocations.values_mut().filter(|a| &*a.tag == tag) {
+                a.kept = false;
+            }
+        });
     }
     Ok(bytes)
 }

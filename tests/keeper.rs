@@ -386,8 +386,10 @@ fn child_keeps() {
     let [a, b] = named_weights([SIZE, 2 * SIZE]);
     fill(a, SIZE, 21);
     fill(b, 2 * SIZE, 22);
+    assert_eq!(stats(None).bytes_kept, 0);
     ok(keep_tags("inst", 0, 1));
     assert_eq!(mismatches(a, SIZE, 21), 0, "still usable here");
+    assert_eq!(stats(Some("weights")).bytes_kept, 3 * SIZE as u64);
     // The process exits with its allocations live: the keeper's descriptors hold the memory.
 }
 
@@ -466,6 +468,7 @@ fn child_attaches() {
     let mut t = devmem::devmem_transfer::default();
     ok(devmem::ffi::devmem_get_last_transfer(&mut t));
     assert_eq!((t.allocations, t.bytes_restored), (2, 0));
+    assert_eq!(stats(None).bytes_kept, 3 * SIZE as u64);
     // Offload a kept tag and wake it: the host copy brings the bytes back.
     ok(sleep(&["weights"]));
     ok(wake(None));

@@ -270,6 +270,7 @@ class Stats(Structure):
         ("discarded_bytes", Counter),
         ("host_store_bytes", c_uint64),
         ("unknown_frees", c_uint64),
+        ("bytes_kept", c_uint64),
     ]
 
 

@@ -44,6 +44,9 @@ class TagStats:
     discarded_bytes: Counter
     host_store_bytes: int = 0
     unknown_frees: int = 0
+    #: Bytes of live allocations whose GPU memory the keeper also holds (:func:`keep`,
+    #: :func:`attach`); they count in the mapped/offloaded/discarded bytes as well.
+    bytes_kept: int = 0
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,7 @@ def stats(tag: Optional[str] = None) -> TagStats:
     return TagStats(
         _counter(s.allocations), _counter(s.bytes), _counter(s.mapped_bytes),
         _counter(s.offloaded_bytes), _counter(s.discarded_bytes),
-        int(s.host_store_bytes), int(s.unknown_frees),
+        int(s.host_store_bytes), int(s.unknown_frees), int(s.bytes_kept),
     )
 
 
