@@ -65,6 +65,8 @@ from .api import (
     keep,
     attach,
     release_kept,
+    keeper_available,
+    keeper_socket_path,
     name_range,
     name_tensors,
     clear_names,
@@ -103,7 +105,7 @@ __all__ = [
     "free", "granularity", "host_limit", "host_policy", "last_transfer", "library_path", "malloc", "mem_get_info",
     "memory_profiling", "offload", "pause", "region", "release_host_store", "select_backend", "set_level_zero_context", "reserve_host_store", "resume",
     "set_current_tag", "set_host_limit", "set_host_policy", "sleep", "stats", "tags", "use_tag", "version", "wake_up",
-    "ReadOnly", "RegionError", "open_shared_store", "close_shared_store", "restore_from_store", "keep", "attach", "release_kept", "name_range", "name_tensors", "clear_names", "tensor_key",
+    "ReadOnly", "RegionError", "open_shared_store", "close_shared_store", "restore_from_store", "keep", "attach", "release_kept", "keeper_available", "keeper_socket_path", "name_range", "name_tensors", "clear_names", "tensor_key",
     "shared_store_info", "shared_store_durable", "SharedStoreInfo", "set_read_only",
     "read_only", "use_emulator", "sleep_tags", "UnknownTagWarning",
 ]

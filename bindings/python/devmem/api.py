@@ -756,6 +756,35 @@ def _keep_options(
     )
 
 
+def keeper_socket_path() -> str:
+    """The keeper's default socket, as the keeper and the library choose it:
+    ``DEVMEM_KEEPER_SOCKET``, else ``$XDG_RUNTIME_DIR/devmem/keeper.sock``, else
+    ``/dev/shm/devmem-<uid>/keeper.sock``."""
+    explicit = os.environ.get("DEVMEM_KEEPER_SOCKET")
+    if explicit:
+        return explicit
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "devmem", "keeper.sock")
+    return f"/dev/shm/devmem-{os.geteuid()}/keeper.sock"
+
+
+def keeper_available(socket: Optional[str] = None) -> bool:
+    """Whether a keeper answers at ``socket`` (default: :func:`keeper_socket_path`)."""
+    import socket as _socket
+
+    path = socket or keeper_socket_path()
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def keep(
     tags: TagsArg,
     *,

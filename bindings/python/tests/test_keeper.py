@@ -108,3 +108,8 @@ def test_no_keeper_is_a_clear_error(tmp_path):
         assert "keeper" in str(err.value)
     finally:
         devmem.free(p)
+
+
+def test_keeper_available(keeper, tmp_path):
+    assert devmem.keeper_available(keeper)
+    assert not devmem.keeper_available(str(tmp_path / "nothing.sock"))
