@@ -228,6 +228,12 @@ typedef struct devmem_stats {
   uint64_t host_store_bytes;
   // Calls that tried to free a pointer devmem did not know (totals only; 0 per tag).
   uint64_t unknown_frees;
+  // Bytes of live allocations whose device memory the keeper also holds (kept with
+  // `devmem_keep` or attached with `devmem_attach`), whatever their state: they count in
+  // `mapped_bytes`, `offloaded_bytes` or `discarded_bytes` as well. A kept allocation that
+  // sleeps gives back only this process's reference; the keeper's copy of the device memory
+  // stays until `devmem_release_kept`.
+  uint64_t bytes_kept;
 } devmem_stats;
 
 // One allocation as the lookup and iteration functions report it.
@@ -307,6 +313,26 @@ typedef struct devmem_shared_store_info {
   // The region's file, NUL-terminated (truncated to fit).
   char path[DEVMEM_PATH_BUFFER_LEN];
 } devmem_shared_store_info;
+
+// Who keeps or attaches kept memory, and how to reach the keeper (`devmem_keep`,
+// `devmem_attach`, `devmem_release_kept`).
+typedef struct devmem_keep_options {
+  // The instance's name (non-empty UTF-8, at most 256 bytes): the keeper files memory under
+  // (instance, rank, world, tag).
+  const char *instance;
+  // This process's rank, below `world`.
+  uint32_t rank;
+  // The number of ranks.
+  uint32_t world;
+  // The keeper's socket; NULL for its default (`DEVMEM_KEEPER_SOCKET`, else
+  // `$XDG_RUNTIME_DIR/devmem/keeper.sock`, else `/dev/shm/devmem-<uid>/keeper.sock`).
+  const char *socket;
+  // The `devmem-keeper` binary to start when no keeper answers; NULL never starts one.
+  const char *keeper_binary;
+  // `devmem_attach` only: map read-only (a write through it faults) and share the memory
+  // with other read-only processes; otherwise the attach is exclusive.
+  bool read_only;
+} devmem_keep_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -609,6 +635,38 @@ const char *devmem_status_string(int status);
 
 // The library version, e.g. "0.1.0". Static; never freed.
 const char *devmem_version(void);
+
+// Hands the physical memory of the named allocations (`devmem_name_range`) of the `n` listed
+// tags to the keeper process, without copying: a later process of the same instance, rank
+// and world attaches it with `devmem_attach`. The allocations stay mapped and usable here.
+// Every named allocation of the tags must be mapped (`DEVMEM_STATUS_INVALID_STATE`
+// otherwise); a tag without named allocations is `DEVMEM_STATUS_INVALID_TAG`. No keeper:
+// `DEVMEM_STATUS_UNSUPPORTED`; a full keeper: `DEVMEM_STATUS_OUT_OF_MEMORY` (nothing kept,
+// allocations untouched). Level Zero: `DEVMEM_STATUS_UNSUPPORTED`.
+devmem_status devmem_keep(const char *const *tags,
+                          size_t n,
+                          const struct devmem_keep_options *options);
+
+// Maps the memory the keeper holds for the `n` listed tags (of `options`' instance, rank and
+// world) at this process's own allocations of the same tags, in place of their memory, without
+// copying (`devmem_get_last_transfer`: bytes mapped, none restored). Matches by identity:
+// every kept allocation must correspond to exactly one allocation here with the same named
+// ranges, size and device, and every named allocation of the tags must be kept; otherwise
+// `DEVMEM_STATUS_REGION` lists what differs and nothing is mapped. Each allocation must be
+// mapped (its own memory is given back) or discarded. Exclusive unless
+// `options.read_only`: another process attached read-write makes it
+// `DEVMEM_STATUS_INVALID_STATE`.
+devmem_status devmem_attach(const char *const *tags,
+                            size_t n,
+                            const struct devmem_keep_options *options);
+
+// Has the keeper drop what it holds for the `n` listed tags of `options`' instance, rank and
+// world; `bytes` (may be NULL) receives the bytes it gave back. Processes that attached the
+// memory keep it mapped until they free it.
+devmem_status devmem_release_kept(const char *const *tags,
+                                  size_t n,
+                                  const struct devmem_keep_options *options,
+                                  uint64_t *bytes);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -92,6 +92,12 @@ pub struct devmem_stats {
     pub host_store_bytes: u64,
     /// Calls that tried to free a pointer devmem did not know (totals only; 0 per tag).
     pub unknown_frees: u64,
+    /// Bytes of live allocations whose device memory the keeper also holds (kept with
+    /// `devmem_keep` or attached with `devmem_attach`), whatever their state: they count in
+    /// `mapped_bytes`, `offloaded_bytes` or `discarded_bytes` as well. A kept allocation that
+    /// sleeps gives back only this process's reference; the keeper's copy of the device memory
+    /// stays until `devmem_release_kept`.
+    pub bytes_kept: u64,
 }
 
 /// What one sleep, offload, discard or wake did.
@@ -188,6 +194,8 @@ struct Allocation {
     backup: Option<Backup>,
     /// Named byte ranges (name, offset, bytes): what a durable restore matches on.
     names: Vec<(Arc<str>, u64, u64)>,
+    /// The keeper holds this allocation's device memory too (kept or attached).
+    kept: bool,
 }
 
 impl Allocation {
@@ -485,6 +493,7 @@ pub fn malloc(size: usize, device: i32) -> Result<u64> {
             mapped_asleep: false,
             backup: None,
             names: Vec::new(),
+            kept: false,
         };
         let info = allocation.info();
         if reg.allocations.insert(va, allocation).is_some() {
@@ -1809,6 +1818,13 @@ pub fn stats(tag: Option<&str>) -> Result<devmem_stats> {
             (store::held_bytes() + store::shared_open_now().map_or(0, |r| r.rank_bytes())) as u64;
         out.unknown_frees = UNKNOWN_FREES.load(std::sync::atomic::Ordering::Relaxed);
     }
+    out.bytes_kept = with_registry(|reg| {
+        reg.allocations
+            .values()
+            .filter(|a| a.kept && tag.is_none_or(|t| &*a.tag == t))
+            .map(|a| a.size as u64)
+            .sum()
+    });
     Ok(out)
 }
 
@@ -2043,4 +2059,373 @@ pub fn residual(device: i32) -> Result<devmem_residual> {
         other_used_bytes: used.saturating_sub(mapped + other),
         total_bytes: total as u64,
     })
+}
+
+/// Exports the physical memory mapped for the allocation at `ptr` as POSIX file descriptors,
+/// one per piece ([`Backend::chunks`]), in address order, with each piece's size: what the
+/// keeper holds so a later process can map the same memory without copying. The allocation
+/// stays mapped and usable here. Only a mapped allocation can be exported: a sleeping one has
+/// no device memory to hand over.
+pub fn export_allocation(ptr: u64) -> Result<Vec<(usize, std::os::fd::OwnedFd)>> {
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let found = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.state, a.handle, a.device, a.size, a.mapped_asleep))
+    });
+    let Some((state, handle, device, size, mapped_asleep)) = found else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} is not the start of a live devmem allocation"
+        );
+    };
+    let handle = match (state, handle) {
+        (devmem_state::Mapped, Some(handle)) if !mapped_asleep => handle,
+        _ => bail!(
+            InvalidState,
+            "the allocation at {ptr:#x} is {state:?}: only mapped device memory can be kept \
+             (wake it first)"
+        ),
+    };
+    backend
+        .chunks(handle, size)
+        .into_iter()
+        .map(|(piece, n)| {
+            backend
+                .export_fd(device, piece)
+                .map(|fd| (n, fd))
+                .map_err(|e| e.context(format!("exporting the allocation at {ptr:#x}")))
+        })
+        .collect()
+}
+
+/// Maps memory another process exported ([`export_allocation`]) at the allocation `ptr`, in
+/// place of its own: no byte is copied. `pieces` are the exported descriptors with their sizes,
+/// in address order; they must add up to the allocation's size. The allocation may be mapped
+/// (its fresh memory is given back once the imported memory is mapped) or discarded (asleep
+/// with nothing saved); an offloaded one is refused (its backup would be stale).
+///
+/// Order, so that a failure leaves the allocation as it was: import every piece, unmap the
+/// allocation's own memory (keeping its handle), map and grant access to the imported memory,
+/// and only then release the own handle. On failure the imported handles are released and
+/// the own memory is mapped again (its bytes intact).
+pub fn adopt_allocation(
+    ptr: u64,
+    pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
+    read_only: bool,
+) -> Result<()> {
+    let backend = backend::get()?;
+    let _op = lock_ops(&*backend);
+    let found = with_registry(|reg| {
+        reg.allocations
+            .get(&ptr)
+            .map(|a| (a.state, a.handle, a.device, a.size, a.mapped_asleep))
+    });
+    let Some((state, own, device, size, mapped_asleep)) = found else {
+        bail!(
+            UnknownPointer,
+            "pointer {ptr:#x} is not the start of a live devmem allocation"
+        );
+    };
+    let own = match (state, own, mapped_asleep) {
+        (devmem_state::Mapped, Some(handle), false) => Some(handle),
+        (devmem_state::Discarded, None, false) => None,
+        _ => bail!(
+            InvalidState,
+            "the allocation at {ptr:#x} is {state:?}: only a mapped allocation or one discarded \
+             without a held handle can take kept memory"
+        ),
+    };
+    let total = pieces
+        .iter()
+        .try_fold(0usize, |sum, (n, _)| sum.checked_add(*n));
+    if total != Some(size) {
+        bail!(
+            InvalidArgument,
+            "the kept memory ({} piece(s), {total:?} bytes) does not match the allocation at \
+             {ptr:#x} ({size} bytes)",
+            pieces.len()
+        );
+    }
+    let imported = backend
+        .import_pieces(device, pieces)
+        .map_err(|e| e.context(format!("attaching kept memory at {ptr:#x}")))?;
+    let drop_imported = |why: &str| {
+        if let Err(err) = backend.release(device, imported) {
+            log::error!("devmem: releasing imported memory after {why}: {err}");
+            keep_stray(Stray {
+                device,
+                va: ptr,
+                size,
+                handle: Some(imported),
+                mapped: false,
+                reserved: false,
+            });
+        }
+    };
+    if own.is_some() {
+        let unmapped = backend
+            .synchronize(device)
+            .and_then(|()| backend.unmap(device, ptr, size));
+        if let Err(err) = unmapped {
+            drop_imported("a failed unmap");
+            return Err(err.context(format!("attaching kept memory at {ptr:#x}")));
+        }
+    }
+    let mapped = backend.map(device, ptr, size, imported).and_then(|()| {
+        let access = if read_only {
+            backend.set_access_read_only(device, ptr, size)
+        } else {
+            backend.set_access(device, ptr, size)
+        };
+        access.inspect_err(|_| {
+            if let Err(undo) = backend.unmap(device, ptr, size) {
+                log::error!("devmem: unmapping imported memory at {ptr:#x}: {undo}");
+            }
+        })
+    });
+    if let Err(err) = mapped {
+        drop_imported("a failed map");
+        if let Some(handle) = own {
+            if let Err(undo) = backend.map_with_access(device, ptr, size, handle) {
+                // The own memory is no longer mapped: the allocation is discarded, its handle
+                // still held (wake maps it again, free releases it).
+                log::error!(
+                    "devmem: mapping {ptr:#x}'s own memory again: {}",
+                    undo.error
+                );
+                with_registry(|reg| {
+                    reg.transition(ptr, devmem_state::Discarded, Some(handle), None)
+                });
+            }
+        }
+        return Err(err.context(format!("attaching kept memory at {ptr:#x}")));
+    }
+    if let Some(handle) = own {
+        if let Err(err) = backend.release(device, handle) {
+            log::error!("devmem: releasing {ptr:#x}'s own memory after attaching: {err}");
+            keep_stray(Stray {
+                device,
+                va: ptr,
+                size,
+                handle: Some(handle),
+                mapped: false,
+                reserved: false,
+            });
+        }
+    }
+    with_registry(|reg| {
+        reg.transition(ptr, devmem_state::Mapped, Some(imported), None);
+        if let Some(a) = reg.allocations.get_mut(&ptr) {
+            a.kept = true;
+        }
+    });
+    log::debug!("devmem: attached {size} bytes of kept memory at {ptr:#x}, read-only {read_only}");
+    Ok(())
+}
+
+/// The label devmem files kept memory's device under: the backend's name and the ordinal.
+fn device_label(backend: &dyn Backend, device: i32) -> String {
+    format!("{}:{device}", backend.name())
+}
+
+/// This process's named allocations of `tag`, for keeping and attaching.
+fn kept_locals(reg: &Registry, tag: &str) -> Vec<(store::kept::Local, devmem_state)> {
+    reg.allocations
+        .values()
+        .filter(|a| &*a.tag == tag && !a.names.is_empty())
+        .map(|a| {
+            (
+                store::kept::Local {
+                    va: a.va,
+                    size: a.size as u64,
+                    device: a.device,
+                    names: a
+                        .names
+                        .iter()
+                        .map(|(n, o, l)| (n.to_string(), *o, *l))
+                        .collect(),
+                },
+                a.state,
+            )
+        })
+        .collect()
+}
+
+/// Hands the physical memory of every named allocation of `tags` to the keeper, filed under
+/// (`identity`, tag): no copy; the allocations stay mapped and usable here. Each tag is kept
+/// as one transaction. Every named allocation of the tags must be mapped (a sleeping one has
+/// no device memory to keep); allocations without names are not kept. A tag with no named
+/// allocation is refused.
+pub fn keep(
+    tags: &[String],
+    identity: &store::kept::Identity,
+    options: &store::kept::Options,
+) -> Result<()> {
+    let set = tag_set(tags)?;
+    identity.validate()?;
+    let backend = backend::get()?;
+    for tag in set {
+        let key = identity.key(tag)?;
+        let locals = with_registry(|reg| kept_locals(reg, tag));
+        if locals.is_empty() {
+            bail!(
+                InvalidTag,
+                "tag {tag:?} has no named allocation to keep (name the ranges first)"
+            );
+        }
+        if let Some((l, state)) = locals.iter().find(|(_, s)| *s != devmem_state::Mapped) {
+            bail!(
+                InvalidState,
+                "the allocation at {:#x} (tag {tag:?}) is {state:?}: wake it before keeping",
+                l.va
+            );
+        }
+        let mut entries = Vec::with_capacity(locals.len());
+        for (l, _) in &locals {
+            let pieces = export_allocation(l.va)?;
+            let entry = devmem_keeper::Entry {
+                size: l.size,
+                pieces: pieces.iter().map(|(n, _)| *n as u64).collect(),
+                names: l.names.clone(),
+                device: l.device,
+                device_label: device_label(&*backend, l.device),
+                meta: String::new(),
+            };
+            entries.push((entry, pieces));
+        }
+        let borrowed: Vec<_> = entries
+            .iter()
+            .map(|(e, pieces)| {
+                (
+                    e.clone(),
+                    pieces
+                        .iter()
+                        .map(|(_, fd)| std::os::fd::AsFd::as_fd(fd))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        store::kept::with_client(options, &format!("keeping tag {tag:?}"), |c| {
+            c.keep(&key, &borrowed)
+        })?;
+        with_registry(|reg| {
+            for (l, _) in &locals {
+                if let Some(a) = reg.allocations.get_mut(&l.va) {
+                    a.kept = true;
+                }
+            }
+        });
+        log::info!(
+            "devmem: kept {} allocation(s) of tag {tag:?} as {key:?}",
+            entries.len()
+        );
+    }
+    Ok(())
+}
+
+/// Maps the memory the keeper holds for (`identity`, tag) of every tag at this process's own
+/// allocations, matched by identity (names, sizes, device; never by order), read-only when
+/// `read_only`. No byte is copied. The keeper's whole tag is checked before anything is
+/// mapped: a mismatch is refused with `REGION` listing what is missing, extra or mismatched,
+/// and the lease is given back. Each matched allocation must be mapped (its own memory is
+/// given back) or discarded.
+///
+/// The lease (exclusive unless `read_only`) stays with this process's keeper connection until
+/// it exits. If mapping one allocation fails, that allocation is left as it was and the
+/// allocations of the tag mapped before it keep the kept memory.
+pub fn attach(
+    tags: &[String],
+    identity: &store::kept::Identity,
+    options: &store::kept::Options,
+    read_only: bool,
+) -> Result<devmem_transfer> {
+    let start = Instant::now();
+    let set = tag_set(tags)?;
+    identity.validate()?;
+    let backend = backend::get()?;
+    let mode = if read_only {
+        devmem_keeper::Mode::ReadOnly
+    } else {
+        devmem_keeper::Mode::ReadWrite
+    };
+    let mut transfer = devmem_transfer::default();
+    for tag in set {
+        let key = identity.key(tag)?;
+        let doing = format!("attaching tag {tag:?}");
+        let kept = store::kept::with_client(options, &doing, |c| c.attach(&key, mode))?;
+        let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        let entries: Vec<devmem_keeper::Entry> = kept.iter().map(|(e, _)| e.clone()).collect();
+        let checked =
+            store::kept::match_entries(tag, &entries, &locals, |d| device_label(&*backend, d))
+                .and_then(|pairs| {
+                    for (i, _) in &pairs {
+                        let (entry, fds) = &kept[*i];
+                        if entry.pieces.len() != fds.len() {
+                            bail!(
+                                Region,
+                                "the keeper sent {} descriptor(s) for {} piece(s) of tag {tag:?}",
+                                fds.len(),
+                                entry.pieces.len()
+                            );
+                        }
+                    }
+                    Ok(pairs)
+                });
+        let pairs = match checked {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                if let Err(undo) = store::kept::with_client(options, &doing, |c| c.detach(&key)) {
+                    log::warn!("devmem: giving back the lease of {key:?}: {undo}");
+                }
+                return Err(err);
+            }
+        };
+        for (i, j) in pairs {
+            let (entry, fds) = &kept[i];
+            let mut pieces = Vec::with_capacity(fds.len());
+            for (n, fd) in entry.pieces.iter().zip(fds) {
+                let Ok(n) = usize::try_from(*n) else {
+                    bail!(
+                        Region,
+                        "a kept piece of {n} bytes does not fit this process"
+                    );
+                };
+                pieces.push((n, std::os::fd::AsFd::as_fd(fd)));
+            }
+            adopt_allocation(locals[j].va, &pieces, read_only)
+                .map_err(|e| e.context(doing.clone()))?;
+            transfer.allocations += 1;
+            transfer.bytes_mapped += locals[j].size;
+        }
+    }
+    Ok(record_transfer(transfer, start))
+}
+
+/// Has the keeper drop what it holds for (`identity`, tag) of every tag; returns the bytes it
+/// gave back. Allocations of this process that mapped the memory keep it until they free it.
+pub fn release_kept(
+    tags: &[String],
+    identity: &store::kept::Identity,
+    options: &store::kept::Options,
+) -> Result<u64> {
+    let set = tag_set(tags)?;
+    identity.validate()?;
+    let mut bytes = 0u64;
+    for tag in set {
+        let key = identity.key(tag)?;
+        bytes += store::kept::with_client(options, &format!("releasing tag {tag:?}"), |c| {
+            c.release(&key)
+        })?;
+        with_registry(|reg| {
+            for a in reg.allocations.values_mut().filter(|a| &*a.tag == tag) {
+                a.kept = false;
+            }
+        });
+    }
+    Ok(bytes)
 }

@@ -1133,3 +1133,159 @@ pub extern "C" fn devmem_version() -> *const c_char {
         };
     VERSION.as_ptr()
 }
+
+/// Who keeps or attaches kept memory, and how to reach the keeper (`devmem_keep`,
+/// `devmem_attach`, `devmem_release_kept`).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct devmem_keep_options {
+    /// The instance's name (non-empty UTF-8, at most 256 bytes): the keeper files memory under
+    /// (instance, rank, world, tag).
+    pub instance: *const c_char,
+    /// This process's rank, below `world`.
+    pub rank: u32,
+    /// The number of ranks.
+    pub world: u32,
+    /// The keeper's socket; NULL for its default (`DEVMEM_KEEPER_SOCKET`, else
+    /// `$XDG_RUNTIME_DIR/devmem/keeper.sock`, else `/dev/shm/devmem-<uid>/keeper.sock`).
+    pub socket: *const c_char,
+    /// The `devmem-keeper` binary to start when no keeper answers; NULL never starts one.
+    pub keeper_binary: *const c_char,
+    /// `devmem_attach` only: map read-only (a write through it faults) and share the memory
+    /// with other read-only processes; otherwise the attach is exclusive.
+    pub read_only: bool,
+}
+
+/// # Safety
+/// `p` must be NULL or NUL-terminated.
+unsafe fn path_from_c(p: *const c_char) -> Option<std::path::PathBuf> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    use std::os::unix::ffi::OsStrExt;
+    Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+}
+
+/// # Safety
+/// `options` must be NULL or a valid struct whose strings are NULL or NUL-terminated.
+unsafe fn keep_options_from_c(
+    options: *const devmem_keep_options,
+) -> Result<(
+    crate::store::kept::Identity,
+    crate::store::kept::Options,
+    bool,
+)> {
+    if options.is_null() {
+        bail!(NullPointer, "options is NULL");
+    }
+    // SAFETY: checked non-NULL; the caller passes a valid struct.
+    let o = unsafe { *options };
+    if o.instance.is_null() {
+        bail!(NullPointer, "options.instance is NULL");
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract.
+    let instance = unsafe { CStr::from_ptr(o.instance) }
+        .to_str()
+        .map_err(|_| {
+            Error::new(
+                devmem_status::InvalidArgument,
+                "options.instance is not UTF-8",
+            )
+        })?
+        .to_string();
+    let identity = crate::store::kept::Identity {
+        instance,
+        rank: o.rank,
+        world: o.world,
+    };
+    identity.validate()?;
+    let reach = crate::store::kept::Options {
+        // SAFETY: NULL or NUL-terminated per the contract.
+        socket: unsafe { path_from_c(o.socket) },
+        // SAFETY: as above.
+        binary: unsafe { path_from_c(o.keeper_binary) },
+    };
+    Ok((identity, reach, o.read_only))
+}
+
+/// Hands the physical memory of the named allocations (`devmem_name_range`) of the `n` listed
+/// tags to the keeper process, without copying: a later process of the same instance, rank
+/// and world attaches it with `devmem_attach`. The allocations stay mapped and usable here.
+/// Every named allocation of the tags must be mapped (`DEVMEM_STATUS_INVALID_STATE`
+/// otherwise); a tag without named allocations is `DEVMEM_STATUS_INVALID_TAG`. No keeper:
+/// `DEVMEM_STATUS_UNSUPPORTED`; a full keeper: `DEVMEM_STATUS_OUT_OF_MEMORY` (nothing kept,
+/// allocations untouched). Level Zero: `DEVMEM_STATUS_UNSUPPORTED`.
+#[no_mangle]
+pub extern "C" fn devmem_keep(
+    tags: *const *const c_char,
+    n: usize,
+    options: *const devmem_keep_options,
+) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        if tags.is_empty() {
+            bail!(InvalidArgument, "no tags given");
+        }
+        // SAFETY: the caller passes NULL or a valid struct.
+        let (identity, reach, _) = unsafe { keep_options_from_c(options) }?;
+        core::keep(&tags, &identity, &reach)
+    })
+}
+
+/// Maps the memory the keeper holds for the `n` listed tags (of `options`' instance, rank and
+/// world) at this process's own allocations of the same tags, in place of their memory, without
+/// copying (`devmem_get_last_transfer`: bytes mapped, none restored). Matches by identity:
+/// every kept allocation must correspond to exactly one allocation here with the same named
+/// ranges, size and device, and every named allocation of the tags must be kept; otherwise
+/// `DEVMEM_STATUS_REGION` lists what differs and nothing is mapped. Each allocation must be
+/// mapped (its own memory is given back) or discarded. Exclusive unless
+/// `options.read_only`: another process attached read-write makes it
+/// `DEVMEM_STATUS_INVALID_STATE`.
+#[no_mangle]
+pub extern "C" fn devmem_attach(
+    tags: *const *const c_char,
+    n: usize,
+    options: *const devmem_keep_options,
+) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        if tags.is_empty() {
+            bail!(InvalidArgument, "no tags given");
+        }
+        // SAFETY: the caller passes NULL or a valid struct.
+        let (identity, reach, read_only) = unsafe { keep_options_from_c(options) }?;
+        core::attach(&tags, &identity, &reach, read_only).map(drop)
+    })
+}
+
+/// Has the keeper drop what it holds for the `n` listed tags of `options`' instance, rank and
+/// world; `bytes` (may be NULL) receives the bytes it gave back. Processes that attached the
+/// memory keep it mapped until they free it.
+#[no_mangle]
+pub extern "C" fn devmem_release_kept(
+    tags: *const *const c_char,
+    n: usize,
+    options: *const devmem_keep_options,
+    bytes: *mut u64,
+) -> devmem_status {
+    guard(|| {
+        // SAFETY: the caller passes `n` tag pointers.
+        let tags = unsafe { tags_from_c(tags, n) }?;
+        if tags.is_empty() {
+            bail!(InvalidArgument, "no tags given");
+        }
+        // SAFETY: the caller passes NULL or a valid struct.
+        let (identity, reach, _) = unsafe { keep_options_from_c(options) }?;
+        let released = core::release_kept(&tags, &identity, &reach)?;
+        if !bytes.is_null() {
+            // SAFETY: the caller passes NULL or a valid out-pointer.
+            unsafe { write_out(bytes, "bytes", released) }?;
+        }
+        Ok(())
+    })
+}

@@ -3,9 +3,8 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType,
-    CUstream,
+    CUcontext, CUdevice, CUdeviceptr, CUevent, CUmemAccessDesc, CUmemAllocationProp,
+    CUmemAllocationType, CUmemGenericAllocationHandle, CUmemLocationType, CUstream,
 };
 
 use std::cell::Cell;
@@ -278,14 +277,77 @@ pub unsafe extern "C" fn cuMemCreate(
         if !emu.device_ok(prop.location.id) {
             return INVALID_DEVICE;
         }
-        if prop.requestedHandleTypes == CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_FABRIC {
+        // A bit mask (FABRIC|POSIX_FD is no variant of the Rust enum): read as bits.
+        // SAFETY: the field is a 32-bit C enum inside the caller's struct.
+        let types = unsafe {
+            std::ptr::addr_of!(prop.requestedHandleTypes)
+                .cast::<u32>()
+                .read()
+        };
+        if types & FABRIC_BIT != 0 {
             return if emu.config.fabric {
                 NOT_PERMITTED
             } else {
                 NOT_SUPPORTED
             };
         }
+        if types & !POSIX_FD_BIT != 0 {
+            return INVALID_VALUE;
+        }
         match emu.create(prop.location.id, size, 0) {
+            Ok(id) => {
+                if let Some(physical) = emu.handles.get_mut(&id) {
+                    physical.exportable = types & POSIX_FD_BIT != 0;
+                }
+                // SAFETY: checked non-NULL above.
+                unsafe { put(handle, id) }
+            }
+            Err(rc) => rc,
+        }
+    })
+}
+
+/// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`.
+pub(crate) const POSIX_FD_BIT: u32 = 0x1;
+/// `CU_MEM_HANDLE_TYPE_FABRIC`.
+pub(crate) const FABRIC_BIT: u32 = 0x8;
+
+/// `cuMemExportToShareableHandle`: POSIX file descriptors only (a close-on-exec duplicate of
+/// the handle's memfd, written as an int).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemExportToShareableHandle(
+    out: *mut c_void,
+    handle: CUmemGenericAllocationHandle,
+    kind: c_uint,
+    flags: u64,
+) -> R {
+    with_context("cuMemExportToShareableHandle", |emu, _| {
+        if out.is_null() || flags != 0 || kind != POSIX_FD_BIT {
+            return INVALID_VALUE;
+        }
+        match emu.export_fd(handle) {
+            // SAFETY: for POSIX file descriptors the caller passes an int to write.
+            Ok(fd) => unsafe { put(out.cast::<c_int>(), fd) },
+            Err(rc) => rc,
+        }
+    })
+}
+
+/// `cuMemImportFromShareableHandle`: the descriptor's value is passed as the pointer.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemImportFromShareableHandle(
+    handle: *mut CUmemGenericAllocationHandle,
+    os_handle: *mut c_void,
+    kind: c_uint,
+) -> R {
+    with_context("cuMemImportFromShareableHandle", |emu, device| {
+        if handle.is_null() || kind != POSIX_FD_BIT {
+            return INVALID_VALUE;
+        }
+        let Ok(fd) = c_int::try_from(os_handle as isize) else {
+            return INVALID_VALUE;
+        };
+        match emu.import_fd(device, fd, false) {
             // SAFETY: checked non-NULL above.
             Ok(id) => unsafe { put(handle, id) },
             Err(rc) => rc,
@@ -330,7 +392,14 @@ pub unsafe extern "C" fn cuMemSetAccess(
         if descs.iter().any(|d| !emu.device_ok(d.location.id)) {
             return INVALID_DEVICE;
         }
-        emu.set_access(ptr, size)
+        // SAFETY: the flags field is a 32-bit C enum of the caller's descriptor; read as bits
+        // so a value the Rust enum lacks is refused, not undefined behaviour.
+        let flags = unsafe { std::ptr::addr_of!(descs[0].flags).cast::<u32>().read() };
+        match flags {
+            3 => emu.set_access(ptr, size),
+            1 => emu.set_protection(ptr, size, true),
+            _ => INVALID_VALUE,
+        }
     })
 }
 

@@ -226,14 +226,61 @@ pub unsafe extern "C" fn hipMemCreate(
         if emu.config.hip_max_create > 0 && size > emu.config.hip_max_create {
             return INVALID_VALUE;
         }
+        // hipMemHandleTypeNone (0) or hipMemHandleTypePosixFileDescriptor (1).
+        if prop.handle_type > 1 {
+            return NOT_SUPPORTED;
+        }
         match emu.create(prop.location_id, size, 0) {
             Ok(id) => {
                 if let Some(physical) = emu.handles.get_mut(&id) {
                     physical.hip = true;
+                    physical.exportable = prop.handle_type == 1;
                 }
                 // SAFETY: checked non-NULL above.
                 unsafe { put(handle, id as *mut c_void) }
             }
+            Err(rc) => rc,
+        }
+    })
+}
+
+/// `hipMemExportToShareableHandle`: POSIX file descriptors only (`hipMemHandleTypePosixFileDescriptor`).
+#[no_mangle]
+pub unsafe extern "C" fn hipMemExportToShareableHandle(
+    out: *mut c_void,
+    handle: *mut c_void,
+    kind: c_uint,
+    flags: u64,
+) -> R {
+    with_device("hipMemExportToShareableHandle", |emu, _| {
+        if out.is_null() || flags != 0 || kind != 1 {
+            return INVALID_VALUE;
+        }
+        match emu.export_fd(handle as u64) {
+            // SAFETY: for POSIX file descriptors the caller passes an int to write.
+            Ok(fd) => unsafe { put(out.cast::<c_int>(), fd) },
+            Err(rc) => rc,
+        }
+    })
+}
+
+/// `hipMemImportFromShareableHandle`: the descriptor's value is passed as the pointer.
+#[no_mangle]
+pub unsafe extern "C" fn hipMemImportFromShareableHandle(
+    handle: *mut *mut c_void,
+    os_handle: *mut c_void,
+    kind: c_uint,
+) -> R {
+    with_device("hipMemImportFromShareableHandle", |emu, device| {
+        if handle.is_null() || kind != 1 {
+            return INVALID_VALUE;
+        }
+        let Ok(fd) = c_int::try_from(os_handle as isize) else {
+            return INVALID_VALUE;
+        };
+        match emu.import_fd(device, fd, true) {
+            // SAFETY: checked non-NULL above.
+            Ok(id) => unsafe { put(handle, id as *mut c_void) },
             Err(rc) => rc,
         }
     })
@@ -284,7 +331,12 @@ pub unsafe extern "C" fn hipMemSetAccess(
         if descs.iter().any(|d| !emu.device_ok(d.location_id)) {
             return INVALID_DEVICE;
         }
-        emu.set_access(ptr as u64, size)
+        // hipMemAccessFlagsProtRead (1) or ProtReadWrite (3).
+        match descs[0].flags {
+            3 => emu.set_access(ptr as u64, size),
+            1 => emu.set_protection(ptr as u64, size, true),
+            _ => INVALID_VALUE,
+        }
     })
 }
 

@@ -20,6 +20,9 @@ pub(crate) struct Physical {
     pub(crate) hip: bool,
     /// The reservation it was last mapped in.
     pub(crate) reservation: Option<u64>,
+    /// Created with POSIX file descriptor handles requested (or imported from one): it can be
+    /// exported ([`Emu::export_fd`]).
+    pub(crate) exportable: bool,
 }
 
 pub(crate) struct Mapping {
@@ -366,6 +369,81 @@ impl Emu {
                 context,
                 hip: false,
                 reservation: None,
+                exportable: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Exports a handle as a POSIX file descriptor: a close-on-exec duplicate of its memfd,
+    /// owned by the caller. The memory lives as long as any descriptor of it is open (releasing
+    /// the handle keeps it), as with the drivers.
+    pub(crate) fn export_fd(&mut self, handle: u64) -> Result<c_int, R> {
+        let Some(physical) = self.handles.get(&handle) else {
+            return Err(INVALID_VALUE);
+        };
+        if !physical.exportable {
+            return Err(NOT_PERMITTED); // created without POSIX file descriptor handles
+        }
+        // SAFETY: duplicating a descriptor this emulator owns.
+        let fd = unsafe { libc::fcntl(physical.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(OUT_OF_MEMORY);
+        }
+        Ok(fd)
+    }
+
+    /// Imports an exported descriptor as a new handle over a duplicate of it (the caller keeps
+    /// `fd`). Only a memfd whose size is a non-zero multiple of the granularity is accepted;
+    /// anything else gets `INVALID_VALUE`.
+    ///
+    /// Capacity: the memory already exists on the device (another process created it), so an
+    /// import is never refused for capacity, but while imported it counts in `used` (and in
+    /// the free memory the emulator reports) like created memory, and its handle counts as a
+    /// live handle until released.
+    pub(crate) fn import_fd(&mut self, device: i32, fd: c_int, hip: bool) -> Result<u64, R> {
+        if fd < 0 {
+            return Err(INVALID_VALUE);
+        }
+        // SAFETY: fcntl and fstat on a descriptor number; a closed one fails with EBADF.
+        let (seals, stat) = unsafe {
+            let seals = libc::fcntl(fd, libc::F_GET_SEALS);
+            let mut stat: libc::stat = std::mem::zeroed();
+            let rc = libc::fstat(fd, &mut stat);
+            (seals, (rc == 0).then_some(stat))
+        };
+        let Some(stat) = stat else {
+            return Err(INVALID_VALUE);
+        };
+        // Only memfds (and other shmem files) answer F_GET_SEALS.
+        if seals < 0 || (stat.st_mode & libc::S_IFMT) != libc::S_IFREG {
+            return Err(INVALID_VALUE);
+        }
+        let size = usize::try_from(stat.st_size).map_err(|_| INVALID_VALUE)?;
+        if size == 0 || !size.is_multiple_of(self.config.granularity) {
+            return Err(INVALID_VALUE);
+        }
+        if !self.device_ok(device) {
+            return Err(INVALID_DEVICE);
+        }
+        // SAFETY: duplicating a descriptor checked open above.
+        let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if own < 0 {
+            return Err(OUT_OF_MEMORY);
+        }
+        self.used[device as usize] += size;
+        self.next_handle += 1;
+        let id = self.next_handle;
+        self.handles.insert(
+            id,
+            Physical {
+                fd: own,
+                size,
+                device,
+                context: 0,
+                hip,
+                reservation: None,
+                exportable: true,
             },
         );
         Ok(id)
@@ -435,6 +513,12 @@ impl Emu {
     /// Grants access to `[ptr, ptr+size)`, which must be exactly covered by one mapping or by
     /// several adjacent ones (as the drivers allow).
     pub(crate) fn set_access(&mut self, ptr: u64, size: usize) -> R {
+        self.set_protection(ptr, size, false)
+    }
+
+    /// Grants access to `[ptr, ptr+size)` as [`set_access`](Self::set_access) does, read-only
+    /// when `read_only` (a write through it faults in the writer with SIGSEGV).
+    pub(crate) fn set_protection(&mut self, ptr: u64, size: usize, read_only: bool) -> R {
         let end = ptr + size as u64;
         let mut at = ptr;
         let mut covered = Vec::new();
@@ -450,9 +534,13 @@ impl Emu {
         if covered.is_empty() {
             return INVALID_VALUE;
         }
+        let prot = if read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
         // SAFETY: the range is made of mappings this emulator made.
-        let rc =
-            unsafe { libc::mprotect(ptr as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE) };
+        let rc = unsafe { libc::mprotect(ptr as *mut c_void, size, prot) };
         if rc != 0 {
             return INVALID_VALUE;
         }

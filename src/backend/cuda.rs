@@ -7,6 +7,7 @@
 //! descriptors and then to no shareable handle when the driver refuses.
 
 use std::ffi::{c_void, CStr};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -25,12 +26,27 @@ use crate::error::{bail, devmem_status::Unsupported, Result};
 /// `CU_STREAM_NON_BLOCKING`: devmem's streams never synchronise with the legacy stream.
 const STREAM_NON_BLOCKING: u32 = 1;
 
-/// Shareable-handle types tried in order; a driver that refuses one moves on to the next.
-const HANDLE_TYPES: [CUmemAllocationHandleType; 3] = [
-    CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_FABRIC,
-    CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-    CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
-];
+/// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR` as a bit.
+const POSIX_FD: u32 = 0x1;
+/// `CU_MEM_HANDLE_TYPE_FABRIC` as a bit.
+const FABRIC: u32 = 0x8;
+
+/// Shareable-handle type masks tried in order; a driver that refuses one moves on to the next.
+/// Fabric and POSIX file descriptors together first: a fabric handle reportedly does not keep
+/// memory alive once its creator exits, a file descriptor does, and keeping memory in the
+/// keeper ([`crate::store::kept`]) exports file descriptors.
+const HANDLE_TYPES: [u32; 4] = [FABRIC | POSIX_FD, POSIX_FD, FABRIC, 0];
+
+/// The Rust enum value closest to a mask, for the properties queries that take the struct.
+fn single_type(mask: u32) -> CUmemAllocationHandleType {
+    if mask & FABRIC != 0 {
+        CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_FABRIC
+    } else if mask & POSIX_FD != 0 {
+        CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    } else {
+        CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE
+    }
+}
 
 /// Per-device state, created on first use of the device.
 struct DeviceState {
@@ -63,9 +79,17 @@ impl DeviceState {
         prop.type_ = CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
         prop.location.type_ = CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
         prop.location.id = self.device;
-        prop.requestedHandleTypes = HANDLE_TYPES[self.handle_type.load(Ordering::Relaxed)];
+        prop.requestedHandleTypes = single_type(self.handle_mask());
         prop.allocFlags.gpuDirectRDMACapable = u8::from(self.gpu_direct_rdma);
         prop
+    }
+
+    /// The handle-type mask memory is created with now.
+    fn handle_mask(&self) -> u32 {
+        HANDLE_TYPES[self
+            .handle_type
+            .load(Ordering::Relaxed)
+            .min(HANDLE_TYPES.len() - 1)]
     }
 
     fn context(&self) -> CUcontext {
@@ -166,10 +190,10 @@ impl CudaBackend {
         state.stream = stream as usize;
         state.granularity = self.query_granularity(&state)?;
         log::info!(
-            "devmem: device {ordinal}: granularity {} bytes, GPUDirect RDMA {}, handle type {:?}",
+            "devmem: device {ordinal}: granularity {} bytes, GPUDirect RDMA {}, handle types {:#x}",
             state.granularity,
             rdma,
-            HANDLE_TYPES[state.handle_type.load(Ordering::Relaxed)]
+            state.handle_mask()
         );
         Ok(state)
     }
@@ -214,6 +238,17 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    fn access(&self, device: i32, va: u64, size: usize, flags: CUmemAccess_flags) -> Result<()> {
+        self.with_device(device, |state| {
+            // SAFETY: plain C struct; all-zero is valid.
+            let mut desc: CUmemAccessDesc = unsafe { std::mem::zeroed() };
+            desc.location.type_ = CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+            desc.location.id = state.device;
+            desc.flags = flags;
+            self.api.set_access(va, size, &desc)
+        })
+    }
+
     fn checksum_function(&self, state: &DeviceState) -> Result<CUfunction> {
         let mut loaded = state.checksum.lock();
         if let Some(function) = *loaded {
@@ -316,7 +351,10 @@ impl Backend for CudaBackend {
 
     fn create(&self, device: i32, size: usize) -> Result<u64> {
         self.with_device(device, |state| loop {
-            match self.api.create(size, &state.properties()) {
+            match self
+                .api
+                .create(size, &state.properties(), state.handle_mask())
+            {
                 Ok(handle) => return Ok(handle),
                 Err(e)
                     if e.code == CUDA_ERROR_NOT_PERMITTED || e.code == CUDA_ERROR_NOT_SUPPORTED =>
@@ -326,7 +364,7 @@ impl Backend for CudaBackend {
                         return Err(e.error.context(format!("device {device}, {size} bytes")));
                     }
                     log::info!(
-                        "devmem: device {device}: {:?} handles refused ({}); trying {:?}",
+                        "devmem: device {device}: handle types {:#x} refused ({}); trying {:#x}",
                         HANDLE_TYPES[current],
                         e.error.message,
                         HANDLE_TYPES[current + 1]
@@ -347,13 +385,44 @@ impl Backend for CudaBackend {
     }
 
     fn set_access(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        self.access(
+            device,
+            va,
+            size,
+            CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        )
+    }
+
+    fn set_access_read_only(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        self.access(
+            device,
+            va,
+            size,
+            CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READ,
+        )
+    }
+
+    fn export_fd(&self, device: i32, handle: u64) -> Result<OwnedFd> {
         self.with_device(device, |state| {
-            // SAFETY: plain C struct; all-zero is valid.
-            let mut desc: CUmemAccessDesc = unsafe { std::mem::zeroed() };
-            desc.location.type_ = CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-            desc.location.id = state.device;
-            desc.flags = CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-            self.api.set_access(va, size, &desc)
+            self.api.export_fd(handle).map_err(|e| {
+                let mask = state.handle_mask();
+                if mask & POSIX_FD == 0 {
+                    e.context(format!(
+                        "device {device} creates memory without POSIX file descriptor handles \
+                         (the driver refused them; handle types {mask:#x})"
+                    ))
+                } else {
+                    e.context(format!("device {device}"))
+                }
+            })
+        })
+    }
+
+    fn import_fd(&self, device: i32, fd: BorrowedFd<'_>) -> Result<u64> {
+        self.with_device(device, |_| {
+            self.api
+                .import_fd(fd)
+                .map_err(|e| e.context(format!("device {device}")))
         })
     }
 

@@ -18,14 +18,16 @@
 //! Verified against the driver emulator's HIP face only; no AMD hardware was available.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use super::Backend;
 use crate::driver::hip::{
-    HipApi, HipMemAccessDesc, HipMemAllocationProp, HipMemLocation, MEM_ACCESS_PROT_READ_WRITE,
-    MEM_LOCATION_TYPE_DEVICE, STREAM_NON_BLOCKING,
+    HipApi, HipMemAccessDesc, HipMemAllocationProp, HipMemLocation, MEM_ACCESS_PROT_READ,
+    MEM_ACCESS_PROT_READ_WRITE, MEM_HANDLE_TYPE_POSIX_FD, MEM_LOCATION_TYPE_DEVICE,
+    STREAM_NON_BLOCKING,
 };
 use crate::error::{bail, Error, Result};
 
@@ -49,6 +51,9 @@ pub struct HipBackend {
     devices: Mutex<Vec<Option<Arc<DeviceState>>>>,
     /// Idle events, reused by copy markers.
     idle_events: super::IdleEvents,
+    /// Whether memory is created with POSIX file descriptor handles (exportable to the
+    /// keeper); cleared once the runtime refuses them.
+    posix_fd: AtomicBool,
 }
 
 impl HipBackend {
@@ -67,6 +72,7 @@ impl HipBackend {
             device_count: count,
             devices: Mutex::new(vec![None; usize::try_from(count).unwrap_or(0)]),
             idle_events: super::IdleEvents::default(),
+            posix_fd: AtomicBool::new(true),
         })
     }
 
@@ -185,9 +191,68 @@ impl Backend for HipBackend {
 
     fn create(&self, device: i32, size: usize) -> Result<u64> {
         self.with_device(device, |_| {
+            let mut prop = HipMemAllocationProp::device(device);
+            if self.posix_fd.load(Ordering::Relaxed) {
+                prop.requested_handle_type = MEM_HANDLE_TYPE_POSIX_FD;
+                match self.api.create(size, &prop) {
+                    Ok(handle) => return Ok(handle),
+                    // Only a refusal of the handle type (hipErrorNotSupported or
+                    // hipErrorInvalidValue) gets a second try without it.
+                    Err(err)
+                        if err.status != crate::error::devmem_status::Unsupported
+                            && !err.message.contains("hipErrorInvalidValue") =>
+                    {
+                        return Err(err.context(format!("device {device}, {size} bytes")));
+                    }
+                    Err(err) => {
+                        // A runtime without shareable handles: create without, from now on
+                        // (the keeper then cannot export this memory).
+                        log::info!(
+                            "devmem: device {device}: POSIX file descriptor handles refused \
+                             ({err}); creating memory without them"
+                        );
+                        prop.requested_handle_type = 0;
+                    }
+                }
+                let handle = self
+                    .api
+                    .create(size, &prop)
+                    .map_err(|e| e.context(format!("device {device}, {size} bytes")))?;
+                self.posix_fd.store(false, Ordering::Relaxed);
+                return Ok(handle);
+            }
             self.api
-                .create(size, &HipMemAllocationProp::device(device))
+                .create(size, &prop)
                 .map_err(|e| e.context(format!("device {device}, {size} bytes")))
+        })
+    }
+
+    fn export_fd(&self, device: i32, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        self.with_device(device, |_| {
+            self.api
+                .export_fd(handle)
+                .map_err(|e| e.context(format!("device {device}")))
+        })
+    }
+
+    fn import_fd(&self, device: i32, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        self.with_device(device, |_| {
+            self.api
+                .import_fd(fd)
+                .map_err(|e| e.context(format!("device {device}")))
+        })
+    }
+
+    fn set_access_read_only(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        self.with_device(device, |_| {
+            let desc = HipMemAccessDesc {
+                location: HipMemLocation {
+                    kind: MEM_LOCATION_TYPE_DEVICE,
+                    id: device,
+                },
+                flags: MEM_ACCESS_PROT_READ,
+            };
+            self.api.set_access(va, size, &desc)
         })
     }
 

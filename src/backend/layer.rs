@@ -551,6 +551,63 @@ impl Backend for Layered {
             .try_for_each(|(&n, at)| self.inner.set_access(device, at, n))
     }
 
+    fn set_access_read_only(&self, device: i32, va: u64, size: usize) -> Result<()> {
+        let sizes = self.split(device, size)?;
+        let at = starts(va, sizes.iter().copied());
+        sizes
+            .iter()
+            .zip(at)
+            .try_for_each(|(&n, at)| self.inner.set_access_read_only(device, at, n))
+    }
+
+    /// Pieces ([`chunks`](Backend::chunks)) are the inner driver's handles: exported by it.
+    fn export_fd(&self, device: i32, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        self.inner.export_fd(device, handle)
+    }
+
+    fn import_fd(&self, device: i32, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        self.inner.import_fd(device, fd)
+    }
+
+    /// Imports each piece with the inner driver and holds them as one set, like
+    /// [`create`](Backend::create)'s.
+    fn import_pieces(
+        &self,
+        device: i32,
+        pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<u64> {
+        let mut imported = Vec::with_capacity(pieces.len());
+        for (i, &(n, fd)) in pieces.iter().enumerate() {
+            match self.inner.import_fd(device, fd) {
+                Ok(handle) => imported.push((handle, n)),
+                Err(err) => {
+                    for &(handle, _) in imported.iter().rev() {
+                        if let Err(undo) = self.inner.release(device, handle) {
+                            log::error!("devmem: releasing imported chunk {handle:#x}: {undo}");
+                        }
+                    }
+                    return Err(err.context(format!(
+                        "piece {} of {} ({n} bytes)",
+                        i + 1,
+                        pieces.len()
+                    )));
+                }
+            }
+        }
+        let mut state = self.state.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.sets.insert(
+            id,
+            Set {
+                pieces: imported,
+                mapped_at: None,
+                was_at: None,
+            },
+        );
+        Ok(id)
+    }
+
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()> {
         let sizes = self.split(device, size)?;
         let mut mapped = self

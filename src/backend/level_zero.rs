@@ -384,6 +384,26 @@ impl Backend for LevelZeroBackend {
         Ok(()) // zeVirtualMemMap grants read-write access itself
     }
 
+    fn export_fd(&self, _device: i32, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        Err(Error::new(
+            devmem_status::Unsupported,
+            format!(
+                "Level Zero cannot export physical memory ({handle:#x}) as a file descriptor: \
+                 zeMemGetIpcHandle shares zeMemAllocDevice allocations only, not the \
+                 zePhysicalMemCreate memory devmem maps, so it cannot be kept by the keeper"
+            ),
+        ))
+    }
+
+    fn import_fd(&self, _device: i32, _fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        Err(Error::new(
+            devmem_status::Unsupported,
+            "Level Zero cannot import physical memory from a file descriptor: \
+             zePhysicalMemCreate memory has no shareable handle"
+                .to_string(),
+        ))
+    }
+
     fn unmap(&self, _device: i32, va: u64, size: usize) -> Result<()> {
         // SAFETY: a range devmem mapped; callers waited for devmem's copies (and the caller for
         // its own queues, see the module docs).

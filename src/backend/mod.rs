@@ -106,6 +106,59 @@ pub trait Backend: Send + Sync {
     fn map(&self, device: i32, va: u64, size: usize, handle: u64) -> Result<()>;
     /// Grants `device` read-write access to a mapped range.
     fn set_access(&self, device: i32, va: u64, size: usize) -> Result<()>;
+    /// Grants `device` read-only access to a mapped range (a write through it faults).
+    fn set_access_read_only(&self, _device: i32, va: u64, _size: usize) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!(
+                "the {} backend cannot map memory read-only ({va:#x})",
+                self.name()
+            ),
+        ))
+    }
+    /// Exports one driver handle (a piece from [`chunks`](Self::chunks)) as a POSIX file
+    /// descriptor another process can import while any holder keeps it open.
+    fn export_fd(&self, _device: i32, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!(
+                "the {} backend cannot export physical memory ({handle:#x}) as a file descriptor",
+                self.name()
+            ),
+        ))
+    }
+    /// Imports a file descriptor from [`export_fd`](Self::export_fd) as a new physical handle
+    /// of this process (released with [`release`](Self::release)); the caller keeps `fd`.
+    fn import_fd(&self, _device: i32, _fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        Err(crate::error::Error::new(
+            crate::error::devmem_status::Unsupported,
+            format!(
+                "the {} backend cannot import physical memory from a file descriptor",
+                self.name()
+            ),
+        ))
+    }
+    /// Imports the pieces of one allocation's exported memory (descriptor and size each, in
+    /// address order) as one physical handle of this backend, as [`create`](Self::create)
+    /// would return: mapped, released and listed by [`chunks`](Self::chunks) like created
+    /// memory. Imports nothing on failure.
+    fn import_pieces(
+        &self,
+        device: i32,
+        pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<u64> {
+        match pieces {
+            [(_, fd)] => self.import_fd(device, *fd),
+            _ => Err(crate::error::Error::new(
+                crate::error::devmem_status::Unsupported,
+                format!(
+                    "the {} backend maps memory in one piece; kept memory has {}",
+                    self.name(),
+                    pieces.len()
+                ),
+            )),
+        }
+    }
     /// Unmaps a range; the reservation stays.
     fn unmap(&self, device: i32, va: u64, size: usize) -> Result<()>;
     /// Waits until no work queued on `device` is still running. CUDA: every stream of the

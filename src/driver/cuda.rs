@@ -10,7 +10,8 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 use cudarc::driver::sys::{
     CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUfunction, CUmemAccessDesc,
-    CUmemAllocationProp, CUmemGenericAllocationHandle, CUmodule, CUresult, CUstream,
+    CUmemAllocationHandleType, CUmemAllocationProp, CUmemGenericAllocationHandle, CUmodule,
+    CUresult, CUstream,
 };
 
 use super::symbol_table;
@@ -81,6 +82,12 @@ symbol_table! {
         module_load_data = "cuModuleLoadData": fn(*mut CUmodule, *const c_void) -> RawResult;
         module_get_function = "cuModuleGetFunction":
             fn(*mut CUfunction, CUmodule, *const c_char) -> RawResult;
+        mem_export = "cuMemExportToShareableHandle":
+            fn(*mut c_void, CUmemGenericAllocationHandle, CUmemAllocationHandleType, u64)
+                -> RawResult;
+        mem_import = "cuMemImportFromShareableHandle":
+            fn(*mut CUmemGenericAllocationHandle, *mut c_void, CUmemAllocationHandleType)
+                -> RawResult;
         memset_d8_async = "cuMemsetD8Async":
             fn(CUdeviceptr, u8, usize, CUstream) -> RawResult;
         launch_kernel = "cuLaunchKernel":
@@ -324,15 +331,68 @@ impl CudaApi {
     }
 
     /// `cuMemCreate`, keeping the raw code for callers that fall back on particular codes.
+    /// `handle_types` is the raw `requestedHandleTypes` bit mask (`FABRIC|POSIX_FD` is no
+    /// variant of the Rust enum, so it is written into the struct as bits).
     pub(crate) fn create(
         &self,
         size: usize,
         prop: &CUmemAllocationProp,
+        handle_types: u32,
     ) -> std::result::Result<u64, DriverError> {
+        let mut raw = std::mem::MaybeUninit::new(*prop);
+        // SAFETY: the field is a 32-bit C enum; the struct is only read by the driver, through
+        // the pointer below, never as a Rust value again.
+        unsafe {
+            std::ptr::addr_of_mut!((*raw.as_mut_ptr()).requestedHandleTypes)
+                .cast::<u32>()
+                .write(handle_types);
+        }
         let mut handle = 0u64;
         // SAFETY: both pointers are valid for the call.
-        let rc = unsafe { (self.mem_create)(&mut handle, size, prop, 0) };
+        let rc = unsafe { (self.mem_create)(&mut handle, size, raw.as_ptr(), 0) };
         self.check_raw("cuMemCreate", rc).map(|()| handle)
+    }
+
+    /// `cuMemExportToShareableHandle` as a POSIX file descriptor (owned by the caller).
+    pub(crate) fn export_fd(&self, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        let export = self.optional(self.mem_export, "cuMemExportToShareableHandle")?;
+        let mut fd: c_int = -1;
+        // SAFETY: for POSIX file descriptors the driver writes one int through the pointer.
+        let rc = unsafe {
+            export(
+                (&raw mut fd).cast(),
+                handle,
+                CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        };
+        self.check("cuMemExportToShareableHandle", rc)?;
+        if fd < 0 {
+            return Err(Error::new(
+                devmem_status::Driver,
+                format!("cuMemExportToShareableHandle returned file descriptor {fd}"),
+            ));
+        }
+        // SAFETY: the driver created this descriptor for the caller, who now owns it.
+        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
+    /// `cuMemImportFromShareableHandle` of a POSIX file descriptor (the caller keeps `fd`).
+    pub(crate) fn import_fd(&self, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        let import = self.optional(self.mem_import, "cuMemImportFromShareableHandle")?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let mut handle = 0u64;
+        // SAFETY: for POSIX file descriptors the driver takes the descriptor's value as the
+        // pointer argument and writes one handle.
+        let rc = unsafe {
+            import(
+                &mut handle,
+                raw as isize as *mut c_void,
+                CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            )
+        };
+        self.check("cuMemImportFromShareableHandle", rc)
+            .map(|()| handle)
     }
 
     /// `cuMemRelease`.

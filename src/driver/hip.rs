@@ -28,6 +28,10 @@ pub(crate) const MEM_ALLOCATION_TYPE_PINNED: c_uint = 1;
 pub(crate) const MEM_LOCATION_TYPE_DEVICE: c_uint = 1;
 /// `hipMemAccessFlagsProtReadWrite`.
 pub(crate) const MEM_ACCESS_PROT_READ_WRITE: c_uint = 3;
+/// `hipMemAccessFlagsProtRead`.
+pub(crate) const MEM_ACCESS_PROT_READ: c_uint = 1;
+/// `hipMemHandleTypePosixFileDescriptor`.
+pub(crate) const MEM_HANDLE_TYPE_POSIX_FD: c_uint = 1;
 /// `hipMemAllocationGranularityMinimum`.
 pub(crate) const GRANULARITY_MINIMUM: c_uint = 0;
 /// `hipStreamNonBlocking`.
@@ -143,6 +147,10 @@ symbol_table! {
         get_error_name = "hipGetErrorName": fn(RawResult) -> *const c_char;
         get_error_string = "hipGetErrorString": fn(RawResult) -> *const c_char;
         runtime_get_version = "hipRuntimeGetVersion": fn(*mut c_int) -> RawResult;
+        mem_export = "hipMemExportToShareableHandle":
+            fn(*mut c_void, Opaque, c_uint, u64) -> RawResult;
+        mem_import = "hipMemImportFromShareableHandle":
+            fn(*mut Opaque, *mut c_void, c_uint) -> RawResult;
     }
 }
 
@@ -330,6 +338,64 @@ impl HipApi {
         self.check("hipMemCreate", unsafe {
             (self.mem_create)(&mut handle, size, prop, 0)
         })?;
+        Ok(handle as u64)
+    }
+
+    /// `hipMemExportToShareableHandle` as a POSIX file descriptor (owned by the caller).
+    pub(crate) fn export_fd(&self, handle: u64) -> Result<std::os::fd::OwnedFd> {
+        let Some(export) = self.mem_export else {
+            return Err(Error::new(
+                devmem_status::Unsupported,
+                format!(
+                    "hipMemExportToShareableHandle is missing from {}",
+                    self.path()
+                ),
+            ));
+        };
+        let mut fd: c_int = -1;
+        // SAFETY: for POSIX file descriptors the runtime writes one int through the pointer.
+        let rc = unsafe {
+            export(
+                (&raw mut fd).cast(),
+                handle as Opaque,
+                MEM_HANDLE_TYPE_POSIX_FD,
+                0,
+            )
+        };
+        self.check("hipMemExportToShareableHandle", rc)?;
+        if fd < 0 {
+            return Err(Error::new(
+                devmem_status::Driver,
+                format!("hipMemExportToShareableHandle returned file descriptor {fd}"),
+            ));
+        }
+        // SAFETY: the runtime created this descriptor for the caller, who now owns it.
+        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
+    /// `hipMemImportFromShareableHandle` of a POSIX file descriptor (the caller keeps `fd`).
+    pub(crate) fn import_fd(&self, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        let Some(import) = self.mem_import else {
+            return Err(Error::new(
+                devmem_status::Unsupported,
+                format!(
+                    "hipMemImportFromShareableHandle is missing from {}",
+                    self.path()
+                ),
+            ));
+        };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let mut handle: Opaque = std::ptr::null_mut();
+        // SAFETY: the descriptor's value is passed as the pointer argument; one handle is
+        // written.
+        let rc = unsafe {
+            import(
+                &mut handle,
+                raw as isize as *mut c_void,
+                MEM_HANDLE_TYPE_POSIX_FD,
+            )
+        };
+        self.check("hipMemImportFromShareableHandle", rc)?;
         Ok(handle as u64)
     }
 

@@ -31,6 +31,7 @@ pub mod blocks;
 pub mod bound;
 pub mod driver_host;
 pub mod durable_read;
+pub mod kept;
 pub mod manifest;
 pub mod pipeline;
 pub mod shared;

@@ -50,6 +50,10 @@ const HIP_NAMES: &[(&str, &str)] = &[
     ("cuMemCreate", "hipMemCreate"),
     ("cuMemRelease", "hipMemRelease"),
     ("cuMemMap", "hipMemMap"),
+    (
+        "cuMemImportFromShareableHandle",
+        "hipMemImportFromShareableHandle",
+    ),
     ("cuMemUnmap", "hipMemUnmap"),
     ("cuMemSetAccess", "hipMemSetAccess"),
     ("cuMemcpyDtoHAsync_v2", "hipMemcpyDtoHAsync"),

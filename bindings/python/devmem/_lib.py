@@ -270,6 +270,7 @@ class Stats(Structure):
         ("discarded_bytes", Counter),
         ("host_store_bytes", c_uint64),
         ("unknown_frees", c_uint64),
+        ("bytes_kept", c_uint64),
     ]
 
 
@@ -312,6 +313,19 @@ class SharedStoreOptions(Structure):
         ("world", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("timeout_ms", ctypes.c_uint32),
+    ]
+
+
+class KeepOptions(Structure):
+    """``devmem_keep_options``."""
+
+    _fields_ = [
+        ("instance", c_char_p),
+        ("rank", ctypes.c_uint32),
+        ("world", ctypes.c_uint32),
+        ("socket", c_char_p),
+        ("keeper_binary", c_char_p),
+        ("read_only", ctypes.c_bool),
     ]
 
 
@@ -393,6 +407,9 @@ FUNCTIONS: Dict[str, Tuple[Any, List[Any]]] = {
     "devmem_shared_store_close": (c_int32, []),
     "devmem_restore_from_store": (c_int32, [_TAGS, c_size_t]),
     "devmem_restore_from_store_by_order": (c_int32, [_TAGS, c_size_t]),
+    "devmem_keep": (c_int32, [_TAGS, c_size_t, POINTER(KeepOptions)]),
+    "devmem_attach": (c_int32, [_TAGS, c_size_t, POINTER(KeepOptions)]),
+    "devmem_release_kept": (c_int32, [_TAGS, c_size_t, POINTER(KeepOptions), POINTER(c_uint64)]),
     "devmem_name_range": (c_int32, [c_uint64, c_size_t, c_char_p]),
     "devmem_clear_names": (c_int32, [c_char_p, POINTER(c_size_t)]),
     "devmem_get_shared_store_info": (c_int32, [POINTER(SharedStoreInfo)]),

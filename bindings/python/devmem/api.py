@@ -44,6 +44,9 @@ class TagStats:
     discarded_bytes: Counter
     host_store_bytes: int = 0
     unknown_frees: int = 0
+    #: Bytes of live allocations whose GPU memory the keeper also holds (:func:`keep`,
+    #: :func:`attach`); they count in the mapped/offloaded/discarded bytes as well.
+    bytes_kept: int = 0
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,7 @@ def stats(tag: Optional[str] = None) -> TagStats:
     return TagStats(
         _counter(s.allocations), _counter(s.bytes), _counter(s.mapped_bytes),
         _counter(s.offloaded_bytes), _counter(s.discarded_bytes),
-        int(s.host_store_bytes), int(s.unknown_frees),
+        int(s.host_store_bytes), int(s.unknown_frees), int(s.bytes_kept),
     )
 
 
@@ -840,6 +843,115 @@ def restore_from_store(
     array, n = tag_array(names)
     call("devmem_restore_from_store_by_order" if by_order else "devmem_restore_from_store", array, n)
     return last_transfer()
+
+
+def _keep_options(
+    instance: str,
+    rank: int,
+    world: int,
+    socket: Optional[str],
+    keeper_binary: Optional[str],
+    read_only: bool,
+) -> "_lib.KeepOptions":
+    if not isinstance(instance, str) or not instance:
+        raise ValueError("instance must be a non-empty string")
+    if not (isinstance(rank, int) and isinstance(world, int)) or not 0 <= rank < world:
+        raise ValueError(f"rank {rank!r} must be an int below world {world!r}")
+    return _lib.KeepOptions(
+        instance.encode(),
+        rank,
+        world,
+        os.fsencode(socket) if socket else None,
+        os.fsencode(keeper_binary) if keeper_binary else None,
+        bool(read_only),
+    )
+
+
+def keeper_socket_path() -> str:
+    """The keeper's default socket, as the keeper and the library choose it:
+    ``DEVMEM_KEEPER_SOCKET``, else ``$XDG_RUNTIME_DIR/devmem/keeper.sock``, else
+    ``/dev/shm/devmem-<uid>/keeper.sock``."""
+    explicit = os.environ.get("DEVMEM_KEEPER_SOCKET")
+    if explicit:
+        return explicit
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "devmem", "keeper.sock")
+    return f"/dev/shm/devmem-{os.geteuid()}/keeper.sock"
+
+
+def keeper_available(socket: Optional[str] = None) -> bool:
+    """Whether a keeper answers at ``socket`` (default: :func:`keeper_socket_path`)."""
+    import socket as _socket
+
+    path = socket or keeper_socket_path()
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def keep(
+    tags: TagsArg,
+    *,
+    instance: str,
+    rank: int = 0,
+    world: int = 1,
+    socket: Optional[str] = None,
+    keeper_binary: Optional[str] = None,
+) -> None:
+    """Hands the GPU memory of the named allocations of ``tags`` to the keeper process
+    (``devmem-keeper``) without copying, filed under (instance, rank, world, tag): a later
+    process attaches it with :func:`attach`. The allocations stay usable here. ``socket``:
+    the keeper's socket (default: its default path); ``keeper_binary``: start this keeper when
+    none runs."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    options = _keep_options(instance, rank, world, socket, keeper_binary, False)
+    call("devmem_keep", array, n, ctypes.byref(options))
+
+
+def attach(
+    tags: TagsArg,
+    *,
+    instance: str,
+    rank: int = 0,
+    world: int = 1,
+    read_only: bool = False,
+    socket: Optional[str] = None,
+    keeper_binary: Optional[str] = None,
+) -> TransferResult:
+    """Maps the memory the keeper holds for ``tags`` at this process's own allocations (same
+    names, sizes and device; refused with :class:`RegionError` before anything is mapped
+    otherwise), without copying. ``read_only`` maps it read-only and shares it with other
+    read-only processes; otherwise the attach is exclusive."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    options = _keep_options(instance, rank, world, socket, keeper_binary, read_only)
+    call("devmem_attach", array, n, ctypes.byref(options))
+    return last_transfer()
+
+
+def release_kept(
+    tags: TagsArg,
+    *,
+    instance: str,
+    rank: int = 0,
+    world: int = 1,
+    socket: Optional[str] = None,
+) -> int:
+    """Has the keeper drop what it holds for ``tags``; returns the bytes it gave back."""
+    names = normalize_tags(tags)
+    array, n = tag_array(names)
+    options = _keep_options(instance, rank, world, socket, None, False)
+    released = ctypes.c_uint64(0)
+    call("devmem_release_kept", array, n, ctypes.byref(options), ctypes.byref(released))
+    return int(released.value)
 
 
 def use_emulator(face: str = "cuda", capacity: Optional[str] = None, devices: Optional[int] = None) -> str:

@@ -34,6 +34,7 @@ TYPES = {
     "struct devmem_transfer *": ctypes.POINTER(_lib.Transfer),
     "struct devmem_allocation_info *": ctypes.POINTER(_lib.AllocationInfo),
     "const struct devmem_shared_store_options *": ctypes.POINTER(_lib.SharedStoreOptions),
+    "const struct devmem_keep_options *": ctypes.POINTER(_lib.KeepOptions),
     "struct devmem_shared_store_info *": ctypes.POINTER(_lib.SharedStoreInfo),
     "devmem_read_only *": ctypes.POINTER(ctypes.c_int32),
     "devmem_allocation_callback": _lib.ALLOCATION_CALLBACK,
@@ -99,7 +100,8 @@ def struct_fields(struct):
     "struct,cls",
     [("devmem_counter", _lib.Counter), ("devmem_stats", _lib.Stats), ("devmem_transfer", _lib.Transfer),
      ("devmem_shared_store_info", _lib.SharedStoreInfo), ("devmem_residual", _lib.Residual),
-     ("devmem_allocation_info", _lib.AllocationInfo), ("devmem_shared_store_options", _lib.SharedStoreOptions)],
+     ("devmem_allocation_info", _lib.AllocationInfo), ("devmem_shared_store_options", _lib.SharedStoreOptions),
+     ("devmem_keep_options", _lib.KeepOptions)],
 )
 def test_struct_fields_match_header(struct, cls):
     assert struct_fields(struct) == [f[0] for f in cls._fields_]
