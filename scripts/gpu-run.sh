@@ -2,7 +2,7 @@
 # On the GPU machine (no cargo, no network): everything a one-GPU run issue records, in parts,
 # each writing its logs under $OUT/<part>/. Carry target/release/libdevmem.so, the preload
 # library and the keeper binary beside it, and .engines/ (scripts/prepare-engines.sh).
-#   PARTS=check,bench,engines,keeper,cold OUT=<dir> scripts/gpu-run.sh
+#   PARTS=check,bench,engines,keeper,cold,chunks OUT=<dir> scripts/gpu-run.sh
 # Parts:
 #   check    scripts/gpu-check.sh: C tests, demo, PyTorch smoke test, the Python GPU scenarios
 #            (trustworthy store: durable restore, a real model restored by identity)
@@ -12,12 +12,13 @@
 #   engines  scripts/gpu-engines.sh (ENGINES_ONLY, default every part): conformance, plugin,
 #            graphs, torch_memory_saver examples and suite (devmem and its own wheel), RL loop
 #   keeper   bench/bench_keeper.py: re-attach through the keeper vs durable restore vs torch.load
+#   chunks   bench/wake_chunks.py: one large tensor's wake per DEVMEM_WAKE_CHUNK_MB
 #   cold     bench/bench_cold.py: first sleep vs warm, one huge tensor's wake, durable read
 #            options, residual device memory after sleep
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/devmem-gpu}
-PARTS=${PARTS:-check,bench,engines,keeper,cold}
+PARTS=${PARTS:-check,bench,engines,keeper,cold,chunks}
 mkdir -p "$OUT"
 root=$PWD
 export DEVMEM_LIBRARY="$root/target/release/libdevmem.so" PYTHONUNBUFFERED=1
@@ -51,13 +52,18 @@ if want engines; then
 fi
 if want keeper; then
   mkdir -p "$OUT/keeper"
-  python3 bench/bench_keeper.py --json "$OUT/keeper/keeper.json" ${KEEPER_ARGS:-} >"$OUT/keeper/keeper.log" 2>&1 || status=1
+  python3 bench/bench_keeper.py --out "$OUT/keeper/keeper.json" ${KEEPER_ARGS:---gib 8 32} >"$OUT/keeper/keeper.log" 2>&1 || status=1
   tail -30 "$OUT/keeper/keeper.log"
 fi
 if want cold; then
   mkdir -p "$OUT/cold"
-  python3 bench/bench_cold.py --json "$OUT/cold/cold.json" ${COLD_ARGS:-} >"$OUT/cold/cold.log" 2>&1 || status=1
+  python3 bench/bench_cold.py --out "$OUT/cold/cold.json" ${COLD_ARGS:-} >"$OUT/cold/cold.log" 2>&1 || status=1
   tail -30 "$OUT/cold/cold.log"
+fi
+if want chunks; then
+  mkdir -p "$OUT/chunks"
+  python3 bench/wake_chunks.py --json "$OUT/chunks/wake-chunks.json" ${CHUNKS_ARGS:-} >"$OUT/chunks/wake-chunks.log" 2>&1 || status=1
+  tail -15 "$OUT/chunks/wake-chunks.log"
 fi
 (cd "$OUT" && tar czf ../gpu-run-logs.tgz . && mv ../gpu-run-logs.tgz .) 2>/dev/null
 echo "gpu-run exit status: $status"
