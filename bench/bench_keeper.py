@@ -21,6 +21,12 @@ Per size, each phase in its own process, as an engine restart would be:
   restored by the next (``restore_from_store``).
 * ``torch_load``: ``torch.load`` of the same bytes from a file in the page cache (torch only).
 * ``keeper_holding``: the keeper's RSS and open descriptors while it holds the bytes.
+* ``shared_read_only``: two processes attach the kept bytes read-only at once and check them.
+* ``crashed_client``: a process attaches read-write and dies by SIGKILL without releasing; the
+  next process attaches the same bytes (checked). The bytes are then released
+  (``keeper_after_release``: the keeper's RSS and descriptors) and kept again for the timed
+  re-attach.
+* Sizes above ``--compare-max-gib`` (default 40) skip the durable restore and ``torch.load``.
 
 Each record is printed as ``RECORD {json}`` and written to ``--out``.
 """
@@ -38,11 +44,15 @@ GIB = 1 << 30
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = []
+OUT_PATH = None
 
 
 def emit(**record):
     RECORDS.append(record)
     print("RECORD " + json.dumps(record), flush=True)
+    if OUT_PATH:  # rewritten per record, so a later failure keeps what ran
+        with open(OUT_PATH, "w") as f:
+            json.dump(RECORDS, f, indent=1)
 
 
 def have_torch():
@@ -104,6 +114,26 @@ elif mode == "attach":
     for i, (p, n) in enumerate(zip(ptrs, sizes)):
         check(p, n, i)
     devmem.release_kept("weights", instance="bench", socket=socket)
+elif mode in ("attach_ro", "attach_crash"):
+    # attach_ro: read-only, then wait until the parent says every reader is attached (argv[7],
+    # a file), so two readers hold the same memory at once; attach_crash: attach read-write
+    # and die by SIGKILL without releasing.
+    t = time.perf_counter()
+    tr = devmem.attach("weights", instance="bench", socket=socket, read_only=(mode == "attach_ro"))
+    out["seconds"] = time.perf_counter() - t
+    out["bytes_restored"] = tr.bytes_restored
+    for i, (p, n) in enumerate(zip(ptrs, sizes)):
+        check(p, n, i)
+    if mode == "attach_crash":
+        import signal
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("ATTACHED", flush=True)
+    deadline = time.time() + 120
+    while not os.path.exists(sys.argv[7]):
+        if time.time() > deadline:
+            raise SystemExit("barrier never opened")
+        time.sleep(0.01)
 elif mode == "durable_read":
     t = time.perf_counter()
     tr = devmem.restore_from_store("weights")
@@ -115,9 +145,14 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+def child_argv(mode, socket, total, piece, region, use_torch, barrier=""):
+    return [sys.executable, "-c", CHILD, mode, socket, str(total), str(piece), region,
+            "1" if use_torch else "0", barrier]
+
+
 def run_child(mode, socket, total, piece, region, use_torch):
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, socket, str(total), str(piece), region, "1" if use_torch else "0"],
+        child_argv(mode, socket, total, piece, region, use_torch),
         capture_output=True, text=True, timeout=1800,
     )
     if out.returncode != 0:
@@ -151,8 +186,12 @@ def main():
     ap.add_argument("--gib", type=int, nargs="*", default=[])
     ap.add_argument("--mib", type=int, nargs="*", default=[])
     ap.add_argument("--piece-mib", type=int, default=1024)
+    ap.add_argument("--compare-max-gib", type=int, default=40,
+                    help="durable restore and torch.load only up to this size (host memory, /dev/shm, disk)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global OUT_PATH
+    OUT_PATH = args.out
     sizes = [g * GIB for g in args.gib] + [m * MIB for m in args.mib] or [8 * GIB, 80 * GIB]
     use_torch = False  # fills and checks go through the driver; torch only for torch_load
     d = tempfile.mkdtemp(prefix="devmem-bench-keeper-")
@@ -169,9 +208,44 @@ def main():
             run_child("keep", socket, total, piece, "", use_torch)
             rss, fds = proc_usage(keeper.pid)
             emit(phase="keeper_holding", bytes=total, keeper_rss=rss, keeper_fds=fds)
+            # Two readers at once: both attach read-only and check their bytes while the other
+            # holds the same memory.
+            barrier = os.path.join(d, f"barrier-{total}")
+            readers = [subprocess.Popen(child_argv("attach_ro", socket, total, piece, "", use_torch, barrier),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       for _ in range(2)]
+            lines = []
+            for r in readers:  # each says ATTACHED before waiting at the barrier
+                line = r.stdout.readline()
+                while line and not line.startswith("ATTACHED"):
+                    line = r.stdout.readline()
+                lines.append(line)
+            open(barrier, "w").close()
+            results = []
+            for r in readers:
+                o, e = r.communicate(timeout=600)
+                if r.returncode != 0:
+                    raise SystemExit(f"attach_ro failed ({r.returncode}):\n{o}\n{e}")
+                results += [json.loads(x[7:]) for x in o.splitlines() if x.startswith("RESULT ")]
+            emit(phase="shared_read_only", bytes=total, readers=2,
+                 both_attached_at_once=all(x.startswith("ATTACHED") for x in lines),
+                 seconds=[x["seconds"] for x in results])
+            # A client that attached read-write dies by SIGKILL: its lease ends with it, the
+            # memory stays kept and the next process attaches the same bytes.
+            crash = subprocess.run(child_argv("attach_crash", socket, total, piece, "", use_torch),
+                                   capture_output=True, text=True, timeout=600)
+            r = run_child("attach", socket, total, piece, "", use_torch)
+            emit(phase="crashed_client", bytes=total, client_exit=crash.returncode,
+                 reattach_after_crash_seconds=r["seconds"], bytes_checked=True)
+            rss, fds = proc_usage(keeper.pid)
+            emit(phase="keeper_after_release", bytes=total, keeper_rss=rss, keeper_fds=fds)
+            run_child("keep", socket, total, piece, "", use_torch)
             r = run_child("attach", socket, total, piece, "", use_torch)
             emit(phase="keeper_reattach", bytes=total, seconds=r["seconds"],
                  seconds_from_start=r["seconds_from_start"], bytes_restored=r["bytes_restored"])
+            if total > args.compare_max_gib * GIB:
+                emit(phase="durable_restore", bytes=total, skipped=f"over --compare-max-gib {args.compare_max_gib}")
+                continue
             region = f"bench-keeper-{os.getpid()}-{total}"
             run_child("durable_write", socket, total, piece, region, use_torch)
             r = run_child("durable_read", socket, total, piece, region, use_torch)

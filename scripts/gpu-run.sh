@@ -52,7 +52,7 @@ if want engines; then
 fi
 if want keeper; then
   mkdir -p "$OUT/keeper"
-  python3 bench/bench_keeper.py --out "$OUT/keeper/keeper.json" ${KEEPER_ARGS:---gib 8 32} >"$OUT/keeper/keeper.log" 2>&1 || status=1
+  python3 bench/bench_keeper.py --out "$OUT/keeper/keeper.json" ${KEEPER_ARGS:---gib 8 80} >"$OUT/keeper/keeper.log" 2>&1 || status=1
   tail -30 "$OUT/keeper/keeper.log"
 fi
 if want cold; then
