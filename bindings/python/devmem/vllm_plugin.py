@@ -31,7 +31,7 @@ import os
 import sys
 import threading
 import types
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("devmem")
 
@@ -325,8 +325,73 @@ class DevmemSleepModeBackend(_backend_base()):  # type: ignore[misc]
 
     @classmethod
     def supports_durable_storage(cls) -> bool:
-        # A kept shared store (open_shared_store(keep=True), or DEVMEM_SHARED_STORE with
-        # DEVMEM_SHARED_KEEP=1) outlives the process; a new one calls restore_from_store.
+        # Two ways state outlives the process: a kept shared store (open_shared_store(keep=True),
+        # or DEVMEM_SHARED_STORE with DEVMEM_SHARED_KEEP=1; a new process calls
+        # restore_from_store), or a keeper answering at its socket (keep_for_restart here, then
+        # attach_after_restart in the new process: the GPU memory itself stays, nothing copied).
         from . import api
 
-        return api.shared_store_durable()
+        if api.shared_store_durable():
+            return True
+        try:
+            return api.keeper_available()
+        except Exception:  # no socket path can be formed: no keeper
+            return False
+
+    @staticmethod
+    def _identity(instance: str, rank: Optional[int], world: Optional[int]) -> Tuple[str, int, int]:
+        if rank is None or world is None:
+            try:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    rank = dist.get_rank() if rank is None else rank
+                    world = dist.get_world_size() if world is None else world
+            except ImportError:
+                pass
+        return instance, 0 if rank is None else rank, 1 if world is None else world
+
+    def keep_for_restart(
+        self,
+        instance: str,
+        tags: Sequence[str] = ("weights",),
+        *,
+        rank: Optional[int] = None,
+        world: Optional[int] = None,
+        socket: Optional[str] = None,
+    ) -> None:
+        """Hands the GPU memory of ``tags`` (named first with :func:`devmem.name_tensors`) to
+        the keeper under (``instance``, rank, world, tag), so the next engine process maps it
+        with :meth:`attach_after_restart` instead of loading or copying. Rank and world default
+        to ``torch.distributed``'s when it is initialised, else 0 and 1. Nothing changes here:
+        the memory stays mapped and usable in this process. Raises :class:`devmem.DevmemError`
+        (naming the keeper's answer) when the keeper is missing, full or refuses."""
+        from . import api
+
+        instance, rank, world = self._identity(instance, rank, world)
+        api.keep(list(tags), instance=instance, rank=rank, world=world, socket=socket)
+
+    def attach_after_restart(
+        self,
+        instance: str,
+        tags: Sequence[str] = ("weights",),
+        *,
+        rank: Optional[int] = None,
+        world: Optional[int] = None,
+        read_only: bool = False,
+        socket: Optional[str] = None,
+        release: bool = False,
+    ) -> Any:
+        """In the new engine process, after the model's tensors were allocated and named as
+        before: maps the memory the keeper holds for ``tags`` at them, without copying, and
+        returns devmem's transfer record (``bytes_restored`` 0). Any name, size, rank or world
+        that does not match is refused before anything is mapped. ``release`` has the keeper
+        drop its copy of the handles afterwards (the memory then lives as long as this
+        process's allocations)."""
+        from . import api
+
+        instance, rank, world = self._identity(instance, rank, world)
+        out = api.attach(list(tags), instance=instance, rank=rank, world=world, read_only=read_only, socket=socket)
+        if release:
+            api.release_kept(list(tags), instance=instance, rank=rank, world=world, socket=socket)
+        return out

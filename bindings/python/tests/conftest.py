@@ -5,6 +5,10 @@ The library and emulator paths come from the environment or the repository's car
 
 import os
 import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
 
 import pytest
 
@@ -53,3 +57,30 @@ def nothing_left_behind():
         devmem.free(a.ptr)
     devmem.set_current_tag(devmem.DEFAULT_TAG)
     assert not leftover, f"test left allocations behind: {leftover}"
+
+
+def keeper_binary():
+    lib = os.environ.get("DEVMEM_LIBRARY")
+    for d in ([pathlib.Path(lib).parent] if lib else []) + [ROOT / "target" / "release", ROOT / "target" / "debug"]:
+        if (d / "devmem-keeper").exists():
+            return d / "devmem-keeper"
+    return None
+
+
+@pytest.fixture
+def keeper():
+    binary = keeper_binary()
+    if binary is None:
+        pytest.skip("devmem-keeper is not built (cargo build --release --workspace)")
+    d = pathlib.Path(tempfile.mkdtemp(prefix="devmem-pykeeper-"))
+    socket = d / "k" / "keeper.sock"
+    proc = subprocess.Popen([str(binary), "serve", "--socket", str(socket)], stdin=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while not socket.exists():
+        assert time.time() < deadline, "keeper never started"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    yield str(socket)
+    proc.kill()
+    proc.wait()
+    shutil.rmtree(d, ignore_errors=True)

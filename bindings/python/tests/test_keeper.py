@@ -2,45 +2,14 @@
 from a new process. Runs the keeper built by cargo next to the library; Level Zero refuses."""
 
 import os
-import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 
 import pytest
 
 import devmem
-from conftest import LEVEL_ZERO, ROOT
-
-
-def keeper_binary():
-    lib = os.environ.get("DEVMEM_LIBRARY")
-    for d in ([pathlib.Path(lib).parent] if lib else []) + [ROOT / "target" / "release", ROOT / "target" / "debug"]:
-        if (d / "devmem-keeper").exists():
-            return d / "devmem-keeper"
-    return None
-
-
-@pytest.fixture
-def keeper():
-    binary = keeper_binary()
-    if binary is None:
-        pytest.skip("devmem-keeper is not built (cargo build --release --workspace)")
-    d = pathlib.Path(tempfile.mkdtemp(prefix="devmem-pykeeper-"))
-    socket = d / "k" / "keeper.sock"
-    proc = subprocess.Popen([str(binary), "serve", "--socket", str(socket)], stdin=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while not socket.exists():
-        assert time.time() < deadline, "keeper never started"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    yield str(socket)
-    proc.kill()
-    proc.wait()
-    shutil.rmtree(d, ignore_errors=True)
+from conftest import LEVEL_ZERO
 
 
 CHILD = textwrap.dedent(
@@ -113,3 +82,63 @@ def test_no_keeper_is_a_clear_error(tmp_path):
 def test_keeper_available(keeper, tmp_path):
     assert devmem.keeper_available(keeper)
     assert not devmem.keeper_available(str(tmp_path / "nothing.sock"))
+
+
+READER = textwrap.dedent(
+    """
+    import ctypes, os, sys, time, devmem
+    socket, mode, barrier = sys.argv[1], sys.argv[2], sys.argv[3]
+    MIB = 1 << 20
+    with devmem.use_tag("weights"):
+        p = devmem.malloc(4 * MIB)
+    devmem.name_range(p, 4 * MIB, "w")
+    if mode == "keep":
+        ctypes.memset(p, 0x5A, 4 * MIB)
+        devmem.keep("weights", instance="ro", socket=socket)
+        print("child ok", flush=True)
+        sys.exit(0)
+    devmem.attach("weights", instance="ro", read_only=True, socket=socket)
+    assert ctypes.string_at(p, 4 * MIB) == b"\x5a" * (4 * MIB)
+    print("attached", flush=True)
+    while not os.path.exists(barrier):
+        time.sleep(0.01)
+    if mode == "write":
+        ctypes.memset(p, 0x00, 1)  # through a read-only mapping: faults here, in the writer
+        print("wrote", flush=True)
+    else:
+        time.sleep(0.5)  # the writer has faulted by now
+        assert ctypes.string_at(p, 4 * MIB) == b"\x5a" * (4 * MIB), "the reader's bytes changed"
+        print("child ok", flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(LEVEL_ZERO, reason="Level Zero cannot export physical memory")
+def test_read_only_sharing_a_write_faults_only_the_writer(keeper, tmp_path):
+    """Two processes map the same kept memory read-only; one writes through its mapping and
+    faults (the emulator maps PROT_READ as the driver does with CU_MEM_ACCESS_FLAGS_PROT_READ);
+    the other's bytes, and the kept memory, stay as they were."""
+    barrier = str(tmp_path / "go")
+
+    def child(mode):
+        return subprocess.Popen([sys.executable, "-c", READER, keeper, mode, barrier], env=dict(os.environ),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    k = child("keep")
+    out, err = k.communicate(timeout=120)
+    assert k.returncode == 0 and "child ok" in out, err
+    writer, reader = child("write"), child("read")
+    for proc in (writer, reader):
+        assert proc.stdout.readline().strip() == "attached", proc.stderr.read()
+    open(barrier, "w").close()
+    wout, werr = writer.communicate(timeout=120)
+    rout, rerr = reader.communicate(timeout=120)
+    assert writer.returncode == -11 and "wrote" not in wout, (writer.returncode, wout, werr)
+    assert reader.returncode == 0 and "child ok" in rout, rerr
+    # The kept bytes are intact for the next process too.
+    os.unlink(barrier)
+    again = child("read")
+    assert again.stdout.readline().strip() == "attached", again.stderr.read()
+    open(barrier, "w").close()
+    aout, aerr = again.communicate(timeout=120)
+    assert again.returncode == 0 and "child ok" in aout, aerr

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import devmem
-from conftest import EMULATED, ROOT
+from conftest import EMULATED, LEVEL_ZERO, ROOT
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 from conformance import vllm_tree  # noqa: E402
@@ -70,7 +70,8 @@ def fresh_choice(monkeypatch):
     importlib.import_module("vllm.config").set_for_test(None)
 
 
-def test_entry_point_is_discovered_and_registers_the_backend(vllm):
+def test_entry_point_is_discovered_and_registers_the_backend(vllm, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEVMEM_KEEPER_SOCKET", str(tmp_path / "no-keeper.sock"))  # none answers
     from vllm.device_allocator.sleep_mode_backend import SleepModeBackend, SleepModeBackendFactory
 
     eps = {e.name: e.value for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
@@ -237,3 +238,53 @@ def test_state_changes_only_when_the_call_succeeds(vllm, fresh_choice):
     assert backend.state() == "RUNNING"
     for p in (w, kv, w2):
         devmem.free(p)
+
+
+RESTART = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import devmem
+from devmem.vllm_plugin import DevmemSleepModeBackend
+socket, mode = sys.argv[2], sys.argv[3]
+MIB = 1 << 20
+with devmem.use_tag("weights"):
+    ptrs = [devmem.malloc(n * MIB) for n in (2, 4)]
+for i, p in enumerate(ptrs):
+    devmem.name_range(p, (2 + 2 * i) * MIB, f"layer{i}")
+backend = DevmemSleepModeBackend()
+assert DevmemSleepModeBackend.supports_durable_storage()
+if mode == "keep":
+    for i, p in enumerate(ptrs):
+        ctypes.memset(p, 0x30 + i, (2 + 2 * i) * MIB)
+    backend.keep_for_restart("engine", socket=socket)
+else:
+    try:
+        backend.attach_after_restart("engine", rank=1, world=2, socket=socket)
+        raise AssertionError("another rank's memory was attached")
+    except devmem.DevmemError as err:
+        assert "does not hold" in str(err), err
+    t = backend.attach_after_restart("engine", socket=socket, release=True)
+    assert t.bytes_restored == 0 and t.allocations == 2, t
+    for i, p in enumerate(ptrs):
+        n = (2 + 2 * i) * MIB
+        assert ctypes.string_at(p, n) == bytes([0x30 + i]) * n, i
+print("child ok")
+"""
+
+
+@pytest.mark.skipif(LEVEL_ZERO, reason="Level Zero cannot export physical memory")
+def test_engine_restart_through_the_keeper(vllm, keeper, monkeypatch):
+    """supports_durable_storage says True while a keeper answers; one engine process keeps its
+    weights, the next attaches them (no copy, a wrong rank refused) and has the keeper drop them."""
+    import subprocess
+
+    from devmem.vllm_plugin import DevmemSleepModeBackend
+
+    monkeypatch.setenv("DEVMEM_KEEPER_SOCKET", keeper)
+    assert DevmemSleepModeBackend.supports_durable_storage()
+    tree = os.path.dirname(os.path.dirname(vllm.__file__))
+    for mode in ("keep", "attach"):
+        out = subprocess.run([sys.executable, "-c", RESTART, tree, keeper, mode], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "child ok" in out.stdout, out.stderr
+    assert not devmem.keeper_available(keeper + ".other")
