@@ -59,6 +59,27 @@ int main(void) {
   CHECK_OK(devmem_sleep(NULL, 0));
   CHECK_OK(devmem_wake_up(NULL, 0));
 
+  /* Keeping memory for a restart: bad options are refused before the keeper is asked; no
+     keeper at the socket is UNSUPPORTED naming it. */
+  const char *weights = "weights";
+  devmem_keep_options ko;
+  memset(&ko, 0, sizeof ko);
+  CHECK_STATUS(devmem_keep(&weights, 1, NULL), DEVMEM_STATUS_NULL_POINTER, "options");
+  CHECK_STATUS(devmem_keep(&weights, 1, &ko), DEVMEM_STATUS_NULL_POINTER, "instance");
+  ko.instance = "";
+  CHECK_STATUS(devmem_attach(&weights, 1, &ko), DEVMEM_STATUS_INVALID_ARGUMENT, "instance");
+  ko.instance = "c-test";
+  ko.rank = 2;
+  ko.world = 2;
+  CHECK_STATUS(devmem_attach(&weights, 1, &ko), DEVMEM_STATUS_INVALID_ARGUMENT, "rank 2");
+  ko.rank = 0;
+  ko.world = 1;
+  ko.read_only = 1;
+  ko.socket = "/nonexistent-devmem-dir/keeper.sock";
+  uint64_t released = 0;
+  CHECK_STATUS(devmem_release_kept(&weights, 0, &ko, &released), DEVMEM_STATUS_INVALID_ARGUMENT, "no tags");
+  CHECK_STATUS(devmem_release_kept(&weights, 1, &ko, &released), DEVMEM_STATUS_UNSUPPORTED, "keeper");
+
   char small[1];
   CHECK_STATUS(devmem_get_current_tag(small, sizeof small), DEVMEM_STATUS_BUFFER_TOO_SMALL, "needs");
   CHECK(strcmp(devmem_status_string(12345), "DEVMEM_STATUS_UNKNOWN") == 0);

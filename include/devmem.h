@@ -329,9 +329,9 @@ typedef struct devmem_keep_options {
   const char *socket;
   // The `devmem-keeper` binary to start when no keeper answers; NULL never starts one.
   const char *keeper_binary;
-  // `devmem_attach` only: map read-only (a write through it faults) and share the memory
-  // with other read-only processes; otherwise the attach is exclusive.
-  bool read_only;
+  // `devmem_attach` only: nonzero maps read-only (a write through it faults) and shares the
+  // memory with other read-only processes; 0 attaches exclusively, read-write.
+  int read_only;
 } devmem_keep_options;
 
 #ifdef __cplusplus

@@ -1152,9 +1152,9 @@ pub struct devmem_keep_options {
     pub socket: *const c_char,
     /// The `devmem-keeper` binary to start when no keeper answers; NULL never starts one.
     pub keeper_binary: *const c_char,
-    /// `devmem_attach` only: map read-only (a write through it faults) and share the memory
-    /// with other read-only processes; otherwise the attach is exclusive.
-    pub read_only: bool,
+    /// `devmem_attach` only: nonzero maps read-only (a write through it faults) and shares the
+    /// memory with other read-only processes; 0 attaches exclusively, read-write.
+    pub read_only: c_int,
 }
 
 /// # Safety
@@ -1208,7 +1208,7 @@ unsafe fn keep_options_from_c(
         // SAFETY: as above.
         binary: unsafe { path_from_c(o.keeper_binary) },
     };
-    Ok((identity, reach, o.read_only))
+    Ok((identity, reach, o.read_only != 0))
 }
 
 /// Hands the physical memory of the named allocations (`devmem_name_range`) of the `n` listed

@@ -97,3 +97,30 @@ fn the_readme_c_example_is_the_tested_file() {
         "README.md must show examples/readme.c verbatim in a ```c block"
     );
 }
+
+/// The header compiles alone as C99 and C11 (no `bool` without `<stdbool.h>`, no C++-only
+/// construct) with warnings as errors: a struct field typed `bool` once broke every C caller.
+#[test]
+fn header_compiles_as_plain_c() {
+    let header = concat!(env!("CARGO_MANIFEST_DIR"), "/include/devmem.h");
+    for std in ["-std=c99", "-std=c11"] {
+        let out = std::process::Command::new("cc")
+            .args([
+                std,
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-fsyntax-only",
+                "-x",
+                "c",
+                header,
+            ])
+            .output()
+            .expect("cc runs (a C compiler is needed to build the C tests)");
+        assert!(
+            out.status.success(),
+            "include/devmem.h does not compile as C ({std}):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -333,7 +333,7 @@ fn with_options<T>(
         world,
         socket: socket.as_ptr(),
         keeper_binary: std::ptr::null(),
-        read_only,
+        read_only: read_only as std::os::raw::c_int,
     };
     f(&options)
 }

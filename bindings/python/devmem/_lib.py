@@ -325,7 +325,7 @@ class KeepOptions(Structure):
         ("world", ctypes.c_uint32),
         ("socket", c_char_p),
         ("keeper_binary", c_char_p),
-        ("read_only", ctypes.c_bool),
+        ("read_only", ctypes.c_int),
     ]
 
 

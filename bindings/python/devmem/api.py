@@ -863,7 +863,7 @@ def _keep_options(
         world,
         os.fsencode(socket) if socket else None,
         os.fsencode(keeper_binary) if keeper_binary else None,
-        bool(read_only),
+        int(bool(read_only)),
     )
 
 
