@@ -2062,7 +2062,7 @@ pub fn residual(device: i32) -> Result<devmem_residual> {
 }
 
 /// Exports the physical memory mapped for the allocation at `ptr` as POSIX file descriptors,
-/// one per piece ([`Backend::chunks`]), in address order, with each piece's size: what the
+/// one per piece (the backend's chunks), in address order, with each piece's size: what the
 /// keeper holds so a later process can map the same memory without copying. The allocation
 /// stays mapped and usable here. Only a mapped allocation can be exported: a sleeping one has
 /// no device memory to hand over.
