@@ -2307,8 +2307,10 @@ pub fn keep(
                 )
             })
             .collect();
-        store::kept::with_client(options, &format!("keeping tag {tag:?}"), |c| {
-            c.keep(&key, &borrowed)
+        store::kept::with_connection(options, &format!("keeping tag {tag:?}"), |c| {
+            c.client.keep(&key, &borrowed)?;
+            c.leased.insert(key.clone()); // the keeping connection holds the lease
+            Ok(())
         })?;
         with_registry(|reg| {
             for (l, _) in &locals {
@@ -2329,7 +2331,8 @@ pub fn keep(
 /// allocations, matched by identity (names, sizes, device; never by order), read-only when
 /// `read_only`. No byte is copied. The keeper's whole tag is checked before anything is
 /// mapped: a mismatch is refused with `REGION` listing what is missing, extra or mismatched,
-/// and the lease is given back. Each matched allocation must be mapped (its own memory is
+/// and the lease is given back (unless this process held one on the key before the call: a
+/// keep or attach whose memory may still be mapped here keeps it). Each matched allocation must be mapped (its own memory is
 /// given back) or discarded.
 ///
 /// The lease (exclusive unless `read_only`) stays with this process's keeper connection until
@@ -2354,7 +2357,14 @@ pub fn attach(
     for tag in set {
         let key = identity.key(tag)?;
         let doing = format!("attaching tag {tag:?}");
-        let kept = store::kept::with_client(options, &doing, |c| c.attach(&key, mode))?;
+        // Whether this process already held a lease on the key (an earlier keep or attach
+        // whose memory may still be mapped here): a refused attach must not give it back.
+        let (kept, had_lease) = store::kept::with_connection(options, &doing, |c| {
+            let had = c.leased.contains(&key);
+            let kept = c.client.attach(&key, mode)?;
+            c.leased.insert(key.clone());
+            Ok((kept, had))
+        })?;
         let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
             .into_iter()
             .map(|(l, _)| l)
@@ -2378,8 +2388,14 @@ pub fn attach(
                 });
         let pairs = match checked {
             Ok(pairs) => pairs,
+            Err(err) if had_lease => return Err(err),
             Err(err) => {
-                if let Err(undo) = store::kept::with_client(options, &doing, |c| c.detach(&key)) {
+                let undo = store::kept::with_connection(options, &doing, |c| {
+                    c.client.detach(&key)?;
+                    c.leased.remove(&key);
+                    Ok(())
+                });
+                if let Err(undo) = undo {
                     log::warn!("devmem: giving back the lease of {key:?}: {undo}");
                 }
                 return Err(err);
@@ -2418,8 +2434,10 @@ pub fn release_kept(
     let mut bytes = 0u64;
     for tag in set {
         let key = identity.key(tag)?;
-        bytes += store::kept::with_client(options, &format!("releasing tag {tag:?}"), |c| {
-            c.release(&key)
+        bytes += store::kept::with_connection(options, &format!("releasing tag {tag:?}"), |c| {
+            let bytes = c.client.release(&key)?;
+            c.leased.remove(&key);
+            Ok(bytes)
         })?;
         with_registry(|reg| {
             for a in reg.allocations.values_mut().filter(|a| &*a.tag == tag) {
