@@ -2337,7 +2337,8 @@ pub fn keep(
 ///
 /// The lease (exclusive unless `read_only`) stays with this process's keeper connection until
 /// it exits. If mapping one allocation fails, that allocation is left as it was and the
-/// allocations of the tag mapped before it keep the kept memory.
+/// allocations mapped before it (of this tag or earlier tags) keep the kept memory: the error
+/// lists them ("stay attached").
 pub fn attach(
     tags: &[String],
     identity: &store::kept::Identity,
@@ -2354,8 +2355,26 @@ pub fn attach(
         devmem_keeper::Mode::ReadWrite
     };
     let mut transfer = devmem_transfer::default();
+    // Allocations this call already attached: no rollback undoes them, so an error after the
+    // first one says which stay attached.
+    let mut attached: Vec<String> = Vec::new();
+    let partial = |err: Error, attached: &[String]| -> Error {
+        if attached.is_empty() {
+            return err;
+        }
+        Error::new(
+            err.status,
+            format!(
+                "{}; {} allocation(s) attached earlier in this call stay attached (not rolled \
+                 back): {}",
+                err.message,
+                attached.len(),
+                attached.join(", ")
+            ),
+        )
+    };
     for tag in set {
-        let key = identity.key(tag)?;
+        let key = identity.key(tag).map_err(|e| partial(e, &attached))?;
         let doing = format!("attaching tag {tag:?}");
         // Whether this process already held a lease on the key (an earlier keep or attach
         // whose memory may still be mapped here): a refused attach must not give it back.
@@ -2364,7 +2383,8 @@ pub fn attach(
             let kept = c.client.attach(&key, mode)?;
             c.leased.insert(key.clone());
             Ok((kept, had))
-        })?;
+        })
+        .map_err(|e| partial(e, &attached))?;
         let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
             .into_iter()
             .map(|(l, _)| l)
@@ -2388,7 +2408,7 @@ pub fn attach(
                 });
         let pairs = match checked {
             Ok(pairs) => pairs,
-            Err(err) if had_lease => return Err(err),
+            Err(err) if had_lease => return Err(partial(err, &attached)),
             Err(err) => {
                 let undo = store::kept::with_connection(options, &doing, |c| {
                     c.client.detach(&key)?;
@@ -2398,7 +2418,7 @@ pub fn attach(
                 if let Err(undo) = undo {
                     log::warn!("devmem: giving back the lease of {key:?}: {undo}");
                 }
-                return Err(err);
+                return Err(partial(err, &attached));
             }
         };
         for (i, j) in pairs {
@@ -2406,15 +2426,17 @@ pub fn attach(
             let mut pieces = Vec::with_capacity(fds.len());
             for (n, fd) in entry.pieces.iter().zip(fds) {
                 let Ok(n) = usize::try_from(*n) else {
-                    bail!(
-                        Region,
-                        "a kept piece of {n} bytes does not fit this process"
+                    let err = Error::new(
+                        devmem_status::Region,
+                        format!("a kept piece of {n} bytes does not fit this process"),
                     );
+                    return Err(partial(err, &attached));
                 };
                 pieces.push((n, std::os::fd::AsFd::as_fd(fd)));
             }
             adopt_allocation(locals[j].va, &pieces, read_only)
-                .map_err(|e| e.context(doing.clone()))?;
+                .map_err(|e| partial(e.context(doing.clone()), &attached))?;
+            attached.push(format!("{:#x} (tag {tag:?})", locals[j].va));
             transfer.allocations += 1;
             transfer.bytes_mapped += locals[j].size;
         }
