@@ -688,3 +688,36 @@ fn child_attach_fails_on_the_second_map() {
     free_all(&[a, b]);
     assert_no_device_leaks();
 }
+
+/// Memory kept by a process with another chunk size (`DEVMEM_CHUNK_SIZE`) has another piece
+/// layout: one 16 MiB piece here, where this process maps 2 MiB chunks. It used to be mapped,
+/// then set_access failed and the unmap could not undo the map: the allocation ended discarded,
+/// its own memory unmapped. Now refused before anything is imported, the allocation as it was.
+#[test]
+fn kept_memory_of_another_chunk_layout_is_refused_before_anything_changes() {
+    if level_zero() {
+        return;
+    }
+    setup(&[("DEVMEM_CHUNK_SIZE", "2M"), ("DEVMEM_EMU_STRICT", "1")]);
+    let size = 4 * SIZE;
+    // SAFETY: memfd_create with a static name; ftruncate on the fresh descriptor.
+    let fd = unsafe {
+        let fd = libc::memfd_create(c"other-layout".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, size as libc::off_t), 0);
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    };
+    let b = alloc(size, "weights");
+    fill(b, size, 13);
+    let imports = emu().calls(&tr("cuMemImportFromShareableHandle"));
+    let err = devmem::core::adopt_allocation(b, &[(size, fd.as_fd())], false)
+        .expect_err("another chunk layout");
+    assert_eq!(err.status, devmem_status::InvalidArgument, "{err}");
+    assert!(err.message.contains("chunk"), "{err}");
+    assert_eq!(emu().calls(&tr("cuMemImportFromShareableHandle")), imports);
+    assert_eq!(state(b), devmem_state::Mapped, "{err}");
+    assert_eq!(mismatches(b, size, 13), 0, "{err}");
+    drop(fd);
+    free_all(&[b]);
+    assert_no_device_leaks();
+}
