@@ -652,10 +652,12 @@ devmem_status devmem_keep(const char *const *tags,
 // copying (`devmem_get_last_transfer`: bytes mapped, none restored). Matches by identity:
 // every kept allocation must correspond to exactly one allocation here with the same named
 // ranges, size and device, and every named allocation of the tags must be kept; otherwise
-// `DEVMEM_STATUS_REGION` lists what differs and nothing is mapped. Each allocation must be
-// mapped (its own memory is given back) or discarded. Exclusive unless
+// `DEVMEM_STATUS_REGION` lists what differs and nothing of that tag is mapped. Each
+// allocation must be mapped (its own memory is given back) or discarded. Exclusive unless
 // `options.read_only`: another process attached read-write makes it
-// `DEVMEM_STATUS_INVALID_STATE`.
+// `DEVMEM_STATUS_INVALID_STATE`. Not rolled back across allocations: when one fails (or a
+// later tag is refused), those attached before it in this call stay attached and the error
+// message lists them ("stay attached").
 devmem_status devmem_attach(const char *const *tags,
                             size_t n,
                             const struct devmem_keep_options *options);

@@ -2307,8 +2307,10 @@ pub fn keep(
                 )
             })
             .collect();
-        store::kept::with_client(options, &format!("keeping tag {tag:?}"), |c| {
-            c.keep(&key, &borrowed)
+        store::kept::with_connection(options, &format!("keeping tag {tag:?}"), |c| {
+            c.client.keep(&key, &borrowed)?;
+            c.leased.insert(key.clone()); // the keeping connection holds the lease
+            Ok(())
         })?;
         with_registry(|reg| {
             for (l, _) in &locals {
@@ -2329,12 +2331,14 @@ pub fn keep(
 /// allocations, matched by identity (names, sizes, device; never by order), read-only when
 /// `read_only`. No byte is copied. The keeper's whole tag is checked before anything is
 /// mapped: a mismatch is refused with `REGION` listing what is missing, extra or mismatched,
-/// and the lease is given back. Each matched allocation must be mapped (its own memory is
+/// and the lease is given back (unless this process held one on the key before the call: a
+/// keep or attach whose memory may still be mapped here keeps it). Each matched allocation must be mapped (its own memory is
 /// given back) or discarded.
 ///
 /// The lease (exclusive unless `read_only`) stays with this process's keeper connection until
 /// it exits. If mapping one allocation fails, that allocation is left as it was and the
-/// allocations of the tag mapped before it keep the kept memory.
+/// allocations mapped before it (of this tag or earlier tags) keep the kept memory: the error
+/// lists them ("stay attached").
 pub fn attach(
     tags: &[String],
     identity: &store::kept::Identity,
@@ -2351,10 +2355,36 @@ pub fn attach(
         devmem_keeper::Mode::ReadWrite
     };
     let mut transfer = devmem_transfer::default();
+    // Allocations this call already attached: no rollback undoes them, so an error after the
+    // first one says which stay attached.
+    let mut attached: Vec<String> = Vec::new();
+    let partial = |err: Error, attached: &[String]| -> Error {
+        if attached.is_empty() {
+            return err;
+        }
+        Error::new(
+            err.status,
+            format!(
+                "{}; {} allocation(s) attached earlier in this call stay attached (not rolled \
+                 back): {}",
+                err.message,
+                attached.len(),
+                attached.join(", ")
+            ),
+        )
+    };
     for tag in set {
-        let key = identity.key(tag)?;
+        let key = identity.key(tag).map_err(|e| partial(e, &attached))?;
         let doing = format!("attaching tag {tag:?}");
-        let kept = store::kept::with_client(options, &doing, |c| c.attach(&key, mode))?;
+        // Whether this process already held a lease on the key (an earlier keep or attach
+        // whose memory may still be mapped here): a refused attach must not give it back.
+        let (kept, had_lease) = store::kept::with_connection(options, &doing, |c| {
+            let had = c.leased.contains(&key);
+            let kept = c.client.attach(&key, mode)?;
+            c.leased.insert(key.clone());
+            Ok((kept, had))
+        })
+        .map_err(|e| partial(e, &attached))?;
         let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
             .into_iter()
             .map(|(l, _)| l)
@@ -2378,11 +2408,17 @@ pub fn attach(
                 });
         let pairs = match checked {
             Ok(pairs) => pairs,
+            Err(err) if had_lease => return Err(partial(err, &attached)),
             Err(err) => {
-                if let Err(undo) = store::kept::with_client(options, &doing, |c| c.detach(&key)) {
+                let undo = store::kept::with_connection(options, &doing, |c| {
+                    c.client.detach(&key)?;
+                    c.leased.remove(&key);
+                    Ok(())
+                });
+                if let Err(undo) = undo {
                     log::warn!("devmem: giving back the lease of {key:?}: {undo}");
                 }
-                return Err(err);
+                return Err(partial(err, &attached));
             }
         };
         for (i, j) in pairs {
@@ -2390,15 +2426,17 @@ pub fn attach(
             let mut pieces = Vec::with_capacity(fds.len());
             for (n, fd) in entry.pieces.iter().zip(fds) {
                 let Ok(n) = usize::try_from(*n) else {
-                    bail!(
-                        Region,
-                        "a kept piece of {n} bytes does not fit this process"
+                    let err = Error::new(
+                        devmem_status::Region,
+                        format!("a kept piece of {n} bytes does not fit this process"),
                     );
+                    return Err(partial(err, &attached));
                 };
                 pieces.push((n, std::os::fd::AsFd::as_fd(fd)));
             }
             adopt_allocation(locals[j].va, &pieces, read_only)
-                .map_err(|e| e.context(doing.clone()))?;
+                .map_err(|e| partial(e.context(doing.clone()), &attached))?;
+            attached.push(format!("{:#x} (tag {tag:?})", locals[j].va));
             transfer.allocations += 1;
             transfer.bytes_mapped += locals[j].size;
         }
@@ -2418,8 +2456,10 @@ pub fn release_kept(
     let mut bytes = 0u64;
     for tag in set {
         let key = identity.key(tag)?;
-        bytes += store::kept::with_client(options, &format!("releasing tag {tag:?}"), |c| {
-            c.release(&key)
+        bytes += store::kept::with_connection(options, &format!("releasing tag {tag:?}"), |c| {
+            let bytes = c.client.release(&key)?;
+            c.leased.remove(&key);
+            Ok(bytes)
         })?;
         with_registry(|reg| {
             for a in reg.allocations.values_mut().filter(|a| &*a.tag == tag) {

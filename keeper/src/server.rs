@@ -541,7 +541,9 @@ impl Server {
                 return Err(KeeperError::Busy(m));
             }
             let replaced = self.keys.get(&key).map_or(0, Held::fd_count);
-            if self.fds_held() - replaced + nfds > self.fds_cap {
+            // nfds is the client's word: checked, so u64::MAX is Full, not an overflow.
+            let after = (self.fds_held() - replaced).checked_add(nfds);
+            if after.is_none_or(|a| a > self.fds_cap) {
                 return Err(KeeperError::Full(format!(
                     "keeping {nfds} fds would pass the cap of {} ({} held)",
                     self.fds_cap,

@@ -986,3 +986,45 @@ fn racing_keepers_with_a_slow_listen_end_with_one() {
     };
     assert_eq!(k.client().status().unwrap().pid, k.child.id());
 }
+
+/// Counts announced on the wire are a client's word: one at u64::MAX must be refused, not
+/// overflow the keeper's cap arithmetic (a panic in a debug build took the keeper, and every
+/// byte it held, down; a release build wrapped past the cap check).
+#[test]
+fn huge_announced_counts_do_not_take_the_keeper_down() {
+    let k = start("hugecounts");
+    let mut good = k.client();
+    let fd = keep_one(&mut good, &key("kv"), b"kept");
+    drop(fd);
+    let bad = k.client();
+    let s = bad.as_fd();
+    protocol::send(
+        s,
+        &Request::KeepBegin {
+            key: key("huge"),
+            entries: 1,
+            fds: u64::MAX,
+        },
+        &[],
+    )
+    .unwrap();
+    let r = match protocol::recv_raw(s, 0) {
+        Ok(Received::Msg { bytes, .. }) => protocol::decode::<Reply>(&bytes).ok(),
+        _ => None,
+    };
+    assert!(
+        matches!(
+            r,
+            Some(Reply::Err {
+                error: KeeperError::Full(_)
+            })
+        ),
+        "{r:?}"
+    );
+    // The keeper still serves and still holds what it held.
+    let s = good.status().unwrap();
+    assert_eq!((s.keys.len(), s.fds_held), (1, 1));
+    let mut again = k.client();
+    let got = again.attach(&key("kv"), Mode::ReadOnly).unwrap();
+    assert_eq!(read_fd(&got[0].1[0], 4), b"kept");
+}

@@ -576,6 +576,28 @@ impl Backend for Layered {
         device: i32,
         pieces: &[(usize, std::os::fd::BorrowedFd<'_>)],
     ) -> Result<u64> {
+        // Unmap and set_access walk this process's chunk layout (`split`): memory kept by a
+        // process with another chunk size would be mapped in pieces they do not match (a
+        // failed set_access, then an unmap that cannot undo the map). Refused up front.
+        let total = pieces
+            .iter()
+            .try_fold(0usize, |sum, &(n, _)| sum.checked_add(n));
+        let Some(total) = total else {
+            bail!(InvalidArgument, "the kept pieces' sizes overflow");
+        };
+        let want = self.split(device, total)?;
+        if !pieces.iter().map(|&(n, _)| n).eq(want.iter().copied()) {
+            bail!(
+                InvalidArgument,
+                "the kept memory is in {} piece(s) ({:?} bytes) but this process maps {total} \
+                 bytes in {} chunk(s) of {:?} bytes: keep and attach with the same chunk size \
+                 (DEVMEM_CHUNK_SIZE, DEVMEM_WAKE_CHUNK_MB)",
+                pieces.len(),
+                pieces.iter().map(|&(n, _)| n).take(4).collect::<Vec<_>>(),
+                want.len(),
+                want.iter().take(4).collect::<Vec<_>>()
+            );
+        }
         let mut imported = Vec::with_capacity(pieces.len());
         for (i, &(n, fd)) in pieces.iter().enumerate() {
             match self.inner.import_fd(device, fd) {

@@ -42,7 +42,14 @@ pub struct Options {
 /// How long a started keeper gets to answer.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-static CONNECTION: Mutex<Option<Client>> = Mutex::new(None);
+/// The process-wide keeper connection and the keys it holds a lease on (taken by a keep or
+/// an attach of this process; they end with the connection).
+pub struct Connection {
+    pub client: Client,
+    pub leased: std::collections::HashSet<Key>,
+}
+
+static CONNECTION: Mutex<Option<Connection>> = Mutex::new(None);
 
 impl Identity {
     /// Checks the identity: a non-empty instance, `rank < world`.
@@ -99,12 +106,13 @@ pub fn keeper_error(error: KeeperError, doing: &str) -> Error {
     Error::new(status, format!("{doing}: {error}"))
 }
 
-/// Runs `f` on the process-wide keeper connection, opening it first when there is none. A
-/// connection whose call fails with an I/O error is dropped (its leases end with it).
-pub fn with_client<T>(
+/// Runs `f` on the process-wide keeper connection (with the keys it holds leases on),
+/// opening it first when there is none. A connection whose call fails with an I/O error is
+/// dropped (its leases end).
+pub fn with_connection<T>(
     options: &Options,
     doing: &str,
-    f: impl FnOnce(&mut Client) -> std::result::Result<T, KeeperError>,
+    f: impl FnOnce(&mut Connection) -> std::result::Result<T, KeeperError>,
 ) -> Result<T> {
     let mut slot = CONNECTION.lock();
     if slot.is_none() {
@@ -113,15 +121,18 @@ pub fn with_client<T>(
             (None, Some(binary)) => Client::connect_or_spawn(binary, SPAWN_TIMEOUT),
             (None, None) => Client::connect(),
         };
-        *slot = Some(client.map_err(|e| keeper_error(e, doing))?);
+        *slot = Some(Connection {
+            client: client.map_err(|e| keeper_error(e, doing))?,
+            leased: Default::default(),
+        });
     }
-    let Some(client) = slot.as_mut() else {
+    let Some(conn) = slot.as_mut() else {
         return Err(Error::new(
             devmem_status::InvalidState,
             format!("{doing}: no keeper connection"),
         ));
     };
-    let out = f(client);
+    let out = f(conn);
     if let Err(KeeperError::Io(_)) = &out {
         *slot = None;
     }

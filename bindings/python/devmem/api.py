@@ -853,10 +853,15 @@ def _keep_options(
     keeper_binary: Optional[str],
     read_only: bool,
 ) -> "_lib.KeepOptions":
-    if not isinstance(instance, str) or not instance:
-        raise ValueError("instance must be a non-empty string")
-    if not (isinstance(rank, int) and isinstance(world, int)) or not 0 <= rank < world:
-        raise ValueError(f"rank {rank!r} must be an int below world {world!r}")
+    if not isinstance(instance, str) or not instance or "\0" in instance:
+        raise ValueError("instance must be a non-empty string without NUL")
+    # The C struct holds uint32 ranks: ctypes would wrap larger ones into another key.
+    if (
+        not (isinstance(rank, int) and isinstance(world, int))
+        or not 0 <= rank < world
+        or world >= 1 << 32
+    ):
+        raise ValueError(f"rank {rank!r} must be an int below world {world!r} (below 2**32)")
     return _lib.KeepOptions(
         instance.encode(),
         rank,

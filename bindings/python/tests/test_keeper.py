@@ -67,6 +67,17 @@ def test_bad_identity_is_refused():
         devmem.release_kept("weights", instance="x", rank=-1)
 
 
+def test_identity_that_c_would_truncate_is_refused(tmp_path):
+    # ctypes wraps a uint32 field silently and a char* ends at the first NUL: rank 2**32 of
+    # world 2**32 + 1 became rank 0 of world 1, "py\0other" became "py" -- another key's memory.
+    sock = str(tmp_path / "none" / "keeper.sock")
+    for fn in (devmem.keep, devmem.attach, devmem.release_kept):
+        with pytest.raises(ValueError):
+            fn("weights", instance="py", rank=2**32, world=2**32 + 1, socket=sock)
+        with pytest.raises(ValueError):
+            fn("weights", instance="py\0other", socket=sock)
+
+
 def test_no_keeper_is_a_clear_error(tmp_path):
     with devmem.use_tag("py-nokeeper"):
         p = devmem.malloc(2 << 20)
