@@ -264,6 +264,7 @@ def main():
                 torch.cuda.synchronize()
                 emit(phase="torch_load", bytes=total, seconds=time.perf_counter() - t)
                 del x
+                torch.cuda.empty_cache()  # PyTorch's cache would keep the bytes from the next size
                 os.unlink(path)
     finally:
         keeper.kill()
