@@ -314,6 +314,10 @@ impl Client {
         for _ in 0..n_entries {
             match self.recv()? {
                 (Reply::Entry { entry }, f) if f.is_empty() => {
+                    // The keeper is another process: its entries are checked like a client's.
+                    entry.validate().map_err(|e| {
+                        KeeperError::Io(format!("the keeper sent an invalid entry: {e}"))
+                    })?;
                     want += entry.pieces.len() as u64;
                     list.push(entry);
                 }

@@ -628,6 +628,12 @@ impl Server {
             t.failed = Some(KeeperError::Full(format!(
                 "fd cap of {cap} reached mid-keep"
             )));
+        } else if let Some(kind) = fds.iter().find_map(|f| refused_fd_kind(f.as_fd())) {
+            // A socket (or pipe) held here would keep a connection's peer alive inside the
+            // keeper, so a client could make its own lease outlive it; memory is never one.
+            t.failed = Some(KeeperError::Invalid(format!(
+                "a kept descriptor is a {kind}, not memory"
+            )));
         } else {
             t.fds.extend(fds);
             return;
@@ -834,4 +840,21 @@ pub fn socket_dir(socket: &Path) -> PathBuf {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf()
+}
+
+/// `Some(kind)` when `fd` is a kind of descriptor that is never exported device memory (a
+/// socket or a pipe), `None` otherwise (or when it cannot be inspected: the client's import
+/// checks the memory itself).
+fn refused_fd_kind(fd: std::os::fd::BorrowedFd<'_>) -> Option<&'static str> {
+    // SAFETY: a zeroed stat is a valid out-buffer for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open descriptor borrowed for the call; `st` is a valid out-buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => Some("socket"),
+        libc::S_IFIFO => Some("pipe"),
+        _ => None,
+    }
 }

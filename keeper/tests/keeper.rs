@@ -1028,3 +1028,61 @@ fn huge_announced_counts_do_not_take_the_keeper_down() {
     let got = again.attach(&key("kv"), Mode::ReadOnly).unwrap();
     assert_eq!(read_fd(&got[0].1[0], 4), b"kept");
 }
+
+/// A socket or a pipe is never device memory: a client handing the keeper one (its own
+/// connection's other end, say, so that its lease would never end) is refused, nothing stored.
+#[test]
+fn sockets_and_pipes_are_not_kept() {
+    let k = start("notmem");
+    let mut c = k.client();
+    let mut pair = [0i32; 2];
+    // SAFETY: `pair` is a valid out-array of two descriptors.
+    assert_eq!(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
+        0
+    );
+    let mut pipe = [0i32; 2];
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors, owned from here on.
+    let owned: Vec<OwnedFd> = pair
+        .iter()
+        .chain(pipe.iter())
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    for (fd, kind) in [(&owned[0], "socket"), (&owned[2], "pipe")] {
+        let r = c.keep(&key("s"), &[(entry(&[4096]), vec![fd.as_fd()])]);
+        match r {
+            Err(KeeperError::Invalid(m)) => assert!(m.contains(kind), "{m}"),
+            other => panic!("a {kind} was kept: {other:?}"),
+        }
+    }
+    let s = c.status().unwrap();
+    assert_eq!((s.bytes_held, s.fds_held, s.keys.len()), (0, 0, 0));
+    // The connection still works for memory.
+    let _m = keep_one(&mut c, &key("m"), &[7u8; 4096]);
+    assert_eq!(c.status().unwrap().keys.len(), 1);
+}
+
+/// The library does not trust the keeper either: an entry whose size is not the sum of its
+/// pieces is an error before any descriptor is waited for.
+#[test]
+fn an_invalid_entry_from_the_keeper_is_refused() {
+    let mut bad = entry(&[4096]);
+    bad.size = 1 << 40;
+    let (socket, h) = fake_keeper(
+        "badentry",
+        vec![
+            Reply::Attached { entries: 1, fds: 1 },
+            Reply::Entry { entry: bad },
+        ],
+        false,
+    );
+    let mut c = Client::connect_at(&socket).unwrap();
+    let r = c.attach(&key("x"), Mode::ReadWrite);
+    match r {
+        Err(KeeperError::Io(m)) => assert!(m.contains("invalid entry"), "{m}"),
+        other => panic!("an invalid entry was accepted: {other:?}"),
+    }
+    h.join().unwrap();
+}
