@@ -2355,90 +2355,119 @@ pub fn attach(
         devmem_keeper::Mode::ReadWrite
     };
     let mut transfer = devmem_transfer::default();
-    // Allocations this call already attached: no rollback undoes them, so an error after the
-    // first one says which stay attached.
-    let mut attached: Vec<String> = Vec::new();
-    let partial = |err: Error, attached: &[String]| -> Error {
-        if attached.is_empty() {
-            return err;
+    // Phase 1, for every tag before anything is mapped: the keeper's lease and entries, matched
+    // against this process's named allocations. A refusal of any tag gives back the leases
+    // this call took (never one held before it: that memory may be mapped here) and maps
+    // nothing.
+    struct Planned {
+        tag: String,
+        kept: Vec<(devmem_keeper::Entry, Vec<std::os::fd::OwnedFd>)>,
+        locals: Vec<store::kept::Local>,
+        pairs: Vec<(usize, usize)>,
+    }
+    let mut planned: Vec<Planned> = Vec::new();
+    let mut taken: Vec<devmem_keeper::Key> = Vec::new();
+    let give_back = |taken: &[devmem_keeper::Key]| {
+        for key in taken {
+            let undo = store::kept::with_connection(options, "giving back a lease", |c| {
+                c.client.detach(key)?;
+                c.leased.remove(key);
+                Ok(())
+            });
+            if let Err(undo) = undo {
+                log::warn!("devmem: giving back the lease of {key:?}: {undo}");
+            }
         }
-        Error::new(
-            err.status,
-            format!(
-                "{}; {} allocation(s) attached earlier in this call stay attached (not rolled \
-                 back): {}",
-                err.message,
-                attached.len(),
-                attached.join(", ")
-            ),
-        )
     };
     for tag in set {
-        let key = identity.key(tag).map_err(|e| partial(e, &attached))?;
-        let doing = format!("attaching tag {tag:?}");
-        // Whether this process already held a lease on the key (an earlier keep or attach
-        // whose memory may still be mapped here): a refused attach must not give it back.
-        let (kept, had_lease) = store::kept::with_connection(options, &doing, |c| {
-            let had = c.leased.contains(&key);
-            let kept = c.client.attach(&key, mode)?;
-            c.leased.insert(key.clone());
-            Ok((kept, had))
-        })
-        .map_err(|e| partial(e, &attached))?;
-        let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
-            .into_iter()
-            .map(|(l, _)| l)
-            .collect();
-        let entries: Vec<devmem_keeper::Entry> = kept.iter().map(|(e, _)| e.clone()).collect();
-        let checked =
-            store::kept::match_entries(tag, &entries, &locals, |d| device_label(&*backend, d))
-                .and_then(|pairs| {
-                    for (i, _) in &pairs {
-                        let (entry, fds) = &kept[*i];
-                        if entry.pieces.len() != fds.len() {
-                            bail!(
-                                Region,
-                                "the keeper sent {} descriptor(s) for {} piece(s) of tag {tag:?}",
-                                fds.len(),
-                                entry.pieces.len()
-                            );
-                        }
-                    }
-                    Ok(pairs)
-                });
-        let pairs = match checked {
-            Ok(pairs) => pairs,
-            Err(err) if had_lease => return Err(partial(err, &attached)),
-            Err(err) => {
-                let undo = store::kept::with_connection(options, &doing, |c| {
-                    c.client.detach(&key)?;
-                    c.leased.remove(&key);
-                    Ok(())
-                });
-                if let Err(undo) = undo {
-                    log::warn!("devmem: giving back the lease of {key:?}: {undo}");
+        let planned_tag = (|| -> Result<Planned> {
+            let key = identity.key(tag)?;
+            let doing = format!("attaching tag {tag:?}");
+            // Whether this process already held a lease on the key (an earlier keep or attach
+            // whose memory may still be mapped here): a refused attach must not give it back.
+            let kept = store::kept::with_connection(options, &doing, |c| {
+                let had = c.leased.contains(&key);
+                let kept = c.client.attach(&key, mode)?;
+                c.leased.insert(key.clone());
+                if !had {
+                    taken.push(key.clone());
                 }
-                return Err(partial(err, &attached));
-            }
-        };
-        for (i, j) in pairs {
-            let (entry, fds) = &kept[i];
-            let mut pieces = Vec::with_capacity(fds.len());
-            for (n, fd) in entry.pieces.iter().zip(fds) {
-                let Ok(n) = usize::try_from(*n) else {
-                    let err = Error::new(
-                        devmem_status::Region,
-                        format!("a kept piece of {n} bytes does not fit this process"),
+                Ok(kept)
+            })?;
+            let locals: Vec<store::kept::Local> = with_registry(|reg| kept_locals(reg, tag))
+                .into_iter()
+                .map(|(l, _)| l)
+                .collect();
+            let entries: Vec<devmem_keeper::Entry> = kept.iter().map(|(e, _)| e.clone()).collect();
+            let pairs =
+                store::kept::match_entries(tag, &entries, &locals, |d| device_label(&*backend, d))?;
+            for (i, _) in &pairs {
+                let (entry, fds) = &kept[*i];
+                if entry.pieces.len() != fds.len() {
+                    bail!(
+                        Region,
+                        "the keeper sent {} descriptor(s) for {} piece(s) of tag {tag:?}",
+                        fds.len(),
+                        entry.pieces.len()
                     );
-                    return Err(partial(err, &attached));
-                };
-                pieces.push((n, std::os::fd::AsFd::as_fd(fd)));
+                }
+                if entry.pieces.iter().any(|n| usize::try_from(*n).is_err()) {
+                    bail!(
+                        Region,
+                        "a kept piece of tag {tag:?} does not fit this process's address size"
+                    );
+                }
             }
-            adopt_allocation(locals[j].va, &pieces, read_only)
-                .map_err(|e| partial(e.context(doing.clone()), &attached))?;
-            attached.push(format!("{:#x} (tag {tag:?})", locals[j].va));
+            Ok(Planned {
+                tag: tag.to_string(),
+                kept,
+                locals,
+                pairs,
+            })
+        })();
+        match planned_tag {
+            Ok(p) => planned.push(p),
+            Err(err) => {
+                give_back(&taken);
+                return Err(err);
+            }
+        }
+    }
+    // Phase 2: map. A driver failure here (an import, a map, an access grant) undoes that one
+    // allocation (its own memory mapped again), but not the ones attached before it in this
+    // call: undoing them would need their own memory kept beside the kept memory, twice the
+    // device memory of everything attached. The error lists them.
+    let mut attached: Vec<String> = Vec::new();
+    for p in &planned {
+        let doing = format!("attaching tag {:?}", p.tag);
+        for &(i, j) in &p.pairs {
+            let (entry, fds) = &p.kept[i];
+            let pieces: Vec<(usize, std::os::fd::BorrowedFd<'_>)> = entry
+                .pieces
+                .iter()
+                .zip(fds)
+                .map(|(n, fd)| (*n as usize, std::os::fd::AsFd::as_fd(fd)))
+                .collect();
+            if let Err(e) = adopt_allocation(p.locals[j].va, &pieces, read_only) {
+                let e = e.context(doing.clone());
+                if attached.is_empty() {
+                    give_back(&taken);
+                    return Err(e);
+                }
+                return Err(Error::new(
+                    e.status,
+                    format!(
+                        "{}; {} allocation(s) attached earlier in this call stay attached (not \
+                         rolled back): {}",
+                        e.message,
+                        attached.len(),
+                        attached.join(", ")
+                    ),
+                ));
+            }
+            attached.push(format!("{:#x} (tag {:?})", p.locals[j].va, p.tag));
             transfer.allocations += 1;
-            transfer.bytes_mapped += locals[j].size;
+            transfer.bytes_mapped += p.locals[j].size;
         }
     }
     Ok(record_transfer(transfer, start))

@@ -1241,11 +1241,13 @@ pub extern "C" fn devmem_keep(
 /// copying (`devmem_get_last_transfer`: bytes mapped, none restored). Matches by identity:
 /// every kept allocation must correspond to exactly one allocation here with the same named
 /// ranges, size and device, and every named allocation of the tags must be kept; otherwise
-/// `DEVMEM_STATUS_REGION` lists what differs and nothing of that tag is mapped. Each
+/// `DEVMEM_STATUS_REGION` lists what differs. Every listed tag is matched before any is
+/// mapped: a refusal of any tag maps nothing and gives back the leases the call took. Each
 /// allocation must be mapped (its own memory is given back) or discarded. Exclusive unless
 /// `options.read_only`: another process attached read-write makes it
-/// `DEVMEM_STATUS_INVALID_STATE`. Not rolled back across allocations: when one fails (or a
-/// later tag is refused), those attached before it in this call stay attached and the error
+/// `DEVMEM_STATUS_INVALID_STATE`. A driver failure while mapping (import, map, access) puts
+/// that allocation's own memory back, but those attached before it in this call stay attached
+/// (undoing them would need their own memory held beside the kept memory) and the error
 /// message lists them ("stay attached").
 #[no_mangle]
 pub extern "C" fn devmem_attach(
