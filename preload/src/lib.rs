@@ -11,7 +11,10 @@
 //!   default. Any other `cudaMalloc` goes to the real runtime untouched.
 //! * `cudaFree` frees devmem's allocations and hands every other pointer (and a pointer devmem
 //!   freed already) to the real runtime, which answers an unknown pointer with an error.
-//! * libdevmem is loaded at the first interesting allocation: `DEVMEM_LIBRARY`, else the
+//! * libdevmem is loaded at the first interesting allocation: a libdevmem the program already
+//!   loaded with global symbols (linked against it) first, whatever `DEVMEM_LIBRARY` says
+//!   (a line on stderr when it named another file: two copies would be two registries, and the
+//!   program's sleeps would not see these allocations); else `DEVMEM_LIBRARY`, else the
 //!   `libdevmem.*so` beside this library (the Python package and cargo's target folder put them
 //!   together), else `libdevmem.so.0`. Loading the same file the Python package loads gives one
 //!   instance, so `pause`/`resume` from Python act on these allocations. Without libdevmem or a
@@ -325,9 +328,49 @@ fn candidates() -> Vec<String> {
     out
 }
 
+/// The file of a libdevmem already loaded with global symbols (a program linked against it),
+/// if any: one process must use one copy, or the program's sleeps and statistics would not see
+/// what this library allocated through another copy's registry.
+fn loaded_devmem() -> Option<String> {
+    // SAFETY: dlsym on RTLD_DEFAULT with a NUL-terminated name only reads the loader's tables.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"devmem_malloc".as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    let mut info = empty_dl_info();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`.
+    let found = unsafe { libc::dladdr(p, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
+    Some(
+        unsafe { CStr::from_ptr(info.dli_fname) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 fn load_devmem() -> Result<Devmem, String> {
     let mut tried = Vec::new();
-    for path in candidates() {
+    let mut paths = candidates();
+    if let Some(loaded) = loaded_devmem() {
+        let same = |a: &str, b: &str| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if let Ok(asked) = std::env::var("DEVMEM_LIBRARY") {
+            if !asked.trim().is_empty() && !same(&asked, &loaded) {
+                say(&format!(
+                    "DEVMEM_LIBRARY={asked} is not the libdevmem this program already loaded \
+                     ({loaded}); using the loaded one, so the program and this library share one \
+                     registry"
+                ));
+            }
+        }
+        paths.insert(0, loaded);
+    }
+    for path in paths {
         let Ok(c) = CString::new(path.clone()) else {
             tried.push(format!("{path:?}: contains NUL"));
             continue;
