@@ -412,3 +412,186 @@ fn a_failed_copy_into_a_later_chunk_waits_for_the_earlier_chunks_copies() {
 fn a_failed_copy_into_one_piece_waits_for_its_first_copy() {
     copy_failure_after_a_queued_copy("0", 48 * MIB);
 }
+
+/// Review sweep: a wake of one chunked allocation between two others (one chunked, one
+/// whole) failing at the `nth` call of `call`, for every `nth` the wake makes: nothing held
+/// afterwards, every allocation asleep with its backup, no violation, and a retry restores
+/// every byte.
+fn sweep_failures(call: &str, code: u32) {
+    chunked_setup(&[("DEVMEM_EMU_STRICT", "0")]);
+    let sizes = [9 * MIB, 2 * MIB, 14 * MIB + 4096];
+    let ptrs: Vec<u64> = sizes.iter().map(|&n| alloc(n, "weights")).collect();
+    for (i, (&p, &n)) in ptrs.iter().zip(&sizes).enumerate() {
+        fill(p, n, 40 + i as u64);
+    }
+    ok(sleep(&["weights"]));
+    let before = emu().counters();
+    let calls_before = emu().calls(call);
+    ok(wake(None));
+    let per_wake = emu().calls(call) - calls_before;
+    assert!(per_wake > 0, "{call} is not called by a wake");
+    ok(sleep(&["weights"]));
+    for nth in 1..=per_wake {
+        emu().inject(call, nth, code);
+        assert_ne!(wake(None), S::Success, "{call} #{nth}");
+        emu().clear_faults();
+        assert_eq!(emu().violations(), Vec::<String>::new(), "{call} #{nth}");
+        for &p in &ptrs {
+            assert_eq!(state(p), devmem_state::Offloaded, "{call} #{nth}");
+        }
+        let after = emu().counters();
+        assert_eq!(
+            (
+                after.handles,
+                after.mappings,
+                after.pending,
+                after.used_bytes
+            ),
+            (before.handles, before.mappings, 0, before.used_bytes),
+            "{call} #{nth}: {}",
+            message()
+        );
+        ok(wake(None));
+        for (i, (&p, &n)) in ptrs.iter().zip(&sizes).enumerate() {
+            assert_eq!(mismatches(p, n, 40 + i as u64), 0, "{call} #{nth}: {i}");
+        }
+        ok(sleep(&["weights"]));
+    }
+    ok(wake(None));
+    free_all(&ptrs);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn sweep_create_failure_at_every_chunk() {
+    sweep_failures("cuMemCreate", 2);
+}
+
+#[test]
+fn sweep_map_failure_at_every_chunk() {
+    sweep_failures("cuMemMap", 999);
+}
+
+#[test]
+fn sweep_set_access_failure_at_every_chunk() {
+    if level_zero() {
+        return;
+    }
+    sweep_failures("cuMemSetAccess", 999);
+}
+
+#[test]
+fn sweep_copy_failure_at_every_chunk() {
+    sweep_failures("cuMemcpyHtoDAsync_v2", 999);
+}
+
+/// Review: a wake whose rollback cannot unmap (or release) a chunk: the allocation must stay
+/// asleep with its backup, and freeing it must give every chunk back.
+fn undo_fails_then(call: &str, free_first: bool) {
+    chunked_setup(&[("DEVMEM_EMU_STRICT", "0")]);
+    let size = 14 * MIB;
+    let p = alloc(size, "weights");
+    fill(p, size, 3);
+    ok(sleep(&["weights"]));
+    // The 3rd chunk's create fails; the undo's first `call` fails too.
+    emu().inject("cuMemCreate", 3, 2);
+    emu().inject(call, 1, 999);
+    assert_ne!(wake(None), S::Success);
+    emu().clear_faults();
+    assert_eq!(emu().violations(), Vec::<String>::new());
+    assert_ne!(state(p), devmem_state::Mapped);
+    if free_first {
+        ok(ffi::devmem_free(p as *mut c_void));
+        assert_no_device_leaks();
+        return;
+    }
+    ok(wake(None));
+    assert_eq!(mismatches(p, size, 3), 0);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, size, 3), 0);
+    free_all(&[p]);
+    assert_no_device_leaks();
+}
+
+#[test]
+fn undo_unmap_failure_then_wake() {
+    undo_fails_then("cuMemUnmap", false);
+}
+
+#[test]
+fn undo_unmap_failure_then_free() {
+    undo_fails_then("cuMemUnmap", true);
+}
+
+#[test]
+fn undo_release_failure_then_wake() {
+    undo_fails_then("cuMemRelease", false);
+}
+
+#[test]
+fn undo_release_failure_then_free() {
+    undo_fails_then("cuMemRelease", true);
+}
+
+/// Review: discard and free of a chunked allocation in each state.
+#[test]
+fn chunked_discard_and_free_in_every_state() {
+    chunked_setup(&[]);
+    let size = 10 * MIB;
+    let a = alloc(size, "a");
+    let b = alloc(size, "b");
+    let c = alloc(size, "c");
+    fill(a, size, 1);
+    fill(b, size, 2);
+    fill(c, size, 3);
+    // a and c offloaded, b discarded: free a asleep, b discarded, c after its wake.
+    ok(sleep(&["a", "c"]));
+    assert_eq!(state(a), devmem_state::Offloaded);
+    assert_eq!(state(b), devmem_state::Discarded);
+    ok(ffi::devmem_free(a as *mut c_void));
+    ok(ffi::devmem_free(b as *mut c_void));
+    ok(wake(None));
+    assert_eq!(mismatches(c, size, 3), 0);
+    free_all(&[c]);
+    assert_no_device_leaks();
+}
+
+/// Review: a chunked allocation woken piece by piece exports one descriptor per chunk, another
+/// chunked allocation adopts them, and both sleep, wake and free cleanly.
+#[test]
+fn a_woken_chunked_allocation_is_exported_and_adopted_piece_by_piece() {
+    if level_zero() {
+        return;
+    }
+    chunked_setup(&[]);
+    let size = 14 * MIB;
+    let a = alloc(size, "a");
+    let b = alloc(size, "b");
+    fill(a, size, 21);
+    fill(b, size, 22);
+    ok(sleep(&["a", "b"]));
+    ok(wake(None));
+    let pieces = devmem::core::export_allocation(a).expect("export");
+    assert_eq!(
+        pieces.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![CHUNK, CHUNK, CHUNK, 2 * MIB]
+    );
+    let borrowed: Vec<(usize, std::os::fd::BorrowedFd<'_>)> = pieces
+        .iter()
+        .map(|(n, fd)| (*n, std::os::fd::AsFd::as_fd(fd)))
+        .collect();
+    devmem::core::adopt_allocation(b, &borrowed, false).expect("adopt");
+    drop(borrowed);
+    drop(pieces);
+    assert_eq!(mismatches(b, size, 21), 0);
+    fill(a, size, 23);
+    assert_eq!(mismatches(b, size, 23), 0, "the same memory");
+    ok(sleep(&["a", "b"]));
+    ok(wake(None));
+    assert_eq!(mismatches(a, size, 23), 0);
+    assert_eq!(mismatches(b, size, 23), 0);
+    assert_eq!(chunk_sizes(b), vec![CHUNK, CHUNK, CHUNK, 2 * MIB]);
+    free_all(&[a, b]);
+    assert_no_device_leaks();
+}

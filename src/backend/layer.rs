@@ -194,15 +194,16 @@ impl Layered {
         }
     }
 
-    /// Maps each piece at its offset. On failure, unmaps what this call mapped; the `bool` is
-    /// whether some of it is still mapped (then remembered in `partial`).
+    /// Maps each piece at its offset. On failure, unmaps what this call mapped; the `bool`s are
+    /// whether some of it is still mapped (then remembered in `partial`) and whether any piece
+    /// was mapped at all (ROCm then keeps the memory until the range is cycled).
     fn map_pieces(
         &self,
         device: i32,
         va: u64,
         pieces: &[(u64, usize)],
         access: bool,
-    ) -> std::result::Result<(), (Error, bool)> {
+    ) -> std::result::Result<(), (Error, bool, bool)> {
         let at = starts(va, pieces.iter().map(|p| p.1));
         let mut mapped = vec![false; pieces.len()];
         let mut failure = None;
@@ -223,6 +224,7 @@ impl Layered {
         let Some(err) = failure else {
             return Ok(());
         };
+        let any = mapped.iter().any(|m| *m);
         for (i, &(_, size)) in pieces.iter().enumerate() {
             if mapped[i] {
                 match self.inner.unmap(device, at[i], size) {
@@ -235,7 +237,7 @@ impl Layered {
         if still {
             self.state.lock().partial.insert(va, mapped);
         }
-        Err((err, still))
+        Err((err, still, any))
     }
 
     fn create_pieces(&self, device: i32, size: usize) -> Result<u64> {
@@ -802,9 +804,15 @@ impl Layered {
                 self.mapped(handle, va);
                 Ok(())
             }
-            Err((error, mapped)) => {
+            Err((error, mapped, any)) => {
                 if mapped {
                     self.mapped(handle, va);
+                } else if any {
+                    // Mapped, then unmapped again: the release cycles the range so ROCm gives
+                    // the memory back (DEVMEM_RERESERVE).
+                    if let Some(set) = self.state.lock().sets.get_mut(&handle) {
+                        set.was_at = Some(va);
+                    }
                 }
                 Err(Stranded {
                     error,
