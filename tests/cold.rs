@@ -459,3 +459,28 @@ fn grow_ahead_leaves_the_pool_alone_when_a_shared_store_is_named() {
     free_all(&[p]);
     ok(ffi::devmem_shared_store_close());
 }
+
+/// Review: `devmem_release_host_store` while the grower is faulting in a chunk ahead of need:
+/// once every allocation is freed and the store released, no pinned memory may come back
+/// (the chunk in flight used to be added after the release returned).
+#[test]
+fn release_host_store_during_grow_ahead_leaves_nothing_pinned() {
+    setup(&[
+        ("DEVMEM_HOST_GROW_AHEAD", "1"),
+        ("DEVMEM_HOST_CHUNK_MB", "8"),
+    ]);
+    devmem::core::slow_grow_ahead_for_tests(600);
+    let p = alloc(48 * MIB, "weights");
+    // The grower is inside its first (slow) chunk.
+    std::thread::sleep(Duration::from_millis(200));
+    free_all(&[p]);
+    let mut freed = 0usize;
+    ok(ffi::devmem_release_host_store(&mut freed));
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        stats(None).host_store_bytes,
+        0,
+        "grown back after the release"
+    );
+    assert_eq!(emu().counters().host_registered, 0);
+}

@@ -24,7 +24,9 @@
 //! * **Cost.** The host memory a sleep would take is held from the time the allocations appear
 //!   instead of from the first sleep, and the CPU time of faulting it in (about 0.03 s per GiB
 //!   with huge pages) is spent in the background. `release_host_store` gives unused memory back
-//!   as before; under `Keep`, memory grown for allocations that are later freed stays until then.
+//!   as before and stops the growth under way (a chunk being faulted in is given back when it
+//!   is ready, not added) until the next allocation signals; under `Keep`, memory grown for
+//!   allocations that are later freed stays until then.
 //! * **Failure.** If the OS refuses the thread, a later allocation tries again; nothing fails.
 //!   A chunk the driver will not pin is logged and growth stops until the next signal.
 
@@ -59,6 +61,9 @@ static THREAD: AtomicU8 = AtomicU8::new(0);
 /// Set by a signal, cleared by the thread.
 static PENDING: Mutex<bool> = Mutex::new(false);
 static SIGNAL: Condvar = Condvar::new();
+/// Bumped (under the store's lock) by `release_host_store`: a run of growth that started
+/// before stops, and a chunk it was preparing is given back instead of added.
+static EPOCH: AtomicU64 = AtomicU64::new(0);
 /// Test hook: extra time each chunk takes to fault in (milliseconds).
 static SLOW_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -126,6 +131,12 @@ pub fn freed(bytes: usize) {
     });
 }
 
+/// Stops the growth under way (called with the store's lock held, by a release of the store):
+/// what the user just gave back is not grown again until the next allocation signals.
+pub(super) fn cancel() {
+    EPOCH.fetch_add(1, Ordering::SeqCst);
+}
+
 /// Test hook: makes every chunk grown ahead take `ms` milliseconds longer to fault in.
 pub fn set_slow_fault_in(ms: u64) {
     SLOW_MS.store(ms, Ordering::Relaxed);
@@ -178,8 +189,9 @@ fn run() {
             }
             *pending = false;
         }
+        let epoch = EPOCH.load(Ordering::SeqCst);
         std::thread::sleep(SETTLE);
-        while grow_one() {}
+        while grow_one(epoch) {}
     }
 }
 
@@ -191,8 +203,9 @@ fn shared_store_pending() -> bool {
 }
 
 /// Prepares one chunk when the store holds less than the live allocations and the bound
-/// allows it; `false` when there is nothing (more) to do.
-fn grow_one() -> bool {
+/// allows it; `false` when there is nothing (more) to do, or the store was released since
+/// `epoch` ([`cancel`]).
+fn grow_one(epoch: u64) -> bool {
     if !enabled() || super::shared_open_now().is_some() || shared_store_pending() {
         return false;
     }
@@ -204,7 +217,7 @@ fn grow_one() -> bool {
     let room = bound::Room::read();
     let target = (LIVE.load(Ordering::Relaxed) as usize).div_ceil(BLOCK);
     let claimed = with_pool(|p| {
-        if p.policy == devmem_host_policy::Release {
+        if p.policy == devmem_host_policy::Release || EPOCH.load(Ordering::SeqCst) != epoch {
             return None;
         }
         let have = p.blocks.held_blocks() + p.requested + p.in_flight + p.ahead_in_flight;
@@ -252,20 +265,28 @@ fn grow_one() -> bool {
             Err(err)
         }
     });
-    let grew = with_pool(|p| {
+    let (grew, give_back) = with_pool(|p| {
         p.ahead_in_flight -= len / BLOCK;
         match prepared {
+            // The store was released meanwhile: the chunk is given back, not added.
+            Ok(ptr) if EPOCH.load(Ordering::SeqCst) != epoch => (false, Some(ptr)),
             Ok(ptr) => {
                 p.blocks.add(ptr, len);
-                true
+                (true, None)
             }
             Err(err) => {
                 log::warn!("devmem: growing the host store ahead of need stopped: {err}");
-                false
+                (false, None)
             }
         }
     });
     READY.notify_all();
+    if let Some(ptr) = give_back {
+        let freed = source.unpin(ptr, len).and_then(|()| source.unmap(ptr, len));
+        if let Err(err) = freed {
+            log::error!("devmem: giving back a chunk grown ahead after a release: {err}");
+        }
+    }
     grew
 }
 

@@ -573,7 +573,12 @@ pub fn after_wake() -> Result<()> {
 /// Frees every chunk no backup uses; returns the bytes freed.
 pub fn release_free() -> Result<usize> {
     wait_for_grower();
-    let (unused, source) = with_pool(|p| (p.blocks.remove_unused(), p.source.clone()));
+    let (unused, source) = with_pool(|p| {
+        // A chunk being grown ahead is given back by its thread, and growth stops until the
+        // next allocation: what the user gives back here does not come back by itself.
+        ahead::cancel();
+        (p.blocks.remove_unused(), p.source.clone())
+    });
     free_chunks(source.as_ref(), unused)
 }
 
