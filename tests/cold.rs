@@ -326,7 +326,8 @@ fn durable_read_reader() {
         emu().inject("cuMemHostRegister_v2", 2, 999);
     }
     let before = emu().calls("cuMemHostRegister_v2");
-    ok(open_region(&region_name(), !fail));
+    // Kept only for the next reader after a failure; the last reader removes the region.
+    ok(open_region(&region_name(), fail));
     let ptrs: Vec<u64> = SIZES.iter().map(|s| alloc(*s, "weights")).collect();
     if fail {
         expect_err(
@@ -483,4 +484,65 @@ fn release_host_store_during_grow_ahead_leaves_nothing_pinned() {
         "grown back after the release"
     );
     assert_eq!(emu().counters().host_registered, 0);
+}
+
+/// Review: the process exits while the grow-ahead thread is faulting a chunk in (slow) or held
+/// inside the driver's pin call: no crash, no hang at exit.
+#[test]
+fn exit_while_growing_ahead_neither_crashes_nor_hangs() {
+    for child in ["child_exits_while_faulting_in", "child_exits_while_pinning"] {
+        run_child_test(&[], child, &[], Duration::from_secs(20));
+    }
+}
+
+#[test]
+#[ignore = "run by exit_while_growing_ahead_neither_crashes_nor_hangs"]
+fn child_exits_while_faulting_in() {
+    setup(&[
+        ("DEVMEM_HOST_GROW_AHEAD", "1"),
+        ("DEVMEM_HOST_CHUNK_MB", "8"),
+    ]);
+    devmem::core::slow_grow_ahead_for_tests(5_000);
+    let _p = alloc(64 * MIB, "weights");
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+#[test]
+#[ignore = "run by exit_while_growing_ahead_neither_crashes_nor_hangs"]
+fn child_exits_while_pinning() {
+    setup(&[
+        ("DEVMEM_HOST_GROW_AHEAD", "1"),
+        ("DEVMEM_HOST_CHUNK_MB", "8"),
+    ]);
+    emu().hold(&tr("cuMemHostRegister_v2"));
+    let _p = alloc(64 * MIB, "weights");
+    assert!(emu().wait_held(5_000), "the grower reached the pin");
+}
+
+/// Review: a bad `DEVMEM_DURABLE_READ` refuses the open without leaving the region's file or
+/// its lock behind: the same name opens at once with a good value, and closes cleanly.
+#[test]
+fn durable_read_bad_value_leaves_no_region_behind() {
+    setup(&[("DEVMEM_DURABLE_READ", "bounce")]);
+    let name = format!("test-{}-dr-bad2", std::process::id());
+    expect_err(
+        open_region(&name, true),
+        devmem_status::InvalidArgument,
+        "DEVMEM_DURABLE_READ",
+    );
+    std::env::set_var("DEVMEM_DURABLE_READ", "pageable");
+    let start = Instant::now();
+    ok(open_region(&name, false));
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
+    let p = alloc(2 * MIB, "weights");
+    fill(p, 2 * MIB, 8);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, 2 * MIB, 8), 0);
+    free_all(&[p]);
+    ok(ffi::devmem_shared_store_close());
 }
