@@ -546,3 +546,39 @@ fn durable_read_bad_value_leaves_no_region_behind() {
     free_all(&[p]);
     ok(ffi::devmem_shared_store_close());
 }
+
+/// Review: a shared store opened while the grower faults a chunk in: backups go to the
+/// region from then on, so the chunk in flight is not added to the pool.
+#[test]
+fn opening_a_shared_store_while_growing_ahead_adds_nothing_to_the_pool() {
+    setup(&[
+        ("DEVMEM_HOST_GROW_AHEAD", "1"),
+        ("DEVMEM_HOST_CHUNK_MB", "8"),
+        ("DEVMEM_DURABLE_READ", "pageable"),
+    ]);
+    devmem::core::slow_grow_ahead_for_tests(600);
+    let p = alloc(48 * MIB, "weights");
+    std::thread::sleep(Duration::from_millis(200));
+    let name = format!("test-{}-ahead-open", std::process::id());
+    ok(open_region(&name, false));
+    let region = stats(None).host_store_bytes;
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        stats(None).host_store_bytes,
+        region,
+        "the pool grew after the open"
+    );
+    if !level_zero() {
+        assert_eq!(
+            emu().counters().host_registered,
+            0,
+            "pageable region, nothing pinned"
+        );
+    }
+    fill(p, 48 * MIB, 4);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, 48 * MIB, 4), 0);
+    free_all(&[p]);
+    ok(ffi::devmem_shared_store_close());
+}

@@ -131,8 +131,9 @@ pub fn freed(bytes: usize) {
     });
 }
 
-/// Stops the growth under way (called with the store's lock held, by a release of the store):
-/// what the user just gave back is not grown again until the next allocation signals.
+/// Stops the growth under way (a release of the store, under the store's lock, or a shared
+/// store opening): what the user just gave back, or what backups no longer need, is not
+/// grown until the next allocation signals.
 pub(super) fn cancel() {
     EPOCH.fetch_add(1, Ordering::SeqCst);
 }

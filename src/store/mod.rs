@@ -265,6 +265,8 @@ pub fn open_shared(
         region.valid_slots()
     );
     *active = Some(region);
+    // Backups go to the region now: a chunk being grown ahead for the pool is given back.
+    ahead::cancel();
     Ok(())
 }
 
