@@ -595,3 +595,34 @@ fn a_woken_chunked_allocation_is_exported_and_adopted_piece_by_piece() {
     free_all(&[a, b]);
     assert_no_device_leaks();
 }
+
+/// Review: the undo of a failed chunked wake and the rollback after it both fail to unmap
+/// the same chunk: the allocation stays asleep but partly mapped (one chunk of four). The next
+/// wake must map the other chunks before copying into them, and restore every byte.
+#[test]
+fn a_partly_mapped_chunked_allocation_wakes_whole() {
+    chunked_setup(&[("DEVMEM_EMU_STRICT", "0")]);
+    let size = 14 * MIB;
+    let p = alloc(size, "weights");
+    fill(p, size, 17);
+    ok(sleep(&["weights"]));
+    emu().inject("cuMemCreate", 3, 2);
+    // Unmap calls: the undo's first (chunk 2) fails, its second (chunk 1) works, the
+    // rollback's (chunk 2 again) fails.
+    emu().inject("cuMemUnmap", 1, 999);
+    emu().inject("cuMemUnmap", 2, 999);
+    assert_ne!(wake(None), S::Success);
+    emu().clear_faults();
+    assert_eq!(emu().mapping(p + CHUNK as u64), 2, "chunk 2 still mapped");
+    assert_eq!(emu().mapping(p), 0, "chunk 1 unmapped");
+    assert_ne!(state(p), devmem_state::Mapped);
+    let woke = wake(None);
+    assert_eq!(woke, S::Success, "{}", message());
+    assert_eq!(emu().violations(), Vec::<String>::new());
+    assert_eq!(mismatches(p, size, 17), 0);
+    ok(sleep(&["weights"]));
+    ok(wake(None));
+    assert_eq!(mismatches(p, size, 17), 0);
+    free_all(&[p]);
+    assert_no_device_leaks();
+}

@@ -744,6 +744,14 @@ impl Backend for Layered {
         text
     }
 
+    fn fully_mapped(&self, va: u64) -> bool {
+        self.state
+            .lock()
+            .partial
+            .get(&va)
+            .is_none_or(|mapped| mapped.iter().all(|m| *m))
+    }
+
     fn chunks(&self, handle: u64, size: usize) -> Vec<(u64, usize)> {
         self.state
             .lock()

@@ -183,6 +183,11 @@ pub trait Backend: Send + Sync {
             ),
         ))
     }
+    /// Whether the memory at `va` that a failed unmap left mapped is mapped whole: false when
+    /// only some chunks of it are ([`layer`]), so a wake maps it again before copying into it.
+    fn fully_mapped(&self, _va: u64) -> bool {
+        true
+    }
     /// The driver handles and sizes a physical handle of `size` bytes is made of, in address
     /// order: one piece unless the memory is chunked ([`layer`]).
     fn chunks(&self, handle: u64, size: usize) -> Vec<(u64, usize)> {

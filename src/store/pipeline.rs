@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::shared::{Region, SlotKey};
 use super::Backup;
-use crate::backend::Backend;
+use crate::backend::{Backend, Stranded};
 use crate::error::{devmem_status, Error, Result};
 
 /// One mapped allocation to save or discard.
@@ -459,7 +459,23 @@ pub fn restore(
         // bytes copy while chunk k+1 is created and mapped).
         let mut filled = false;
         let mapped = match (t.handle, t.mapped) {
-            (Some(handle), true) => Ok(handle),
+            (Some(handle), true) if backend.fully_mapped(t.va) => Ok(handle),
+            // Chunks of which only some are still mapped (their undo failed part way): unmap
+            // what is, then map it whole, before any copy goes in.
+            (Some(handle), true) => match backend.unmap(t.device, t.va, t.size) {
+                Err(error) => Err(Stranded {
+                    error,
+                    handle: Some(handle),
+                    mapped: true,
+                }),
+                Ok(()) => backend
+                    .map_with_access(t.device, t.va, t.size, handle)
+                    .map(|()| handle)
+                    .map_err(|s| Stranded {
+                        handle: s.handle.or(Some(handle)),
+                        ..s
+                    }),
+            },
             (Some(handle), false) => backend
                 .map_with_access(t.device, t.va, t.size, handle)
                 .map(|()| handle),
