@@ -626,3 +626,28 @@ fn a_partly_mapped_chunked_allocation_wakes_whole() {
     free_all(&[p]);
     assert_no_device_leaks();
 }
+
+/// Review: a chunk that is not a multiple of the granularity (3 MiB on 2 MiB pages) is
+/// rounded up to 4 MiB, while the threshold stays two chunks of the setting (6 MiB): sizes on
+/// both sides of it keep their bytes across sleeps.
+#[test]
+fn a_chunk_off_the_granularity_rounds_up_and_keeps_bytes() {
+    setup(&[("DEVMEM_WAKE_CHUNK_MB", "3"), ("DEVMEM_CHUNK_SIZE", "0")]);
+    let sizes = [4 * MIB, 6 * MIB, 8 * MIB, 11 * MIB + 1];
+    let ptrs: Vec<u64> = sizes.iter().map(|&n| alloc(n, "weights")).collect();
+    for (i, (&p, &n)) in ptrs.iter().zip(&sizes).enumerate() {
+        fill(p, n, 60 + i as u64);
+    }
+    for _ in 0..2 {
+        ok(sleep(&["weights"]));
+        ok(wake(None));
+        for (i, (&p, &n)) in ptrs.iter().zip(&sizes).enumerate() {
+            assert_eq!(mismatches(p, n, 60 + i as u64), 0, "allocation {i}");
+        }
+    }
+    assert_eq!(chunk_sizes(ptrs[0]), vec![4 * MIB]);
+    assert_eq!(chunk_sizes(ptrs[1]), vec![4 * MIB, 2 * MIB]);
+    assert_eq!(chunk_sizes(ptrs[3]), vec![4 * MIB, 4 * MIB, 4 * MIB]);
+    free_all(&ptrs);
+    assert_no_device_leaks();
+}
