@@ -204,8 +204,12 @@ fn daemonize(cfg: &Config) -> ExitCode {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if answers(&cfg.socket) {
-            return ExitCode::SUCCESS;
+        // Another launcher's keeper may answer first. Ours, still starting, would then exit
+        // (the lock is taken), or, if it got past the lock check later, serve once that one
+        // stops: so success is ours answering, or ours gone.
+        match Client::connect_at(&cfg.socket).and_then(|mut c| c.status()) {
+            Ok(status) if status.pid == child.id() => return ExitCode::SUCCESS,
+            _ => {}
         }
         if let Ok(Some(st)) = child.try_wait() {
             // Exit 0: it lost a start race to a keeper that holds the lock (running or
