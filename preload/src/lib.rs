@@ -253,17 +253,25 @@ fn runtime() -> &'static Runtime {
 
 /// This library's own folder, from the address of one of its functions.
 fn own_dir() -> Option<std::path::PathBuf> {
+    let path = std::path::PathBuf::from(object_file(own_dir as *const c_void)?);
+    path.parent().map(|p| p.to_path_buf())
+}
+
+/// The file of the loaded object that holds `addr`, as the loader names it, or None.
+fn object_file(addr: *const c_void) -> Option<String> {
     let mut info: libc::Dl_info = empty_dl_info();
-    // SAFETY: dladdr reads the loader's tables for an address inside this library and fills
-    // `info`, whose strings live as long as the library.
-    let found = unsafe { libc::dladdr(own_dir as *const c_void, &mut info) };
+    // SAFETY: dladdr reads the loader's tables and fills `info`, whose strings live as long as
+    // the object.
+    let found = unsafe { libc::dladdr(addr, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
     // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
-    let path = unsafe { CStr::from_ptr(info.dli_fname) };
-    let path = std::path::PathBuf::from(path.to_string_lossy().into_owned());
-    path.parent().map(|p| p.to_path_buf())
+    Some(
+        unsafe { CStr::from_ptr(info.dli_fname) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// The load address of the object that holds `addr`, or 0.
@@ -337,18 +345,7 @@ fn loaded_devmem() -> Option<String> {
     if p.is_null() {
         return None;
     }
-    let mut info = empty_dl_info();
-    // SAFETY: dladdr only reads the loader's tables and fills `info`.
-    let found = unsafe { libc::dladdr(p, &mut info) };
-    if found == 0 || info.dli_fname.is_null() {
-        return None;
-    }
-    // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
-    Some(
-        unsafe { CStr::from_ptr(info.dli_fname) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    object_file(p)
 }
 
 fn load_devmem() -> Result<Devmem, String> {
